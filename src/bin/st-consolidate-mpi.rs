@@ -1,0 +1,135 @@
+//! The `st-consolidate-mpi` command: arguments → config → driver → exit code.
+
+use clap::{ArgGroup, Parser};
+use st_consolidate_mpi::Error;
+use st_consolidate_mpi::comm::{Communicator, MpiWorld, SingleProcess};
+use st_consolidate_mpi::driver::{Config, run};
+use st_consolidate_mpi::mapping::{MappingSource, Unmapped, parse_size};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Consolidate a PyTorch Distributed Checkpoint saved as per-rank safetensors
+/// shards into Hugging Face safetensors files, in parallel across MPI ranks.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    group(ArgGroup::new("source").args(["mapping", "hf_index", "max_shard_size"])),
+    after_help = "\
+Which tensor goes to which file: --mapping, --hf-index or --max-shard-size;
+with none of them everything goes into model-00001-of-00001.safetensors.
+
+Each rank writes the output files whose index % world size == its rank.
+Outputs appear under their final names only once every rank has succeeded;
+model.safetensors.index.json is written last.
+
+Examples:
+  st-consolidate-mpi --mapping ckpt/mapping.json ckpt/sharded out/
+  mpirun -n 4 st-consolidate-mpi --hf-index orig/model.safetensors.index.json ckpt out
+  srun -n 64 --mpi=pmix st-consolidate-mpi --max-shard-size 5GB ckpt out"
+)]
+struct Cli {
+    /// Folder holding the shard-*.safetensors files (or a sharded/ subfolder).
+    input_dir: PathBuf,
+
+    /// Folder for model-*.safetensors and model.safetensors.index.json (created if missing).
+    output_dir: PathBuf,
+
+    /// JSON {"tensor.name": index, ...} with file indices from 1 (PyTorch's fqn_to_index_mapping).
+    #[arg(long, value_name = "FILE")]
+    mapping: Option<PathBuf>,
+
+    /// An existing model.safetensors.index.json whose weight_map gives each tensor's file.
+    #[arg(long, value_name = "FILE")]
+    hf_index: Option<PathBuf>,
+
+    /// Fill files in tensor-name order up to SIZE each, e.g. 5GB, 500MB, 2GiB.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_shard_size: Option<u64>,
+
+    /// What to do with tensors the mapping does not name: stop with an error, or put them in the last file.
+    #[arg(long, value_enum, default_value_t = Unmapped::Error)]
+    unmapped: Unmapped,
+
+    /// Copy threads per rank [default: cores on the node / ranks on the node].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+
+    /// Print the plan (files, tensors, bytes, owning rank, bytes per rank) and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Replace consolidated files already in OUTPUT_DIR.
+    #[arg(long)]
+    overwrite: bool,
+
+    /// Print only errors.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+impl Cli {
+    fn config(self) -> Config {
+        let mapping = match (self.mapping, self.hf_index, self.max_shard_size) {
+            (Some(path), _, _) => MappingSource::Mapping(path),
+            (_, Some(path), _) => MappingSource::HfIndex(path),
+            (_, _, Some(size)) => MappingSource::MaxShardSize(size),
+            _ => MappingSource::SingleFile,
+        };
+        Config {
+            input: self.input_dir,
+            output: self.output_dir,
+            mapping,
+            unmapped: self.unmapped,
+            threads: self.threads.map(usize::from),
+            dry_run: self.dry_run,
+            overwrite: self.overwrite,
+            quiet: self.quiet,
+        }
+    }
+}
+
+/// The launcher's rank for this process, read before MPI starts, so that a
+/// bad command line is reported once rather than once per rank.
+fn launcher_rank() -> usize {
+    [
+        "OMPI_COMM_WORLD_RANK",
+        "PMI_RANK",
+        "PMIX_RANK",
+        "SLURM_PROCID",
+    ]
+    .iter()
+    .find_map(|var| std::env::var(var).ok()?.parse().ok())
+    .unwrap_or(0)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            if launcher_rank() == 0 {
+                let _ = err.print();
+            }
+            return ExitCode::from(if err.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let config = cli.config();
+    // MPI finalizes when `world` drops at the end of main.
+    let world = MpiWorld::init();
+    let comm: &dyn Communicator = match &world {
+        Some(world) => world,
+        None => &SingleProcess,
+    };
+    match run(&config, comm) {
+        Ok(_) => ExitCode::SUCCESS,
+        // The failing rank prints its own message.
+        Err(Error::PeerFailed(_)) => ExitCode::FAILURE,
+        Err(err) => {
+            if comm.size() > 1 {
+                eprintln!("st-consolidate-mpi: rank {}: error: {err}", comm.rank());
+            } else {
+                eprintln!("st-consolidate-mpi: error: {err}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The communicator: the only module that names MPI.
+//!
+//! rsmpi's `Communicator` trait is sealed and cannot be mocked, so the rest
+//! of the program talks to this small trait instead. [`SingleProcess`] runs
+//! everything in one process (unit tests, `--dry-run` previews); [`MpiWorld`]
+//! is the real thing.
+
+use mpi::Threading;
+use mpi::collective::SystemOperation;
+use mpi::datatype::PartitionMut;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::{Communicator as _, CommunicatorCollectives as _, Root as _};
+
+/// The collectives the driver needs, and nothing more.
+pub trait Communicator {
+    /// This process's rank, from 0.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the job.
+    fn size(&self) -> usize;
+    /// Number of ranks sharing this node (and its cores).
+    fn ranks_on_node(&self) -> usize;
+    /// Collective: each rank says whether it failed; all learn the lowest
+    /// failed rank, if any. Doubles as the barrier that fences each phase.
+    fn lowest_failed(&self, failed: bool) -> Option<usize>;
+    /// Collective: rank 0 receives every rank's bytes, in rank order; the
+    /// others receive `None`. Payloads must stay below 2 GiB.
+    fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>>;
+}
+
+/// A job of one rank, without MPI.
+#[derive(Debug, Default)]
+pub struct SingleProcess;
+
+impl Communicator for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn ranks_on_node(&self) -> usize {
+        1
+    }
+    fn lowest_failed(&self, failed: bool) -> Option<usize> {
+        failed.then_some(0)
+    }
+    fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
+        Some(vec![bytes.to_vec()])
+    }
+}
+
+/// `MPI_COMM_WORLD`. MPI is finalized when this is dropped, so `main` must
+/// return normally rather than call `process::exit`.
+pub struct MpiWorld {
+    // Field order matters: the communicators are freed before the universe
+    // finalizes MPI.
+    world: SimpleCommunicator,
+    ranks_on_node: usize,
+    _universe: mpi::environment::Universe,
+}
+
+impl MpiWorld {
+    /// Initializes MPI. Only the main thread calls MPI; worker threads only
+    /// copy bytes, so `Funneled` suffices. Returns `None` if MPI was already
+    /// initialized.
+    pub fn init() -> Option<MpiWorld> {
+        let (universe, _) = mpi::initialize_with_threading(Threading::Funneled)?;
+        let world = universe.world();
+        let node = world.split_shared(world.rank());
+        let ranks_on_node = usize::try_from(node.size()).unwrap_or(1).max(1);
+        Some(MpiWorld {
+            world,
+            ranks_on_node,
+            _universe: universe,
+        })
+    }
+}
+
+impl Communicator for MpiWorld {
+    fn rank(&self) -> usize {
+        usize::try_from(self.world.rank()).unwrap_or(0)
+    }
+
+    fn size(&self) -> usize {
+        usize::try_from(self.world.size()).unwrap_or(1)
+    }
+
+    fn ranks_on_node(&self) -> usize {
+        self.ranks_on_node
+    }
+
+    fn lowest_failed(&self, failed: bool) -> Option<usize> {
+        let size = self.world.size();
+        let mine = if failed { self.world.rank() } else { size };
+        let mut lowest = size;
+        self.world
+            .all_reduce_into(&mine, &mut lowest, SystemOperation::min());
+        (lowest < size).then(|| usize::try_from(lowest).unwrap_or(0))
+    }
+
+    fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
+        let root = self.world.process_at_rank(0);
+        let count = mpi::Count::try_from(bytes.len()).unwrap_or(mpi::Count::MAX);
+        let bytes = &bytes[..usize::try_from(count).unwrap_or(0)];
+        if self.world.rank() != 0 {
+            root.gather_into(&count);
+            root.gather_varcount_into(bytes);
+            return None;
+        }
+        let mut counts = vec![0 as mpi::Count; self.size()];
+        root.gather_into_root(&count, &mut counts[..]);
+        let displs: Vec<mpi::Count> = counts
+            .iter()
+            .scan(0, |acc, &n| {
+                let start = *acc;
+                *acc += n;
+                Some(start)
+            })
+            .collect();
+        let total: usize = counts
+            .iter()
+            .map(|&n| usize::try_from(n).unwrap_or(0))
+            .sum();
+        let mut buffer = vec![0u8; total];
+        {
+            let mut partition = PartitionMut::new(&mut buffer[..], &counts[..], &displs[..]);
+            root.gather_varcount_into_root(bytes, &mut partition);
+        }
+        let mut parts = Vec::with_capacity(counts.len());
+        let mut offset = 0;
+        for &n in &counts {
+            let n = usize::try_from(n).unwrap_or(0);
+            parts.push(buffer[offset..offset + n].to_vec());
+            offset += n;
+        }
+        Some(parts)
+    }
+}

@@ -1,0 +1,323 @@
+//! Moving bytes: fills a work item (a byte range of an output file) from the
+//! shard files.
+//!
+//! Two paths, chosen per tensor:
+//! - *direct*: when every piece's runs are long (row-sharded or replicated
+//!   tensors), each run is copied file-to-file inside the kernel with
+//!   `copy_file_range`, touching no user memory;
+//! - *gathered*: when runs are short (column- or mesh-sharded tensors), a
+//!   bounded window of the output is assembled from memory-mapped slices of the
+//!   pieces and written with one positioned write.
+//!
+//! Memory stays flat: at most one window buffer and its source maps per thread.
+
+use crate::dcp::{FullTensor, Location};
+use crate::error::{Error, Result};
+use crate::plan::{Plan, WorkItem};
+use crate::runs::Runs;
+use memmap2::MmapOptions;
+use std::collections::HashMap;
+use std::fs::File;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Runs at least this long are copied in the kernel; shorter runs are gathered.
+pub const DIRECT_MIN_RUN: u64 = 256 << 10;
+
+/// Bytes of output assembled at a time on the gathered path.
+pub const WINDOW_BYTES: u64 = 8 << 20;
+
+/// Set once `copy_file_range` has proved unusable on this system.
+static NO_COPY_FILE_RANGE: AtomicBool = AtomicBool::new(false);
+
+/// Shard files opened on demand by one work item.
+struct Inputs<'a> {
+    paths: &'a [std::path::PathBuf],
+    open: HashMap<usize, File>,
+}
+
+impl<'a> Inputs<'a> {
+    fn get(&mut self, shard: usize) -> Result<&File> {
+        if !self.open.contains_key(&shard) {
+            let path = &self.paths[shard];
+            let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+            self.open.insert(shard, file);
+        }
+        Ok(&self.open[&shard])
+    }
+}
+
+/// Copies one work item into `out`, whose data section starts at
+/// `plan.files[item.file].data_start()`.
+pub fn copy_item(plan: &Plan, item: &WorkItem, out: &File, out_path: &Path) -> Result<()> {
+    let file = &plan.files[item.file];
+    let mut inputs = Inputs {
+        paths: &plan.shards,
+        open: HashMap::new(),
+    };
+    let mut window = Vec::new();
+    for entry in &file.entries {
+        let lo = entry.bytes.start.max(item.bytes.start);
+        let hi = entry.bytes.end.min(item.bytes.end);
+        if lo >= hi {
+            continue;
+        }
+        let tensor = &plan.tensors[entry.tensor];
+        // Where this tensor's byte 0 lands in the output file.
+        let out_base = file.data_start() + entry.bytes.start;
+        let local = lo - entry.bytes.start..hi - entry.bytes.start;
+        let job = TensorJob {
+            tensor,
+            out,
+            out_path,
+            out_base,
+        };
+        job.copy(local, &mut inputs, &mut window)?;
+    }
+    Ok(())
+}
+
+struct TensorJob<'a> {
+    tensor: &'a FullTensor,
+    out: &'a File,
+    out_path: &'a Path,
+    out_base: u64,
+}
+
+impl TensorJob<'_> {
+    fn runs(&self) -> Vec<(Location, Runs)> {
+        let t = self.tensor;
+        t.pieces
+            .iter()
+            .map(|p| {
+                (
+                    p.location,
+                    Runs::new(&t.shape, &p.offsets, &p.shape, t.dtype.size()),
+                )
+            })
+            .filter(|(_, runs)| runs.count() > 0)
+            .collect()
+    }
+
+    fn fail(&self, action: &'static str, path: &Path, source: std::io::Error) -> Error {
+        Error::Copy {
+            tensor: self.tensor.name.clone(),
+            action,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// Copies the tensor's bytes `range` (relative to the tensor's start).
+    fn copy(&self, range: Range<u64>, inputs: &mut Inputs, window: &mut Vec<u8>) -> Result<()> {
+        let pieces = self.runs();
+        if pieces
+            .iter()
+            .all(|(_, runs)| runs.run_len() >= DIRECT_MIN_RUN)
+        {
+            self.copy_direct(&pieces, range, inputs)
+        } else {
+            self.copy_gathered(&pieces, range, inputs, window)
+        }
+    }
+
+    fn copy_direct(
+        &self,
+        pieces: &[(Location, Runs)],
+        range: Range<u64>,
+        inputs: &mut Inputs,
+    ) -> Result<()> {
+        for (location, runs) in pieces {
+            let paths = inputs.paths;
+            let input = inputs.get(location.shard)?;
+            for n in runs.runs_in(&range) {
+                let dst = runs.dst(n);
+                let lo = dst.max(range.start);
+                let hi = (dst + runs.run_len()).min(range.end);
+                let src = location.offset + runs.src(n) + (lo - dst);
+                copy_range(input, src, self.out, self.out_base + lo, hi - lo).map_err(
+                    |(side, e)| {
+                        let path = match side {
+                            Side::Read => &paths[location.shard],
+                            Side::Write => self.out_path,
+                        };
+                        let action = if side == Side::Read { "read" } else { "write" };
+                        self.fail(action, path, e)
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_gathered(
+        &self,
+        pieces: &[(Location, Runs)],
+        range: Range<u64>,
+        inputs: &mut Inputs,
+        window: &mut Vec<u8>,
+    ) -> Result<()> {
+        let mut start = range.start;
+        while start < range.end {
+            let end = (start + WINDOW_BYTES).min(range.end);
+            window.clear();
+            window.resize((end - start) as usize, 0);
+            for (location, runs) in pieces {
+                let span = runs.src_span(&(start..end));
+                if span.is_empty() {
+                    continue;
+                }
+                let path = &inputs.paths[location.shard];
+                let input = inputs.get(location.shard)?;
+                // SAFETY: the map is read-only and dropped at the end of this
+                // iteration. The tool never writes to shard files; if another
+                // process truncated one while it is mapped, reading the map
+                // could raise SIGBUS, a risk every mmap-based reader accepts.
+                // The header check already verified that the range lies
+                // within the file.
+                let map = unsafe {
+                    MmapOptions::new()
+                        .offset(location.offset + span.start)
+                        .len((span.end - span.start) as usize)
+                        .map(input)
+                }
+                .map_err(|e| self.fail("map", path, e))?;
+                runs.fill(window, start, &map, span.start);
+            }
+            self.out
+                .write_all_at(window, self.out_base + start)
+                .map_err(|e| self.fail("write", self.out_path, e))?;
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+/// Which file an I/O error came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Read,
+    Write,
+}
+
+/// Copies `len` bytes from `input` at `src` to `output` at `dst`, in the
+/// kernel where possible, falling back to reads and writes through a buffer
+/// when `copy_file_range` is unsupported (other filesystems, old kernels,
+/// cross-device copies) or stops short.
+fn copy_range(
+    input: &File,
+    mut src: u64,
+    output: &File,
+    mut dst: u64,
+    mut len: u64,
+) -> Result<(), (Side, std::io::Error)> {
+    while len > 0 && !NO_COPY_FILE_RANGE.load(Ordering::Relaxed) {
+        let mut off_in = src as libc::loff_t;
+        let mut off_out = dst as libc::loff_t;
+        let chunk = len.min(1 << 30) as usize;
+        // SAFETY: both descriptors are open for the duration of the call and
+        // the offsets are passed by pointer to locals that outlive it.
+        let copied = unsafe {
+            libc::copy_file_range(
+                input.as_raw_fd(),
+                &mut off_in,
+                output.as_raw_fd(),
+                &mut off_out,
+                chunk,
+                0,
+            )
+        };
+        if copied > 0 {
+            src += copied as u64;
+            dst += copied as u64;
+            len -= copied as u64;
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        match (copied, err.raw_os_error()) {
+            // End of input before `len` bytes: let the fallback report it.
+            (0, _) => break,
+            (_, Some(libc::EINTR)) => continue,
+            (
+                _,
+                Some(
+                    libc::EXDEV
+                    | libc::EOPNOTSUPP
+                    | libc::ENOSYS
+                    | libc::EINVAL
+                    | libc::EBADF
+                    | libc::EPERM,
+                ),
+            ) => {
+                NO_COPY_FILE_RANGE.store(true, Ordering::Relaxed);
+            }
+            (_, Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)) => return Err((Side::Write, err)),
+            _ => return Err((Side::Read, err)),
+        }
+    }
+    let mut buffer = vec![0u8; len.min(1 << 20) as usize];
+    while len > 0 {
+        let chunk = &mut buffer[..len.min(1 << 20) as usize];
+        input
+            .read_exact_at(chunk, src)
+            .map_err(|e| (Side::Read, e))?;
+        output
+            .write_all_at(chunk, dst)
+            .map_err(|e| (Side::Write, e))?;
+        src += chunk.len() as u64;
+        dst += chunk.len() as u64;
+        len -= chunk.len() as u64;
+    }
+    Ok(())
+}
+
+/// Checks that every replica of a replicated piece holds the same bytes as
+/// the piece, for the tensors of output file `file`.
+pub fn check_replicas(plan: &Plan, file: usize) -> Result<()> {
+    let mut inputs = Inputs {
+        paths: &plan.shards,
+        open: HashMap::new(),
+    };
+    let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    for entry in &plan.files[file].entries {
+        let tensor = &plan.tensors[entry.tensor];
+        for piece in &tensor.pieces {
+            let len = crate::header::byte_len(&piece.shape, tensor.dtype).unwrap_or(0);
+            for replica in &piece.replicas {
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(a.len() as u64) as usize;
+                    for (location, buffer) in [(&piece.location, &mut a), (replica, &mut b)] {
+                        let path = &plan.shards[location.shard];
+                        inputs
+                            .get(location.shard)?
+                            .read_exact_at(&mut buffer[..n], location.offset + done)
+                            .map_err(|e| Error::Copy {
+                                tensor: tensor.name.clone(),
+                                action: "read",
+                                path: path.clone(),
+                                source: e,
+                            })?;
+                    }
+                    if a[..n] != b[..n] {
+                        return Err(Error::Inconsistent {
+                            tensor: tensor.name.clone(),
+                            reason: format!(
+                                "replicated piece {} differs between {} and {}",
+                                crate::dcp::region(&piece.offsets, &piece.shape),
+                                plan.shards[piece.location.shard].display(),
+                                plan.shards[replica.shard].display()
+                            ),
+                            hint: "the shards come from different saves; use one checkpoint's files only",
+                        });
+                    }
+                    done += n as u64;
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,369 @@
+//! The flow of a run, for any communicator:
+//! read headers → plan → agree → prepare OUTPUT_DIR → agree → copy my files
+//! → agree → rename → agree → gather → rank 0 writes the index → agree.
+//!
+//! Every phase ends in one collective where all ranks learn whether any rank
+//! failed, so a failing rank never leaves the others waiting, and only the
+//! lowest failing rank reports its error.
+
+use crate::comm::Communicator;
+use crate::copy::{check_replicas, copy_item};
+use crate::dcp::index_pieces;
+use crate::error::{Error, Result};
+use crate::input::read_checkpoint;
+use crate::mapping::{MappingSource, Unmapped, assign};
+use crate::output::{PendingFile, remove_stale_temps, sync_dir, write_atomically};
+use crate::plan::Plan;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The name of the Hugging Face index file.
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+
+/// What to do, from the command line.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Folder of shard files.
+    pub input: PathBuf,
+    /// Folder for the consolidated files.
+    pub output: PathBuf,
+    /// Where the tensor-to-file assignment comes from.
+    pub mapping: MappingSource,
+    /// What to do with tensors the mapping does not name.
+    pub unmapped: Unmapped,
+    /// Worker threads per rank; `None` picks cores ÷ ranks on the node.
+    pub threads: Option<usize>,
+    /// Print the plan and write nothing.
+    pub dry_run: bool,
+    /// Replace existing consolidated outputs.
+    pub overwrite: bool,
+    /// Print only errors.
+    pub quiet: bool,
+}
+
+/// What a finished run did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    /// Output files written (by all ranks).
+    pub files: usize,
+    /// Tensor bytes written (by all ranks).
+    pub bytes: u64,
+    /// Wall time of the whole run on this rank.
+    pub seconds: f64,
+}
+
+/// What each rank reports to rank 0 after writing.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RankReport {
+    files: Vec<u32>,
+    bytes: u64,
+    seconds: f64,
+}
+
+/// Runs a consolidation on this rank. Every rank must call it.
+pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
+    let started = Instant::now();
+    let (rank, size) = (comm.rank(), comm.size());
+    let say = |text: &str| {
+        if rank == 0 && !config.quiet {
+            eprintln!("{text}");
+        }
+    };
+    let threads = config
+        .threads
+        .unwrap_or_else(|| default_threads(comm.ranks_on_node()));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| {
+            Error::usage(
+                format!("cannot start {threads} threads: {e}"),
+                "pass a smaller --threads",
+            )
+        })?;
+
+    let plan = agree(comm, pool.install(|| make_plan(config, size)))?;
+    for name in &plan.missing {
+        say(&format!(
+            "warning: '{name}' is in the mapping but in no shard; it is left out"
+        ));
+    }
+    if config.dry_run {
+        if rank == 0 {
+            print!("{}", describe(&plan));
+        }
+        return Ok(Summary::default());
+    }
+
+    let prepared = if rank == 0 {
+        prepare_output_dir(config, &plan)
+    } else {
+        Ok(())
+    };
+    agree(comm, prepared)?;
+    say(&format!(
+        "consolidating {} tensors ({}) from {} shard files into {} files on {size} rank(s) x {threads} thread(s)",
+        plan.tensors.len(),
+        human_bytes(plan.total_bytes()),
+        plan.shards.len(),
+        plan.files.len()
+    ));
+
+    let written = pool.install(|| write_files(config, &plan, rank));
+    let pending = agree(comm, written)?;
+    let committed = pending
+        .into_iter()
+        .try_for_each(|file| file.commit().map(drop))
+        .and_then(|()| sync_dir(&config.output));
+    agree(comm, committed)?;
+
+    let report = RankReport {
+        files: plan
+            .files_of(rank)
+            .iter()
+            .map(|&f| plan.files[f].index)
+            .collect(),
+        bytes: plan.bytes_per_rank()[rank],
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let payload = serde_json::to_vec(&report).unwrap_or_default();
+    let indexed = match comm.gather(&payload) {
+        Some(reports) => write_index(config, &plan, &reports),
+        None => Ok(()),
+    };
+    agree(comm, indexed)?;
+
+    let summary = Summary {
+        files: plan.files.len(),
+        bytes: plan.total_bytes(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    say(&format!(
+        "wrote {} files and {INDEX_NAME} to {}: {} in {:.2} s ({:.2} GB/s)",
+        summary.files,
+        config.output.display(),
+        human_bytes(summary.bytes),
+        summary.seconds,
+        summary.bytes as f64 / 1e9 / summary.seconds.max(1e-9)
+    ));
+    Ok(summary)
+}
+
+/// Cores on this node shared among the ranks on it, at least one each.
+pub fn default_threads(ranks_on_node: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / ranks_on_node.max(1)).max(1)
+}
+
+/// Turns this rank's result into the job's: if any rank failed, every rank
+/// returns an error, but only the lowest failing rank returns its own.
+fn agree<T>(comm: &dyn Communicator, result: Result<T>) -> Result<T> {
+    match comm.lowest_failed(result.is_err()) {
+        Some(failed) if failed != comm.rank() => Err(Error::PeerFailed(failed)),
+        _ => result,
+    }
+}
+
+/// Reads every header and builds the plan (identical on every rank).
+pub fn make_plan(config: &Config, world_size: usize) -> Result<Plan> {
+    let checkpoint = read_checkpoint(&config.input)?;
+    let tensors = index_pieces(&checkpoint.shards, &checkpoint.infos)?;
+    let sizes: Vec<(&str, u64)> = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.byte_len()))
+        .collect();
+    let assignment = assign(&sizes, &config.mapping, config.unmapped)?;
+    let shards = checkpoint.shards.into_iter().map(|s| s.path).collect();
+    Ok(Plan::new(shards, tensors, assignment, world_size))
+}
+
+/// Rank 0 only: creates OUTPUT_DIR, refuses to clobber inputs or (without
+/// `--overwrite`) earlier outputs, and removes temporaries of killed runs.
+fn prepare_output_dir(config: &Config, plan: &Plan) -> Result<()> {
+    let dir = &config.output;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create OUTPUT_DIR", dir, e))?;
+    let mut finals: Vec<String> = plan.files.iter().map(|f| f.name.clone()).collect();
+    finals.push(INDEX_NAME.to_string());
+    let inputs: Vec<PathBuf> = plan
+        .shards
+        .iter()
+        .filter_map(|p| p.canonicalize().ok())
+        .collect();
+    let canonical_dir = dir
+        .canonicalize()
+        .map_err(|e| Error::io("resolve", dir, e))?;
+    for name in &finals {
+        let target = canonical_dir.join(name);
+        if inputs.contains(&target) {
+            return Err(Error::usage(
+                format!("output {} would overwrite an input shard", target.display()),
+                "choose an OUTPUT_DIR that does not hold the shard files",
+            ));
+        }
+    }
+    let existing: Vec<&String> = finals
+        .iter()
+        .filter(|name| dir.join(name).exists())
+        .collect();
+    if !existing.is_empty() && !config.overwrite {
+        return Err(Error::usage(
+            format!(
+                "OUTPUT_DIR {} already holds {}",
+                dir.display(),
+                existing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "pass --overwrite to replace them, or choose another OUTPUT_DIR",
+        ));
+    }
+    // An old index must not describe a mix of old and new files if this run
+    // dies part-way, so it goes first.
+    let index = dir.join(INDEX_NAME);
+    if index.exists() {
+        std::fs::remove_file(&index).map_err(|e| Error::io("remove old", &index, e))?;
+    }
+    remove_stale_temps(dir)?;
+    // Prove OUTPUT_DIR is writable before any rank starts copying.
+    drop(PendingFile::create(dir, ".write-probe", 0)?);
+    Ok(())
+}
+
+/// Writes this rank's files under temporary names and syncs them.
+fn write_files(config: &Config, plan: &Plan, rank: usize) -> Result<Vec<PendingFile>> {
+    let mine = plan.files_of(rank);
+    let mut pending: BTreeMap<usize, PendingFile> = BTreeMap::new();
+    for &f in &mine {
+        let file = &plan.files[f];
+        let out = PendingFile::create(&config.output, &file.name, file.len())?;
+        std::os::unix::fs::FileExt::write_all_at(out.file(), &file.header, 0)
+            .map_err(|e| Error::io("write", out.temp_path(), e))?;
+        check_replicas(plan, f)?;
+        pending.insert(f, out);
+    }
+    plan.work_items(rank).par_iter().try_for_each(|item| {
+        let out = &pending[&item.file];
+        copy_item(plan, item, out.file(), out.temp_path())
+    })?;
+    pending
+        .values()
+        .collect::<Vec<_>>()
+        .par_iter()
+        .try_for_each(|out| out.sync())?;
+    Ok(pending.into_values().collect())
+}
+
+/// Rank 0 only: checks that every planned file was reported written exactly
+/// once, then writes the index atomically.
+fn write_index(config: &Config, plan: &Plan, reports: &[Vec<u8>]) -> Result<()> {
+    let mut written: BTreeMap<u32, usize> = BTreeMap::new();
+    for (rank, bytes) in reports.iter().enumerate() {
+        let report: RankReport = serde_json::from_slice(bytes).map_err(|e| {
+            Error::usage(
+                format!("rank {rank} sent an unreadable report: {e}"),
+                "this is a bug; please report it",
+            )
+        })?;
+        for index in report.files {
+            *written.entry(index).or_default() += 1;
+        }
+    }
+    for file in &plan.files {
+        if written.get(&file.index) != Some(&1) {
+            return Err(Error::usage(
+                format!(
+                    "{} was written {} times, not once",
+                    file.name,
+                    written.get(&file.index).unwrap_or(&0)
+                ),
+                "all ranks must run the same command on the same inputs; rerun with --overwrite",
+            ));
+        }
+    }
+    write_atomically(&config.output, INDEX_NAME, &index_json(plan))
+}
+
+/// The Hugging Face index: total tensor bytes and the file of each tensor.
+pub fn index_json(plan: &Plan) -> Vec<u8> {
+    let weight_map: BTreeMap<&str, &str> = plan
+        .files
+        .iter()
+        .flat_map(|file| {
+            file.entries
+                .iter()
+                .map(move |e| (plan.tensors[e.tensor].name.as_str(), file.name.as_str()))
+        })
+        .collect();
+    let index = serde_json::json!({
+        "metadata": {"total_size": plan.total_bytes()},
+        "weight_map": weight_map,
+    });
+    let mut text = serde_json::to_vec_pretty(&index).unwrap_or_default();
+    text.push(b'\n');
+    text
+}
+
+/// The `--dry-run` report: files, tensors, bytes, owners, bytes per rank.
+pub fn describe(plan: &Plan) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "plan: {} tensors, {} from {} shard files into {} output files on {} rank(s)\n",
+        plan.tensors.len(),
+        human_bytes(plan.total_bytes()),
+        plan.shards.len(),
+        plan.files.len(),
+        plan.world_size
+    ));
+    out.push_str(&format!(
+        "{:<36} {:>8} {:>14} {:>6}\n",
+        "file", "tensors", "bytes", "rank"
+    ));
+    for file in &plan.files {
+        out.push_str(&format!(
+            "{:<36} {:>8} {:>14} {:>6}\n",
+            file.name,
+            file.entries.len(),
+            file.len(),
+            file.owner
+        ));
+    }
+    let per_rank = plan.bytes_per_rank();
+    let max = per_rank.iter().copied().max().unwrap_or(0);
+    let mean = plan.total_bytes() as f64 / plan.world_size.max(1) as f64;
+    let idle = per_rank.iter().filter(|&&b| b == 0).count();
+    out.push_str("bytes per rank:");
+    for (rank, bytes) in per_rank.iter().enumerate() {
+        out.push_str(&format!(" {rank}={bytes}"));
+    }
+    out.push_str(&format!(
+        "\nmax/mean {:.3}, idle ranks {idle}\n",
+        if mean > 0.0 { max as f64 / mean } else { 1.0 }
+    ));
+    out
+}
+
+/// Formats a byte count for people.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+/// The output directory's final index path.
+pub fn index_path(dir: &Path) -> PathBuf {
+    dir.join(INDEX_NAME)
+}

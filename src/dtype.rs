@@ -1,0 +1,140 @@
+//! Safetensors element types and their sizes.
+
+use std::fmt;
+
+/// A safetensors dtype that can be consolidated (every type of whole bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[allow(missing_docs, non_camel_case_types)]
+pub enum Dtype {
+    BOOL,
+    U8,
+    I8,
+    F8_E4M3,
+    F8_E5M2,
+    F8_E8M0,
+    I16,
+    U16,
+    F16,
+    BF16,
+    I32,
+    U32,
+    F32,
+    F64,
+    I64,
+    U64,
+}
+
+/// Why a dtype string was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DtypeError {
+    /// A real safetensors type whose elements are smaller than a byte.
+    SubByte,
+    /// Not a safetensors type at all.
+    Unknown,
+}
+
+impl Dtype {
+    /// Every supported dtype.
+    pub const ALL: [Dtype; 16] = [
+        Dtype::BOOL,
+        Dtype::U8,
+        Dtype::I8,
+        Dtype::F8_E4M3,
+        Dtype::F8_E5M2,
+        Dtype::F8_E8M0,
+        Dtype::I16,
+        Dtype::U16,
+        Dtype::F16,
+        Dtype::BF16,
+        Dtype::I32,
+        Dtype::U32,
+        Dtype::F32,
+        Dtype::F64,
+        Dtype::I64,
+        Dtype::U64,
+    ];
+
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        use Dtype::*;
+        match self {
+            BOOL | U8 | I8 | F8_E4M3 | F8_E5M2 | F8_E8M0 => 1,
+            I16 | U16 | F16 | BF16 => 2,
+            I32 | U32 | F32 => 4,
+            F64 | I64 | U64 => 8,
+        }
+    }
+
+    /// The name used in safetensors headers.
+    pub fn name(self) -> &'static str {
+        use Dtype::*;
+        match self {
+            BOOL => "BOOL",
+            U8 => "U8",
+            I8 => "I8",
+            F8_E4M3 => "F8_E4M3",
+            F8_E5M2 => "F8_E5M2",
+            F8_E8M0 => "F8_E8M0",
+            I16 => "I16",
+            U16 => "U16",
+            F16 => "F16",
+            BF16 => "BF16",
+            I32 => "I32",
+            U32 => "U32",
+            F32 => "F32",
+            F64 => "F64",
+            I64 => "I64",
+            U64 => "U64",
+        }
+    }
+
+    /// Parses a header dtype name.
+    pub fn parse(name: &str) -> Result<Dtype, DtypeError> {
+        if let Some(dtype) = Dtype::ALL.iter().find(|d| d.name() == name) {
+            return Ok(*dtype);
+        }
+        // Sub-byte types pack several elements per byte; a piece boundary can
+        // fall inside a byte, so byte-level consolidation would be wrong.
+        const SUB_BYTE: [&str; 4] = ["F4", "F6_E2M3", "F6_E3M2", "U4"];
+        if SUB_BYTE.contains(&name) || name.starts_with("F4") || name.starts_with("F6") {
+            Err(DtypeError::SubByte)
+        } else {
+            Err(DtypeError::Unknown)
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_round_trips() {
+        for dtype in Dtype::ALL {
+            assert_eq!(Dtype::parse(dtype.name()), Ok(dtype));
+        }
+    }
+
+    #[test]
+    fn sizes_match_the_format() {
+        assert_eq!(Dtype::BOOL.size(), 1);
+        assert_eq!(Dtype::F8_E8M0.size(), 1);
+        assert_eq!(Dtype::BF16.size(), 2);
+        assert_eq!(Dtype::U32.size(), 4);
+        assert_eq!(Dtype::U64.size(), 8);
+    }
+
+    #[test]
+    fn sub_byte_and_unknown_types_are_refused() {
+        assert_eq!(Dtype::parse("F4"), Err(DtypeError::SubByte));
+        assert_eq!(Dtype::parse("F6_E2M3"), Err(DtypeError::SubByte));
+        assert_eq!(Dtype::parse("bf16"), Err(DtypeError::Unknown));
+        assert_eq!(Dtype::parse("C64"), Err(DtypeError::Unknown));
+    }
+}

@@ -1,0 +1,170 @@
+//! The library's one error type.
+//!
+//! Every message names what went wrong (file, tensor) and ends with a hint
+//! telling the user what to do, because the person reading it is usually an
+//! operator looking at a Slurm log, not the author of the checkpoint.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can stop a consolidation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A filesystem operation failed.
+    #[error("cannot {action} {path}: {source}\n  hint: {}", io_hint(source))]
+    Io {
+        /// What we were doing, as a verb phrase ("read", "create", ...).
+        action: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// A shard file is not a well-formed safetensors file.
+    #[error(
+        "{path}: invalid safetensors file: {reason}\n  hint: the file may be truncated or corrupt; re-copy it from the checkpoint or re-save it"
+    )]
+    BadFile {
+        /// The shard file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A tensor entry inside a shard file is malformed.
+    #[error("{path}: tensor '{tensor}': {reason}\n  hint: {hint}")]
+    BadTensor {
+        /// The shard file holding the tensor.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// What is wrong with it.
+        reason: String,
+        /// What the user can do.
+        hint: &'static str,
+    },
+
+    /// Reading a shard or writing an output failed while copying a tensor.
+    #[error(
+        "tensor '{tensor}': cannot {action} {path}: {source}\n  hint: {}",
+        io_hint(source)
+    )]
+    Copy {
+        /// The tensor being copied.
+        tensor: String,
+        /// What we were doing ("read", "write", "map").
+        action: &'static str,
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// A safetensors file that carries no DCP sharding metadata.
+    #[error(
+        "{path}: not a DCP shard (its __metadata__ has no DCP_SHARDING_INFO)\n  hint: INPUT_DIR must hold only the per-rank shard files written by PyTorch's HuggingFaceStorageWriter(save_distributed=True); move other .safetensors files elsewhere"
+    )]
+    NotDcpShard {
+        /// The file.
+        path: PathBuf,
+    },
+
+    /// The pieces of a tensor do not fit together into one full tensor.
+    #[error("tensor '{tensor}': {reason}\n  hint: {hint}")]
+    Inconsistent {
+        /// The tensor's name.
+        tensor: String,
+        /// What does not fit.
+        reason: String,
+        /// What the user can do.
+        hint: &'static str,
+    },
+
+    /// The mapping of tensors to output files is unusable.
+    #[error("{path}: {reason}\n  hint: {hint}")]
+    Mapping {
+        /// The mapping or index file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+        /// What the user can do.
+        hint: &'static str,
+    },
+
+    /// Tensors present in the shards have no output file in the mapping.
+    #[error("{} tensor(s) in the shards are not in the mapping: {}\n  hint: add them to the mapping, or pass --unmapped last to put them in the last output file", names.len(), list_names(names))]
+    Unmapped {
+        /// The unmapped tensor names.
+        names: Vec<String>,
+    },
+
+    /// The command line or the directories do not allow a run.
+    #[error("{reason}\n  hint: {hint}")]
+    Usage {
+        /// What is wrong.
+        reason: String,
+        /// What the user can do.
+        hint: String,
+    },
+
+    /// Written bytes differ from the shards (found by verification).
+    #[error("verification failed for {} tensor(s): {}\n  hint: the output is not trustworthy; check the filesystem and rerun with --overwrite", mismatches.len(), list_names(mismatches))]
+    Mismatch {
+        /// One line per mismatching tensor.
+        mismatches: Vec<String>,
+    },
+
+    /// Another rank failed; it reports its own error, so this one stays quiet.
+    #[error("rank {0} failed")]
+    PeerFailed(usize),
+}
+
+impl Error {
+    /// Builds an [`Error::Io`] for `action` on `path`.
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Builds an [`Error::Usage`].
+    pub fn usage(reason: impl Into<String>, hint: impl Into<String>) -> Self {
+        Error::Usage {
+            reason: reason.into(),
+            hint: hint.into(),
+        }
+    }
+}
+
+fn io_hint(err: &std::io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::ENOSPC) => "the disk is full; free space in OUTPUT_DIR or choose another one",
+        Some(libc::EDQUOT) => {
+            "the disk quota is exhausted; free space or choose another OUTPUT_DIR"
+        }
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+            "check permissions: the input must be readable and OUTPUT_DIR writable"
+        }
+        Some(libc::ENOENT) => "check that the path exists and is visible from every node",
+        _ => "check the path and the filesystem, then rerun",
+    }
+}
+
+fn list_names(names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(" ... and {} more", names.len() - SHOWN));
+    }
+    text
+}

@@ -1,0 +1,367 @@
+//! Reading, validating and writing safetensors headers.
+//!
+//! Parsing never trusts a number from the file: every size is computed with
+//! checked arithmetic, and the data section must be covered exactly, with no
+//! holes, overlaps or trailing bytes.
+
+use crate::dtype::{Dtype, DtypeError};
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+/// The largest header accepted, the same cap as the safetensors library.
+pub const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// One tensor entry of a safetensors header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorEntry {
+    /// The tensor's name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape; empty for a 0-dimensional scalar.
+    pub shape: Vec<u64>,
+    /// Start of the tensor's bytes, relative to the data section.
+    pub begin: u64,
+    /// End (exclusive) of the tensor's bytes, relative to the data section.
+    pub end: u64,
+}
+
+/// A parsed and validated safetensors header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Tensor entries, in data order.
+    pub tensors: Vec<TensorEntry>,
+    /// The `__metadata__` string map (empty if absent).
+    pub metadata: BTreeMap<String, String>,
+    /// Absolute file offset where the data section starts (8 + header length).
+    pub data_start: u64,
+}
+
+/// Reads and validates the header of the safetensors file at `path`.
+pub fn read_header(path: &Path) -> Result<Header> {
+    let mut file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .len();
+    let bad = |reason: String| Error::BadFile {
+        path: path.to_owned(),
+        reason,
+    };
+    if file_len < 8 {
+        return Err(bad(format!(
+            "file is {file_len} bytes, shorter than the 8-byte length prefix"
+        )));
+    }
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix)
+        .map_err(|e| Error::io("read", path, e))?;
+    let header_len = u64::from_le_bytes(prefix);
+    if header_len > MAX_HEADER_LEN {
+        return Err(bad(format!(
+            "header length {header_len} exceeds the {MAX_HEADER_LEN}-byte limit"
+        )));
+    }
+    if header_len > file_len - 8 {
+        return Err(bad(format!(
+            "header length {header_len} runs past the end of the {file_len}-byte file"
+        )));
+    }
+    let mut json = vec![0u8; header_len as usize];
+    file.read_exact(&mut json)
+        .map_err(|e| Error::io("read", path, e))?;
+    parse_header(&json, file_len).map_err(|fault| match fault {
+        Fault::File(reason) => bad(reason),
+        Fault::Tensor(tensor, reason) => Error::BadTensor {
+            path: path.to_owned(),
+            tensor,
+            reason,
+            hint: "the shard is corrupt or was written by an incompatible tool; re-save it",
+        },
+        Fault::Dtype(tensor, dtype) => Error::BadTensor {
+            path: path.to_owned(),
+            tensor,
+            reason: format!("dtype {dtype} cannot be consolidated (elements smaller than a byte)"),
+            hint: "convert this tensor to a whole-byte dtype before saving",
+        },
+    })
+}
+
+/// What is wrong with a header, before the file name is attached.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The header as a whole is malformed.
+    File(String),
+    /// One tensor entry is malformed.
+    Tensor(String, String),
+    /// A tensor uses a dtype that cannot be consolidated.
+    Dtype(String, String),
+}
+
+/// Parses the JSON header bytes of a file that is `file_len` bytes long.
+///
+/// Pure, so that it can be fuzzed and tested on hand-made byte strings.
+pub fn parse_header(json: &[u8], file_len: u64) -> Result<Header, Fault> {
+    let file = |s: String| Fault::File(s);
+    let header_len = json.len() as u64;
+    let data_start = header_len
+        .checked_add(8)
+        .ok_or_else(|| file("header length overflows".into()))?;
+    let data_len = file_len
+        .checked_sub(data_start)
+        .ok_or_else(|| file("header runs past the end of the file".into()))?;
+    let text = std::str::from_utf8(json).map_err(|e| file(format!("header is not UTF-8: {e}")))?;
+    if !text.trim_start().starts_with('{') {
+        return Err(file("header is not a JSON object".into()));
+    }
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| file(format!("header is not valid JSON: {e}")))?;
+    let Value::Object(map) = value else {
+        return Err(file("header is not a JSON object".into()));
+    };
+
+    let mut metadata = BTreeMap::new();
+    let mut tensors = Vec::with_capacity(map.len());
+    for (name, entry) in map {
+        if name == "__metadata__" {
+            let Value::Object(meta) = entry else {
+                return Err(file("__metadata__ is not an object".into()));
+            };
+            for (key, value) in meta {
+                let Value::String(value) = value else {
+                    return Err(file(format!(
+                        "__metadata__ value of '{key}' is not a string"
+                    )));
+                };
+                metadata.insert(key, value);
+            }
+            continue;
+        }
+        tensors.push(parse_entry(&name, &entry)?);
+    }
+
+    // The data section must be tiled exactly, in offset order.
+    tensors.sort_by(|a, b| (a.begin, a.end, &a.name).cmp(&(b.begin, b.end, &b.name)));
+    let mut covered = 0u64;
+    for tensor in &tensors {
+        if tensor.begin != covered {
+            let what = if tensor.begin > covered {
+                "a hole"
+            } else {
+                "an overlap"
+            };
+            return Err(Fault::Tensor(
+                tensor.name.clone(),
+                format!(
+                    "data_offsets [{}, {}] leave {what} in the data section at byte {covered}",
+                    tensor.begin, tensor.end
+                ),
+            ));
+        }
+        covered = tensor.end;
+    }
+    if covered != data_len {
+        return Err(file(format!(
+            "tensors cover {covered} bytes but the data section holds {data_len} bytes"
+        )));
+    }
+    Ok(Header {
+        tensors,
+        metadata,
+        data_start,
+    })
+}
+
+fn parse_entry(name: &str, entry: &Value) -> Result<TensorEntry, Fault> {
+    let fault = |reason: String| Fault::Tensor(name.to_owned(), reason);
+    let Value::Object(fields) = entry else {
+        return Err(fault("entry is not an object".into()));
+    };
+    let dtype_name = fields
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or_else(|| fault("missing or non-string \"dtype\"".into()))?;
+    let dtype = match Dtype::parse(dtype_name) {
+        Ok(dtype) => dtype,
+        Err(DtypeError::SubByte) => return Err(Fault::Dtype(name.into(), dtype_name.into())),
+        Err(DtypeError::Unknown) => return Err(fault(format!("unknown dtype \"{dtype_name}\""))),
+    };
+    let shape = u64_list(fields.get("shape"))
+        .ok_or_else(|| fault("\"shape\" must be a list of non-negative integers".into()))?;
+    let offsets = u64_list(fields.get("data_offsets"))
+        .filter(|o| o.len() == 2)
+        .ok_or_else(|| fault("\"data_offsets\" must be two non-negative integers".into()))?;
+    let (begin, end) = (offsets[0], offsets[1]);
+    let nbytes = byte_len(&shape, dtype)
+        .ok_or_else(|| fault(format!("shape {shape:?} is too large: its size overflows")))?;
+    if end < begin || end - begin != nbytes {
+        return Err(fault(format!(
+            "data_offsets [{begin}, {end}] do not match shape {shape:?} of {dtype} ({nbytes} bytes)"
+        )));
+    }
+    Ok(TensorEntry {
+        name: name.to_owned(),
+        dtype,
+        shape,
+        begin,
+        end,
+    })
+}
+
+fn u64_list(value: Option<&Value>) -> Option<Vec<u64>> {
+    value?.as_array()?.iter().map(Value::as_u64).collect()
+}
+
+/// Number of elements of `shape`, or `None` on overflow.
+pub fn element_count(shape: &[u64]) -> Option<u64> {
+    shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+}
+
+/// Byte length of a tensor of `shape` and `dtype`, or `None` on overflow.
+pub fn byte_len(shape: &[u64], dtype: Dtype) -> Option<u64> {
+    element_count(shape)?.checked_mul(dtype.size())
+}
+
+/// Serialises a header whose tensors are laid out in the given order, and
+/// returns the full prefix to write at the start of the file: the 8-byte
+/// length followed by the JSON, padded with spaces so that the data section
+/// starts at a multiple of 8.
+pub fn encode_header(metadata: &BTreeMap<String, String>, tensors: &[TensorEntry]) -> Vec<u8> {
+    let mut json = String::from("{");
+    if !metadata.is_empty() {
+        json.push_str("\"__metadata__\":");
+        json.push_str(&serde_json::to_string(metadata).expect("string map serialises"));
+    }
+    for tensor in tensors {
+        if json.len() > 1 {
+            json.push(',');
+        }
+        json.push_str(&serde_json::to_string(&tensor.name).expect("string serialises"));
+        json.push_str(&format!(
+            ":{{\"dtype\":\"{}\",\"shape\":{},\"data_offsets\":[{},{}]}}",
+            tensor.dtype,
+            serde_json::to_string(&tensor.shape).expect("list serialises"),
+            tensor.begin,
+            tensor.end
+        ));
+    }
+    json.push('}');
+    while json.len() % 8 != 0 {
+        json.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(json.as_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(json: &str, data_len: u64) -> Result<Header, Fault> {
+        parse_header(json.as_bytes(), 8 + json.len() as u64 + data_len)
+    }
+
+    fn is_file_fault(result: Result<Header, Fault>, needle: &str) -> bool {
+        matches!(result, Err(Fault::File(reason)) if reason.contains(needle))
+    }
+
+    fn is_tensor_fault(result: Result<Header, Fault>, needle: &str) -> bool {
+        matches!(result, Err(Fault::Tensor(_, reason)) if reason.contains(needle))
+    }
+
+    #[test]
+    fn parses_a_valid_header_with_padding_and_metadata() {
+        let json = r#"{"__metadata__":{"format":"pt"},"b":{"dtype":"F32","shape":[2],"data_offsets":[2,10]},"a":{"dtype":"I16","shape":[],"data_offsets":[0,2]}}   "#;
+        let parsed = header(json, 10).unwrap();
+        assert_eq!(parsed.metadata["format"], "pt");
+        assert_eq!(parsed.tensors[0].name, "a");
+        assert_eq!(parsed.tensors[1].shape, vec![2]);
+        assert_eq!(parsed.data_start, 8 + json.len() as u64);
+    }
+
+    #[test]
+    fn empty_tensors_are_allowed() {
+        let json = r#"{"e":{"dtype":"BF16","shape":[0,4],"data_offsets":[0,0]},"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+        assert_eq!(header(json, 1).unwrap().tensors.len(), 2);
+    }
+
+    #[test]
+    fn rejects_non_utf8_and_non_objects() {
+        assert!(is_file_fault(parse_header(&[0xff, 0xfe], 10), "UTF-8"));
+        assert!(is_file_fault(header("[1,2]", 0), "JSON object"));
+        assert!(is_file_fault(header("{\"a\":", 0), "valid JSON"));
+    }
+
+    #[test]
+    fn rejects_unknown_and_sub_byte_dtypes() {
+        let json = r#"{"a":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}}"#;
+        assert!(is_tensor_fault(header(json, 1), "unknown dtype"));
+        let json = r#"{"a":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}}"#;
+        assert!(matches!(header(json, 1), Err(Fault::Dtype(name, _)) if name == "a"));
+    }
+
+    #[test]
+    fn rejects_offsets_that_do_not_match_the_shape() {
+        let json = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#;
+        assert!(is_tensor_fault(header(json, 4), "do not match"));
+        let json = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#;
+        assert!(is_tensor_fault(header(json, 4), "do not match"));
+    }
+
+    #[test]
+    fn rejects_overflowing_shapes() {
+        let json = r#"{"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#;
+        assert!(is_tensor_fault(header(json, 8), "overflows"));
+    }
+
+    #[test]
+    fn rejects_holes_overlaps_and_trailing_bytes() {
+        let hole = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
+        assert!(is_tensor_fault(header(hole, 2), "a hole"));
+        let overlap = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
+        assert!(is_tensor_fault(header(overlap, 2), "an overlap"));
+        let short = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#;
+        assert!(is_file_fault(header(short, 3), "data section holds 3"));
+        assert!(is_file_fault(header(short, 1), "data section holds 1"));
+    }
+
+    #[test]
+    fn rejects_bad_metadata() {
+        let json = r#"{"__metadata__":{"n":1}}"#;
+        assert!(is_file_fault(header(json, 0), "not a string"));
+        let json = r#"{"__metadata__":[]}"#;
+        assert!(is_file_fault(header(json, 0), "not an object"));
+    }
+
+    #[test]
+    fn encoded_headers_parse_back_and_are_padded() {
+        let tensors = vec![
+            TensorEntry {
+                name: "w\"eird".into(),
+                dtype: Dtype::F32,
+                shape: vec![2, 3],
+                begin: 0,
+                end: 24,
+            },
+            TensorEntry {
+                name: "s".into(),
+                dtype: Dtype::BOOL,
+                shape: vec![],
+                begin: 24,
+                end: 25,
+            },
+        ];
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let bytes = encode_header(&meta, &tensors);
+        assert_eq!(bytes.len() % 8, 0);
+        let parsed = parse_header(&bytes[8..], bytes.len() as u64 + 25).unwrap();
+        assert_eq!(parsed.tensors, tensors);
+        assert_eq!(parsed.metadata, meta);
+    }
+}

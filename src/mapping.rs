@@ -1,0 +1,327 @@
+//! Which output file each tensor goes to: `--mapping`, `--hf-index`,
+//! `--max-shard-size`, or a single file.
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Where the tensor-to-file assignment comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MappingSource {
+    /// Everything in `model-00001-of-00001.safetensors`.
+    SingleFile,
+    /// A JSON `{fqn: index}` file (PyTorch's `fqn_to_index_mapping`).
+    Mapping(PathBuf),
+    /// An existing `model.safetensors.index.json`.
+    HfIndex(PathBuf),
+    /// Fill files in name order up to this many bytes each.
+    MaxShardSize(u64),
+}
+
+/// What to do with tensors that the mapping does not name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Unmapped {
+    /// Stop with an error listing them.
+    #[default]
+    Error,
+    /// Put them in the last output file.
+    Last,
+}
+
+/// The result: an output file index (from 1) per tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    /// Output index for each input tensor, in the order given.
+    pub file_of: Vec<u32>,
+    /// Number of output files (the largest index).
+    pub file_count: u32,
+    /// Names in the mapping that no shard holds, left out of the output.
+    pub missing: Vec<String>,
+}
+
+/// Assigns each `(name, bytes)` tensor an output file index.
+pub fn assign(
+    tensors: &[(&str, u64)],
+    source: &MappingSource,
+    unmapped: Unmapped,
+) -> Result<Assignment> {
+    let by_name = match source {
+        MappingSource::SingleFile => {
+            return Ok(Assignment {
+                file_of: vec![1; tensors.len()],
+                file_count: 1,
+                missing: vec![],
+            });
+        }
+        MappingSource::MaxShardSize(limit) => return Ok(fill_by_size(tensors, *limit)),
+        MappingSource::Mapping(path) => read_mapping(path)?,
+        MappingSource::HfIndex(path) => read_hf_index(path)?,
+    };
+    let file_count = by_name.values().copied().max().unwrap_or(1);
+    let mut unmapped_names = Vec::new();
+    let file_of = tensors
+        .iter()
+        .map(|(name, _)| match by_name.get(*name) {
+            Some(&index) => index,
+            None => {
+                unmapped_names.push(name.to_string());
+                file_count
+            }
+        })
+        .collect();
+    if !unmapped_names.is_empty() && unmapped == Unmapped::Error {
+        return Err(Error::Unmapped {
+            names: unmapped_names,
+        });
+    }
+    let present: BTreeSet<&str> = tensors.iter().map(|(name, _)| *name).collect();
+    let missing = by_name
+        .keys()
+        .filter(|name| !present.contains(name.as_str()))
+        .cloned()
+        .collect();
+    Ok(Assignment {
+        file_of,
+        file_count,
+        missing,
+    })
+}
+
+/// Hugging Face's greedy sharding: walk tensors in name order and start a new
+/// file when the next tensor would push the current one past `limit`.
+fn fill_by_size(tensors: &[(&str, u64)], limit: u64) -> Assignment {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by_key(|&i| tensors[i].0);
+    let mut file_of = vec![1; tensors.len()];
+    let (mut index, mut used) = (1u32, 0u64);
+    for i in order {
+        let bytes = tensors[i].1;
+        if used > 0 && used.saturating_add(bytes) > limit {
+            index += 1;
+            used = 0;
+        }
+        used = used.saturating_add(bytes);
+        file_of[i] = index;
+    }
+    Assignment {
+        file_of,
+        file_count: index,
+        missing: vec![],
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Mapping {
+        path: path.to_owned(),
+        reason: format!("not valid JSON: {e}"),
+        hint: "fix the file, or pass a different --mapping/--hf-index",
+    })
+}
+
+/// Reads `{fqn: index}` with indices from 1.
+pub fn read_mapping(path: &Path) -> Result<BTreeMap<String, u32>> {
+    let bad = |reason: String| Error::Mapping {
+        path: path.to_owned(),
+        reason,
+        hint: "a mapping is a JSON object {\"tensor.name\": 1, ...} with output file indices from 1",
+    };
+    let Value::Object(entries) = read_json(path)? else {
+        return Err(bad("not a JSON object".into()));
+    };
+    entries
+        .into_iter()
+        .map(|(name, value)| {
+            match value
+                .as_u64()
+                .filter(|&i| i >= 1)
+                .and_then(|i| u32::try_from(i).ok())
+            {
+                Some(index) => Ok((name, index)),
+                None => Err(bad(format!(
+                    "'{name}' maps to {value}, not a positive integer"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// Reads a Hugging Face index's `weight_map`. File names of the form
+/// `model-IIIII-of-NNNNN.safetensors` give their index; if any name has
+/// another form, files are numbered 1..N in sorted name order instead.
+pub fn read_hf_index(path: &Path) -> Result<BTreeMap<String, u32>> {
+    let bad = |reason: String| Error::Mapping {
+        path: path.to_owned(),
+        reason,
+        hint: "an index is {\"weight_map\": {\"tensor.name\": \"model-00001-of-00002.safetensors\", ...}}",
+    };
+    let value = read_json(path)?;
+    let Some(Value::Object(weight_map)) = value.get("weight_map") else {
+        return Err(bad("has no \"weight_map\" object".into()));
+    };
+    let mut files = BTreeMap::new();
+    for (name, file) in weight_map {
+        let Some(file) = file.as_str() else {
+            return Err(bad(format!("'{name}' maps to {file}, not a file name")));
+        };
+        files.insert(name.clone(), file.to_owned());
+    }
+    let names: BTreeSet<&String> = files.values().collect();
+    let parsed: Option<BTreeMap<&String, u32>> = names
+        .iter()
+        .map(|file| parse_output_name(file).map(|(i, _)| (*file, i)))
+        .collect();
+    let index_of = parsed.unwrap_or_else(|| {
+        names
+            .iter()
+            .zip(1u32..)
+            .map(|(file, i)| (*file, i))
+            .collect()
+    });
+    Ok(files
+        .iter()
+        .map(|(name, file)| (name.clone(), index_of[file]))
+        .collect())
+}
+
+/// The consolidated file name for output `index` of `count`.
+pub fn output_name(index: u32, count: u32) -> String {
+    format!("model-{index:05}-of-{count:05}.safetensors")
+}
+
+/// Parses `model-IIIII-of-NNNNN.safetensors` into `(index, count)`.
+pub fn parse_output_name(name: &str) -> Option<(u32, u32)> {
+    let rest = name.strip_prefix("model-")?.strip_suffix(".safetensors")?;
+    let (index, count) = rest.split_once("-of-")?;
+    let digits = |s: &str| s.len() >= 5 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(index) || !digits(count) {
+        return None;
+    }
+    let index: u32 = index.parse().ok()?;
+    let count: u32 = count.parse().ok()?;
+    (index >= 1 && index <= count).then_some((index, count))
+}
+
+/// Parses a size such as `5GB`, `500MB`, `2GiB` or `1000000` (bytes).
+/// Decimal units are powers of 1000 and binary units powers of 1024, as in
+/// Hugging Face's `max_shard_size`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size like 5GB, 500MB or 2GiB"))?;
+    let scale: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024f64.powi(2),
+        "GIB" => 1024f64.powi(3),
+        "TIB" => 1024f64.powi(4),
+        other => {
+            return Err(format!(
+                "unknown size unit '{other}' (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            ));
+        }
+    };
+    let bytes = (number * scale).round();
+    if !(1.0..1.8e19).contains(&bytes) {
+        return Err(format!("size '{text}' must be at least one byte"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn json_file(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        file
+    }
+
+    #[test]
+    fn mapping_assigns_indices_and_reports_missing_names() {
+        let file = json_file(r#"{"a": 1, "b": 3, "gone": 2}"#);
+        let source = MappingSource::Mapping(file.path().into());
+        let got = assign(&[("a", 4), ("b", 4)], &source, Unmapped::Error).unwrap();
+        assert_eq!(got.file_of, vec![1, 3]);
+        assert_eq!(got.file_count, 3);
+        assert_eq!(got.missing, vec!["gone".to_string()]);
+    }
+
+    #[test]
+    fn unmapped_tensors_are_an_error_or_go_last() {
+        let file = json_file(r#"{"a": 1, "b": 2}"#);
+        let source = MappingSource::Mapping(file.path().into());
+        let err = assign(&[("a", 1), ("x", 1)], &source, Unmapped::Error).unwrap_err();
+        assert!(err.to_string().contains("x"), "{err}");
+        let got = assign(&[("a", 1), ("x", 1)], &source, Unmapped::Last).unwrap();
+        assert_eq!(got.file_of, vec![1, 2]);
+    }
+
+    #[test]
+    fn malformed_mappings_are_refused() {
+        for text in [
+            r#"{"a": 0}"#,
+            r#"{"a": "1"}"#,
+            r#"{"a": -1}"#,
+            r#"[1]"#,
+            "{",
+        ] {
+            let file = json_file(text);
+            assert!(read_mapping(file.path()).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn hf_index_uses_file_names_or_sorted_order() {
+        let file = json_file(
+            r#"{"weight_map": {"a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}}"#,
+        );
+        let map = read_hf_index(file.path()).unwrap();
+        assert_eq!((map["a"], map["b"]), (2, 1));
+        let file =
+            json_file(r#"{"weight_map": {"a": "zeta.safetensors", "b": "alpha.safetensors"}}"#);
+        let map = read_hf_index(file.path()).unwrap();
+        assert_eq!((map["a"], map["b"]), (2, 1));
+    }
+
+    #[test]
+    fn max_shard_size_fills_in_name_order() {
+        let got = fill_by_size(&[("c", 6), ("a", 5), ("b", 5), ("d", 20)], 10);
+        assert_eq!(got.file_of, vec![2, 1, 1, 3]);
+        assert_eq!(got.file_count, 3);
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5MB"), Ok(1_500_000));
+        assert_eq!(parse_size("123"), Ok(123));
+        assert!(parse_size("5XB").is_err());
+        assert!(parse_size("GB").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn output_names_round_trip() {
+        assert_eq!(output_name(3, 12), "model-00003-of-00012.safetensors");
+        assert_eq!(
+            parse_output_name("model-00003-of-00012.safetensors"),
+            Some((3, 12))
+        );
+        assert_eq!(parse_output_name("model-3-of-12.safetensors"), None);
+        assert_eq!(parse_output_name("model-00013-of-00012.safetensors"), None);
+    }
+}

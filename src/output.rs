@@ -1,0 +1,187 @@
+//! Output files that are never seen half-written: each is written under a
+//! hidden temporary name, synced, and renamed to its final name only when the
+//! whole job has succeeded. A temporary file that is dropped without being
+//! committed is removed; one left by a killed run is removed by the next run.
+
+use crate::error::{Error, Result};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+const TEMP_SUFFIX: &str = ".st-consolidate.tmp";
+
+/// The hidden temporary name under which `name` is written.
+pub fn temp_name(name: &str) -> String {
+    format!(".{name}{TEMP_SUFFIX}")
+}
+
+/// An output file being written under its temporary name.
+#[derive(Debug)]
+pub struct PendingFile {
+    file: File,
+    temp_path: PathBuf,
+    final_path: PathBuf,
+    committed: bool,
+}
+
+impl PendingFile {
+    /// Creates `dir/.name.st-consolidate.tmp`, `len` bytes long. Space is
+    /// reserved up front where the filesystem allows, so a full disk is
+    /// reported before any copying.
+    pub fn create(dir: &Path, name: &str, len: u64) -> Result<PendingFile> {
+        let temp_path = dir.join(temp_name(name));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temp_path)
+            .map_err(|e| Error::io("create", &temp_path, e))?;
+        let pending = PendingFile {
+            file,
+            final_path: dir.join(name),
+            temp_path,
+            committed: false,
+        };
+        pending.reserve(len)?;
+        Ok(pending)
+    }
+
+    fn reserve(&self, len: u64) -> Result<()> {
+        let signed = libc::off_t::try_from(len).map_err(|_| {
+            Error::usage(
+                format!(
+                    "{} would be {len} bytes, too large",
+                    self.final_path.display()
+                ),
+                "split the output with --max-shard-size",
+            )
+        })?;
+        if signed > 0 {
+            // SAFETY: fallocate only reads its integer arguments; the fd is
+            // owned by `self.file` and open for writing.
+            let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, signed) };
+            if rc != 0 {
+                let err = std::io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {}
+                    _ => return Err(Error::io("reserve space for", &self.temp_path, err)),
+                }
+            }
+        }
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io("size", &self.temp_path, e))
+    }
+
+    /// The open file, for positioned writes from any thread.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The temporary path (for error messages).
+    pub fn temp_path(&self) -> &Path {
+        &self.temp_path
+    }
+
+    /// Flushes the file's data to stable storage.
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("sync", &self.temp_path, e))
+    }
+
+    /// Renames the file to its final name.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        std::fs::rename(&self.temp_path, &self.final_path)
+            .map_err(|e| Error::io("rename into place", &self.final_path, e))?;
+        self.committed = true;
+        Ok(self.final_path.clone())
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.temp_path);
+        }
+    }
+}
+
+/// Writes `bytes` to `dir/name` atomically: temporary file, sync, rename,
+/// directory sync.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let pending = PendingFile::create(dir, name, 0)?;
+    (&pending.file)
+        .write_all(bytes)
+        .map_err(|e| Error::io("write", &pending.temp_path, e))?;
+    pending.sync()?;
+    pending.commit()?;
+    sync_dir(dir)
+}
+
+/// Syncs a directory so that renames inside it are durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let handle = File::open(dir).map_err(|e| Error::io("open", dir, e))?;
+    match handle.sync_all() {
+        // Some filesystems refuse fsync on directories; the rename stands.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        other => other.map_err(|e| Error::io("sync", dir, e)),
+    }
+}
+
+/// Removes temporary files that earlier, killed runs left in `dir`.
+pub fn remove_stale_temps(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(TEMP_SUFFIX) {
+            std::fs::remove_file(entry.path())
+                .map_err(|e| Error::io("remove stale", entry.path(), e))?;
+            removed.push(entry.path());
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uncommitted_files_vanish_and_committed_ones_appear() {
+        let dir = tempfile::tempdir().unwrap();
+        let pending = PendingFile::create(dir.path(), "a.bin", 16).unwrap();
+        assert_eq!(std::fs::metadata(pending.temp_path()).unwrap().len(), 16);
+        assert!(!dir.path().join("a.bin").exists());
+        drop(pending);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        let pending = PendingFile::create(dir.path(), "b.bin", 4).unwrap();
+        pending.sync().unwrap();
+        pending.commit().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("b.bin")).unwrap(), [0; 4]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn atomic_writes_and_stale_cleanup() {
+        let dir = tempfile::tempdir().unwrap();
+        write_atomically(dir.path(), "index.json", b"{}").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("index.json")).unwrap(), b"{}");
+        std::fs::write(
+            dir.path()
+                .join(temp_name("model-00001-of-00001.safetensors")),
+            b"x",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(".keep"), b"x").unwrap();
+        let removed = remove_stale_temps(dir.path()).unwrap();
+        assert_eq!(removed.len(), 1);
+        assert!(dir.path().join(".keep").exists());
+    }
+}

@@ -1,0 +1,258 @@
+//! The plan: output files, the tensor layout inside each, their header bytes,
+//! and which rank writes what. Pure and deterministic, so every rank that
+//! builds it from the same inputs gets the same plan.
+
+use crate::dcp::FullTensor;
+use crate::header::{TensorEntry, encode_header};
+use crate::mapping::{Assignment, output_name};
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::PathBuf;
+
+/// Output bytes per work item: large enough that per-item overhead vanishes,
+/// small enough that a rank's threads share a big file evenly.
+pub const WORK_ITEM_BYTES: u64 = 64 << 20;
+
+/// One tensor's place in an output file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputEntry {
+    /// Index into [`Plan::tensors`].
+    pub tensor: usize,
+    /// Byte range within the output file's data section.
+    pub bytes: Range<u64>,
+}
+
+/// One consolidated output file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputFile {
+    /// Output index, from 1.
+    pub index: u32,
+    /// File name, `model-IIIII-of-NNNNN.safetensors`.
+    pub name: String,
+    /// The length prefix and padded JSON header, written at offset 0.
+    pub header: Vec<u8>,
+    /// Tensors in data order.
+    pub entries: Vec<OutputEntry>,
+    /// The rank that writes this file.
+    pub owner: usize,
+}
+
+impl OutputFile {
+    /// Absolute offset of the data section.
+    pub fn data_start(&self) -> u64 {
+        self.header.len() as u64
+    }
+
+    /// Bytes of tensor data.
+    pub fn data_len(&self) -> u64 {
+        self.entries.last().map_or(0, |e| e.bytes.end)
+    }
+
+    /// Total file size.
+    pub fn len(&self) -> u64 {
+        self.data_start() + self.data_len()
+    }
+
+    /// Whether the file holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// A contiguous range of one output file's data section, copied as a unit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkItem {
+    /// Index into [`Plan::files`].
+    pub file: usize,
+    /// Byte range within the file's data section.
+    pub bytes: Range<u64>,
+}
+
+/// Everything every rank agrees on before any byte is written.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Input shard paths, indexed by `Location::shard`.
+    pub shards: Vec<PathBuf>,
+    /// Full tensors, sorted by name.
+    pub tensors: Vec<FullTensor>,
+    /// Output files in index order.
+    pub files: Vec<OutputFile>,
+    /// Mapped names that no shard holds (left out, reported as a warning).
+    pub missing: Vec<String>,
+    /// Number of ranks the plan was made for.
+    pub world_size: usize,
+}
+
+impl Plan {
+    /// Lays out the output files and assigns file `index` to rank
+    /// `index % world_size` (the design card's schedule).
+    pub fn new(
+        shards: Vec<PathBuf>,
+        tensors: Vec<FullTensor>,
+        assignment: Assignment,
+        world_size: usize,
+    ) -> Plan {
+        let mut members: BTreeMap<u32, Vec<usize>> = (1..=assignment.file_count)
+            .map(|i| (i, Vec::new()))
+            .collect();
+        for (tensor, &index) in assignment.file_of.iter().enumerate() {
+            members.entry(index).or_default().push(tensor);
+        }
+        let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let files = members
+            .into_iter()
+            .map(|(index, mut members)| {
+                // Largest elements first, then by name: every tensor then
+                // starts aligned to its element size, as safetensors' writer does.
+                members.sort_by(|&a, &b| {
+                    let (a, b) = (&tensors[a], &tensors[b]);
+                    b.dtype
+                        .size()
+                        .cmp(&a.dtype.size())
+                        .then_with(|| a.name.cmp(&b.name))
+                });
+                let mut offset = 0u64;
+                let mut entries = Vec::with_capacity(members.len());
+                let mut header_entries = Vec::with_capacity(members.len());
+                for tensor in members {
+                    let len = tensors[tensor].byte_len();
+                    entries.push(OutputEntry {
+                        tensor,
+                        bytes: offset..offset + len,
+                    });
+                    header_entries.push(TensorEntry {
+                        name: tensors[tensor].name.clone(),
+                        dtype: tensors[tensor].dtype,
+                        shape: tensors[tensor].shape.clone(),
+                        begin: offset,
+                        end: offset + len,
+                    });
+                    offset += len;
+                }
+                OutputFile {
+                    index,
+                    name: output_name(index, assignment.file_count),
+                    header: encode_header(&metadata, &header_entries),
+                    entries,
+                    owner: index as usize % world_size,
+                }
+            })
+            .collect();
+        Plan {
+            shards,
+            tensors,
+            files,
+            missing: assignment.missing,
+            world_size,
+        }
+    }
+
+    /// Indices of the files `rank` writes.
+    pub fn files_of(&self, rank: usize) -> Vec<usize> {
+        (0..self.files.len())
+            .filter(|&f| self.files[f].owner == rank)
+            .collect()
+    }
+
+    /// The work items of `rank`: its files cut into pieces of at most
+    /// [`WORK_ITEM_BYTES`], so that threads share even a single large file.
+    pub fn work_items(&self, rank: usize) -> Vec<WorkItem> {
+        let mut items = Vec::new();
+        for file in self.files_of(rank) {
+            let len = self.files[file].data_len();
+            let mut start = 0;
+            while start < len {
+                let end = (start + WORK_ITEM_BYTES).min(len);
+                items.push(WorkItem {
+                    file,
+                    bytes: start..end,
+                });
+                start = end;
+            }
+        }
+        items
+    }
+
+    /// Total tensor bytes across all output files.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(OutputFile::data_len).sum()
+    }
+
+    /// Tensor data bytes each rank writes.
+    pub fn bytes_per_rank(&self) -> Vec<u64> {
+        let mut bytes = vec![0; self.world_size];
+        for file in &self.files {
+            bytes[file.owner] += file.data_len();
+        }
+        bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::Dtype;
+    use crate::header::parse_header;
+
+    fn tensor(name: &str, dtype: Dtype, shape: &[u64]) -> FullTensor {
+        FullTensor {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            pieces: vec![],
+        }
+    }
+
+    #[test]
+    fn files_are_ordered_by_element_size_then_name_and_aligned() {
+        let tensors = vec![
+            tensor("a", Dtype::U8, &[3]),
+            tensor("b", Dtype::F64, &[2]),
+            tensor("c", Dtype::BF16, &[5]),
+            tensor("d", Dtype::F32, &[]),
+        ];
+        let assignment = Assignment {
+            file_of: vec![1, 1, 1, 1],
+            file_count: 1,
+            missing: vec![],
+        };
+        let plan = Plan::new(vec![], tensors, assignment, 1);
+        let file = &plan.files[0];
+        let order: Vec<&str> = file
+            .entries
+            .iter()
+            .map(|e| plan.tensors[e.tensor].name.as_str())
+            .collect();
+        assert_eq!(order, ["b", "d", "c", "a"]);
+        for entry in &file.entries {
+            let size = plan.tensors[entry.tensor].dtype.size();
+            assert_eq!((file.data_start() + entry.bytes.start) % size, 0);
+        }
+        assert_eq!(file.header.len() % 8, 0);
+        let parsed = parse_header(&file.header[8..], file.len()).unwrap();
+        assert_eq!(parsed.metadata["format"], "pt");
+        assert_eq!(parsed.tensors.len(), 4);
+    }
+
+    #[test]
+    fn files_go_to_index_modulo_world_size_and_split_into_items() {
+        let tensors = vec![
+            tensor("big", Dtype::U8, &[WORK_ITEM_BYTES * 2 + 1]),
+            tensor("small", Dtype::U8, &[1]),
+        ];
+        let assignment = Assignment {
+            file_of: vec![1, 3],
+            file_count: 3,
+            missing: vec![],
+        };
+        let plan = Plan::new(vec![], tensors, assignment, 2);
+        let owners: Vec<usize> = plan.files.iter().map(|f| f.owner).collect();
+        assert_eq!(owners, [1, 0, 1]);
+        assert!(plan.files[1].is_empty());
+        let items = plan.work_items(1);
+        assert_eq!(items.len(), 4);
+        assert_eq!(items[2].bytes, WORK_ITEM_BYTES * 2..WORK_ITEM_BYTES * 2 + 1);
+        assert!(plan.work_items(0).is_empty());
+        assert_eq!(plan.bytes_per_rank(), [0, WORK_ITEM_BYTES * 2 + 2]);
+    }
+}

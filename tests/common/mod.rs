@@ -1,0 +1,122 @@
+//! Helpers for the integration tests: running the real binaries (under
+//! mpirun when asked) and checking outputs byte for byte.
+#![allow(dead_code)]
+
+use sha2::{Digest, Sha256};
+use st_consolidate_mpi::header::read_header;
+use st_consolidate_mpi::synth::hex;
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_st-consolidate-mpi");
+pub const MAKE_SHARDS: &str = env!("CARGO_BIN_EXE_st-make-shards");
+
+/// The PyTorch-written fixture, copied from shared/fixtures.
+pub fn torch_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch-dcp-w2")
+}
+
+/// Runs the consolidator with `ranks` MPI ranks (0 = no launcher at all).
+pub fn consolidate(ranks: usize, args: &[&str]) -> Output {
+    let mut command = if ranks == 0 {
+        Command::new(BIN)
+    } else {
+        let mut c = Command::new("mpirun");
+        c.args(["--oversubscribe", "-n", &ranks.to_string(), BIN]);
+        c
+    };
+    command
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("mpirun runs (scripts/setup.sh installs OpenMPI)")
+}
+
+/// Like [`consolidate`], but the run must succeed.
+pub fn consolidate_ok(ranks: usize, args: &[&str]) -> Output {
+    let out = consolidate(ranks, args);
+    assert!(out.status.success(), "run failed: {args:?}\n{}", stderr(&out));
+    out
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Writes a synthetic checkpoint with `st-make-shards`.
+pub fn make_shards(dir: &Path, args: &[&str]) {
+    let out = Command::new(MAKE_SHARDS).arg(dir).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// sha256 of every tensor in a consolidated folder, via its index; also
+/// checks the index agrees with the files' headers and total_size.
+pub fn output_tensors(dir: &Path) -> BTreeMap<String, (Vec<u64>, String, String)> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let weight_map = index["weight_map"].as_object().unwrap();
+    let mut files: Vec<&str> = weight_map.values().map(|v| v.as_str().unwrap()).collect();
+    files.sort();
+    files.dedup();
+    let mut tensors = BTreeMap::new();
+    let mut total = 0;
+    for name in files {
+        let path = dir.join(name);
+        let header = read_header(&path).unwrap();
+        assert_eq!(header.metadata.get("format").map(String::as_str), Some("pt"));
+        assert_eq!(header.data_start % 8, 0, "{name}: header not padded");
+        let mut file = std::fs::File::open(&path).unwrap();
+        for t in header.tensors {
+            assert_eq!(weight_map[&t.name].as_str(), Some(name), "{}", t.name);
+            assert_eq!((header.data_start + t.begin) % t.dtype.size(), 0, "{} misaligned", t.name);
+            let mut bytes = vec![0u8; (t.end - t.begin) as usize];
+            file.seek(SeekFrom::Start(header.data_start + t.begin)).unwrap();
+            file.read_exact(&mut bytes).unwrap();
+            total += bytes.len() as u64;
+            let digest = hex(&Sha256::digest(&bytes));
+            tensors.insert(t.name, (t.shape, t.dtype.name().to_string(), digest));
+        }
+    }
+    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total));
+    assert_eq!(tensors.len(), weight_map.len());
+    tensors
+}
+
+/// Asserts a consolidated folder reproduces every tensor of a manifest.
+pub fn assert_matches_manifest(out_dir: &Path, manifest: &Path) {
+    let manifest: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+    let got = output_tensors(out_dir);
+    let names: Vec<&String> = got.keys().collect();
+    assert_eq!(names, manifest.keys().collect::<Vec<_>>());
+    for (name, expected) in &manifest {
+        let shape: Vec<u64> = serde_json::from_value(expected["shape"].clone()).unwrap();
+        let want = (shape, expected["dtype"].as_str().unwrap().to_string(), expected["sha256"].as_str().unwrap().to_string());
+        assert_eq!(got[name], want, "tensor {name}");
+    }
+}
+
+/// Every file in `dir` with its bytes, to prove inputs are left untouched.
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            files.insert(path.clone(), std::fs::read(&path).unwrap());
+        }
+    }
+    files
+}
+
+/// Names of the files in `dir`, sorted.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => vec![],
+    };
+    names.sort();
+    names
+}
