@@ -21,7 +21,7 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Runs at least this long are copied in the kernel; shorter runs are gathered.
@@ -33,13 +33,21 @@ pub const WINDOW_BYTES: u64 = 8 << 20;
 /// Set once `copy_file_range` has proved unusable on this system.
 static NO_COPY_FILE_RANGE: AtomicBool = AtomicBool::new(false);
 
-/// Shard files opened on demand by one work item.
-struct Inputs<'a> {
-    paths: &'a [std::path::PathBuf],
+/// Shard files, opened on first use and kept open for one unit of work.
+pub struct ShardFiles<'a> {
+    paths: &'a [PathBuf],
     open: HashMap<usize, File>,
 }
 
-impl<'a> Inputs<'a> {
+impl<'a> ShardFiles<'a> {
+    /// No file is opened until it is needed.
+    pub fn new(paths: &'a [PathBuf]) -> Self {
+        ShardFiles {
+            paths,
+            open: HashMap::new(),
+        }
+    }
+
     fn get(&mut self, shard: usize) -> Result<&File> {
         if !self.open.contains_key(&shard) {
             let path = &self.paths[shard];
@@ -54,10 +62,7 @@ impl<'a> Inputs<'a> {
 /// `plan.files[item.file].data_start()`.
 pub fn copy_item(plan: &Plan, item: &WorkItem, out: &File, out_path: &Path) -> Result<()> {
     let file = &plan.files[item.file];
-    let mut inputs = Inputs {
-        paths: &plan.shards,
-        open: HashMap::new(),
-    };
+    let mut inputs = ShardFiles::new(&plan.shards);
     let mut window = Vec::new();
     for entry in &file.entries {
         let lo = entry.bytes.start.max(item.bytes.start);
@@ -65,41 +70,52 @@ pub fn copy_item(plan: &Plan, item: &WorkItem, out: &File, out_path: &Path) -> R
         if lo >= hi {
             continue;
         }
-        let tensor = &plan.tensors[entry.tensor];
+        let job = TensorCopy::new(&plan.tensors[entry.tensor]);
         // Where this tensor's byte 0 lands in the output file.
         let out_base = file.data_start() + entry.bytes.start;
         let local = lo - entry.bytes.start..hi - entry.bytes.start;
-        let job = TensorJob {
-            tensor,
-            out,
-            out_path,
-            out_base,
-        };
-        job.copy(local, &mut inputs, &mut window)?;
+        if job.is_direct() {
+            job.copy_direct(local, &mut inputs, out, out_path, out_base)?;
+        } else {
+            let mut start = local.start;
+            while start < local.end {
+                let end = (start + WINDOW_BYTES).min(local.end);
+                job.assemble(start..end, &mut inputs, &mut window)?;
+                out.write_all_at(&window, out_base + start)
+                    .map_err(|e| job.fail("write", out_path, e))?;
+                start = end;
+            }
+        }
     }
     Ok(())
 }
 
-struct TensorJob<'a> {
+/// One tensor's pieces, ready to be copied or assembled.
+pub struct TensorCopy<'a> {
     tensor: &'a FullTensor,
-    out: &'a File,
-    out_path: &'a Path,
-    out_base: u64,
+    pieces: Vec<(Location, Runs)>,
 }
 
-impl TensorJob<'_> {
-    fn runs(&self) -> Vec<(Location, Runs)> {
-        let t = self.tensor;
-        t.pieces
+impl<'a> TensorCopy<'a> {
+    /// Computes the runs of every non-empty piece of `tensor`.
+    pub fn new(tensor: &'a FullTensor) -> Self {
+        let pieces = tensor
+            .pieces
             .iter()
             .map(|p| {
-                (
-                    p.location,
-                    Runs::new(&t.shape, &p.offsets, &p.shape, t.dtype.size()),
-                )
+                let runs = Runs::new(&tensor.shape, &p.offsets, &p.shape, tensor.dtype.size());
+                (p.location, runs)
             })
             .filter(|(_, runs)| runs.count() > 0)
-            .collect()
+            .collect();
+        TensorCopy { tensor, pieces }
+    }
+
+    /// Whether every run is long enough to copy in the kernel.
+    fn is_direct(&self) -> bool {
+        self.pieces
+            .iter()
+            .all(|(_, runs)| runs.run_len() >= DIRECT_MIN_RUN)
     }
 
     fn fail(&self, action: &'static str, path: &Path, source: std::io::Error) -> Error {
@@ -111,26 +127,17 @@ impl TensorJob<'_> {
         }
     }
 
-    /// Copies the tensor's bytes `range` (relative to the tensor's start).
-    fn copy(&self, range: Range<u64>, inputs: &mut Inputs, window: &mut Vec<u8>) -> Result<()> {
-        let pieces = self.runs();
-        if pieces
-            .iter()
-            .all(|(_, runs)| runs.run_len() >= DIRECT_MIN_RUN)
-        {
-            self.copy_direct(&pieces, range, inputs)
-        } else {
-            self.copy_gathered(&pieces, range, inputs, window)
-        }
-    }
-
+    /// Copies the tensor's bytes `range` (relative to the tensor's start) run
+    /// by run, file to file.
     fn copy_direct(
         &self,
-        pieces: &[(Location, Runs)],
         range: Range<u64>,
-        inputs: &mut Inputs,
+        inputs: &mut ShardFiles,
+        out: &File,
+        out_path: &Path,
+        out_base: u64,
     ) -> Result<()> {
-        for (location, runs) in pieces {
+        for (location, runs) in &self.pieces {
             let paths = inputs.paths;
             let input = inputs.get(location.shard)?;
             for n in runs.runs_in(&range) {
@@ -138,14 +145,10 @@ impl TensorJob<'_> {
                 let lo = dst.max(range.start);
                 let hi = (dst + runs.run_len()).min(range.end);
                 let src = location.offset + runs.src(n) + (lo - dst);
-                copy_range(input, src, self.out, self.out_base + lo, hi - lo).map_err(
-                    |(side, e)| {
-                        let path = match side {
-                            Side::Read => &paths[location.shard],
-                            Side::Write => self.out_path,
-                        };
-                        let action = if side == Side::Read { "read" } else { "write" };
-                        self.fail(action, path, e)
+                copy_range(input, src, out, out_base + lo, hi - lo).map_err(
+                    |(side, e)| match side {
+                        Side::Read => self.fail("read", &paths[location.shard], e),
+                        Side::Write => self.fail("write", out_path, e),
                     },
                 )?;
             }
@@ -153,44 +156,37 @@ impl TensorJob<'_> {
         Ok(())
     }
 
-    fn copy_gathered(
+    /// Fills `window` with the tensor's bytes `range` (relative to the
+    /// tensor's start), gathered from memory-mapped slices of the pieces.
+    pub fn assemble(
         &self,
-        pieces: &[(Location, Runs)],
         range: Range<u64>,
-        inputs: &mut Inputs,
+        inputs: &mut ShardFiles,
         window: &mut Vec<u8>,
     ) -> Result<()> {
-        let mut start = range.start;
-        while start < range.end {
-            let end = (start + WINDOW_BYTES).min(range.end);
-            window.clear();
-            window.resize((end - start) as usize, 0);
-            for (location, runs) in pieces {
-                let span = runs.src_span(&(start..end));
-                if span.is_empty() {
-                    continue;
-                }
-                let path = &inputs.paths[location.shard];
-                let input = inputs.get(location.shard)?;
-                // SAFETY: the map is read-only and dropped at the end of this
-                // iteration. The tool never writes to shard files; if another
-                // process truncated one while it is mapped, reading the map
-                // could raise SIGBUS, a risk every mmap-based reader accepts.
-                // The header check already verified that the range lies
-                // within the file.
-                let map = unsafe {
-                    MmapOptions::new()
-                        .offset(location.offset + span.start)
-                        .len((span.end - span.start) as usize)
-                        .map(input)
-                }
-                .map_err(|e| self.fail("map", path, e))?;
-                runs.fill(window, start, &map, span.start);
+        window.clear();
+        window.resize((range.end - range.start) as usize, 0);
+        for (location, runs) in &self.pieces {
+            let span = runs.src_span(&range);
+            if span.is_empty() {
+                continue;
             }
-            self.out
-                .write_all_at(window, self.out_base + start)
-                .map_err(|e| self.fail("write", self.out_path, e))?;
-            start = end;
+            let paths = inputs.paths;
+            let input = inputs.get(location.shard)?;
+            // SAFETY: the map is read-only and dropped at the end of this
+            // iteration. The tool never writes to shard files; if another
+            // process truncated one while it is mapped, reading the map
+            // could raise SIGBUS, a risk every mmap-based reader accepts.
+            // The header check already verified that the range lies
+            // within the file.
+            let map = unsafe {
+                MmapOptions::new()
+                    .offset(location.offset + span.start)
+                    .len((span.end - span.start) as usize)
+                    .map(input)
+            }
+            .map_err(|e| self.fail("map", &paths[location.shard], e))?;
+            runs.fill(window, range.start, &map, span.start);
         }
         Ok(())
     }
@@ -277,10 +273,7 @@ fn copy_range(
 /// Checks that every replica of a replicated piece holds the same bytes as
 /// the piece, for the tensors of output file `file`.
 pub fn check_replicas(plan: &Plan, file: usize) -> Result<()> {
-    let mut inputs = Inputs {
-        paths: &plan.shards,
-        open: HashMap::new(),
-    };
+    let mut inputs = ShardFiles::new(&plan.shards);
     let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     for entry in &plan.files[file].entries {
         let tensor = &plan.tensors[entry.tensor];

@@ -14,6 +14,7 @@ use crate::input::read_checkpoint;
 use crate::mapping::{MappingSource, Unmapped, assign};
 use crate::output::{PendingFile, remove_stale_temps, sync_dir, write_atomically};
 use crate::plan::Plan;
+use crate::verify::{compare, existing_targets, written_targets};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -40,6 +41,13 @@ pub struct Config {
     pub dry_run: bool,
     /// Replace existing consolidated outputs.
     pub overwrite: bool,
+    /// Read every written byte back and compare it with the shards before
+    /// the files get their final names.
+    pub verify: bool,
+    /// Write nothing; check an existing output in `output` against the shards.
+    pub verify_only: bool,
+    /// Accept a shard file set with (rank, index) files missing.
+    pub allow_missing_shard_files: bool,
     /// Print only errors.
     pub quiet: bool,
 }
@@ -97,6 +105,27 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         }
         return Ok(Summary::default());
     }
+    if config.verify_only {
+        let local = pool.install(|| {
+            let (targets, mut problems) = existing_targets(&plan, &config.output, rank, size)?;
+            problems.extend(compare(&plan, &targets)?);
+            Ok(problems)
+        });
+        let problems = agree(comm, local)?;
+        agree(comm, collect_mismatches(comm, &problems))?;
+        say(&format!(
+            "verified {} tensors ({}) in {} against {} shard files: all equal",
+            plan.tensors.len(),
+            human_bytes(plan.total_bytes()),
+            config.output.display(),
+            plan.shards.len()
+        ));
+        return Ok(Summary {
+            files: 0,
+            bytes: plan.total_bytes(),
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
 
     let prepared = if rank == 0 {
         prepare_output_dir(config, &plan)
@@ -114,6 +143,13 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
 
     let written = pool.install(|| write_files(config, &plan, rank));
     let pending = agree(comm, written)?;
+    if config.verify {
+        let temp_paths: Vec<PathBuf> = pending.iter().map(|p| p.temp_path().to_owned()).collect();
+        let targets = written_targets(&plan, rank, &temp_paths);
+        let mismatches = agree(comm, pool.install(|| compare(&plan, &targets)))?;
+        agree(comm, collect_mismatches(comm, &mismatches))?;
+        say("verified: every written byte equals the shards");
+    }
     let committed = pending
         .into_iter()
         .try_for_each(|file| file.commit().map(drop))
@@ -152,6 +188,24 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     Ok(summary)
 }
 
+/// Collective: gathers every rank's mismatch lines to rank 0, which fails
+/// with all of them if there are any.
+fn collect_mismatches(comm: &dyn Communicator, mine: &[String]) -> Result<()> {
+    let payload = serde_json::to_vec(mine).unwrap_or_default();
+    let Some(all) = comm.gather(&payload) else {
+        return Ok(());
+    };
+    let mismatches: Vec<String> = all
+        .iter()
+        .flat_map(|bytes| serde_json::from_slice::<Vec<String>>(bytes).unwrap_or_default())
+        .collect();
+    if mismatches.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Mismatch { mismatches })
+    }
+}
+
 /// Cores on this node shared among the ranks on it, at least one each.
 pub fn default_threads(ranks_on_node: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -169,7 +223,7 @@ fn agree<T>(comm: &dyn Communicator, result: Result<T>) -> Result<T> {
 
 /// Reads every header and builds the plan (identical on every rank).
 pub fn make_plan(config: &Config, world_size: usize) -> Result<Plan> {
-    let checkpoint = read_checkpoint(&config.input)?;
+    let checkpoint = read_checkpoint(&config.input, config.allow_missing_shard_files)?;
     let tensors = index_pieces(&checkpoint.shards, &checkpoint.infos)?;
     let sizes: Vec<(&str, u64)> = tensors
         .iter()

@@ -50,8 +50,9 @@ pub fn find_shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Reads and validates every shard header in `dir`, in parallel.
-pub fn read_checkpoint(dir: &Path) -> Result<Checkpoint> {
+/// Reads and validates every shard header in `dir`, in parallel. Unless
+/// `allow_missing`, also checks that no shard file of the set is missing.
+pub fn read_checkpoint(dir: &Path, allow_missing: bool) -> Result<Checkpoint> {
     if !dir.is_dir() {
         return Err(Error::usage(
             format!("INPUT_DIR {} is not a directory", dir.display()),
@@ -84,6 +85,9 @@ pub fn read_checkpoint(dir: &Path) -> Result<Checkpoint> {
             None => return Err(Error::NotDcpShard { path: shard.path }),
         }
     }
+    if !allow_missing {
+        check_file_set(&checkpoint.shards)?;
+    }
     if checkpoint.shards.is_empty() {
         return Err(Error::usage(
             format!(
@@ -96,9 +100,89 @@ pub fn read_checkpoint(dir: &Path) -> Result<Checkpoint> {
     Ok(checkpoint)
 }
 
+/// Parses `shard-RRRRR-model-IIIII-of-NNNNN.safetensors` into (rank, index, count).
+pub fn parse_shard_name(name: &str) -> Option<(u32, u32, u32)> {
+    let rest = name.strip_prefix("shard-")?;
+    let (rank, output) = rest.split_once('-')?;
+    let (index, count) = parse_output_name(output)?;
+    let rank_ok = rank.len() >= 5 && rank.bytes().all(|b| b.is_ascii_digit());
+    Some((rank.parse().ok().filter(|_| rank_ok)?, index, count))
+}
+
+/// PyTorch's writer leaves one file per (source rank, output index) for
+/// every rank that holds part of that output, which for sharded models is
+/// every rank. A missing file cannot always be seen in the pieces: losing
+/// the rank that holds a tensor's end silently shrinks the tensor. So when
+/// every file follows the naming scheme, the set must be complete: ranks
+/// 1..=R, indices 1..=N, every pair present.
+fn check_file_set(shards: &[Shard]) -> Result<()> {
+    let names: Option<Vec<(u32, u32, u32)>> = shards
+        .iter()
+        .map(|s| parse_shard_name(&s.path.file_name()?.to_string_lossy()))
+        .collect();
+    let Some(names) = names else {
+        return Ok(());
+    };
+    let Some(count) = names.first().map(|n| n.2) else {
+        return Ok(());
+    };
+    if let Some(other) = names.iter().find(|n| n.2 != count) {
+        return Err(Error::usage(
+            format!(
+                "shard files disagree on the number of output files: -of-{count:05} and -of-{:05}",
+                other.2
+            ),
+            "INPUT_DIR mixes two checkpoints; keep one checkpoint's files only",
+        ));
+    }
+    let ranks = names.iter().map(|n| n.0).max().unwrap_or(0);
+    let present: std::collections::HashSet<(u32, u32)> = names.iter().map(|n| (n.0, n.1)).collect();
+    let missing: Vec<String> = (1..=ranks)
+        .flat_map(|r| (1..=count).map(move |i| (r, i)))
+        .filter(|pair| !present.contains(pair))
+        .map(|(r, i)| format!("shard-{r:05}-model-{i:05}-of-{count:05}.safetensors"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = missing.iter().take(8).map(String::as_str).collect();
+    Err(Error::usage(
+        format!(
+            "{} shard file(s) missing from the set of {ranks} rank(s) x {count} output file(s): {}{}",
+            missing.len(),
+            shown.join(", "),
+            if missing.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        ),
+        "copy every shard file of the checkpoint; if the writer never produced these files \
+         (an output holding only replicated tensors), pass --allow-missing-shard-files",
+    ))
+}
+
 fn is_output_name(path: &Path) -> bool {
     path.file_name()
         .and_then(|n| n.to_str())
         .and_then(parse_output_name)
         .is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_parse() {
+        assert_eq!(
+            parse_shard_name("shard-00002-model-00001-of-00004.safetensors"),
+            Some((2, 1, 4))
+        );
+        assert_eq!(
+            parse_shard_name("shard-2-model-00001-of-00004.safetensors"),
+            None
+        );
+        assert_eq!(parse_shard_name("model-00001-of-00004.safetensors"), None);
+    }
 }

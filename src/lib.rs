@@ -24,5 +24,6 @@ pub mod output;
 pub mod plan;
 pub mod runs;
 pub mod synth;
+pub mod verify;
 
 pub use error::{Error, Result};

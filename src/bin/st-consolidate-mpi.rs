@@ -62,6 +62,21 @@ struct Cli {
     #[arg(long)]
     overwrite: bool,
 
+    /// After writing, read every file back and compare each tensor byte with the shards
+    /// (before the files get their final names).
+    #[arg(long, conflicts_with = "verify_only")]
+    verify: bool,
+
+    /// Write nothing: check the consolidated output already in OUTPUT_DIR against the shards
+    /// (headers, index, total_size and every tensor byte).
+    #[arg(long, conflicts_with_all = ["dry_run", "overwrite"])]
+    verify_only: bool,
+
+    /// Accept a checkpoint in which some shard-RRRRR-model-IIIII files are absent (only if the
+    /// writer never produced them); the pieces must still tile every tensor.
+    #[arg(long)]
+    allow_missing_shard_files: bool,
+
     /// Print only errors.
     #[arg(short, long)]
     quiet: bool,
@@ -83,6 +98,9 @@ impl Cli {
             threads: self.threads.map(usize::from),
             dry_run: self.dry_run,
             overwrite: self.overwrite,
+            verify: self.verify,
+            verify_only: self.verify_only,
+            allow_missing_shard_files: self.allow_missing_shard_files,
             quiet: self.quiet,
         }
     }

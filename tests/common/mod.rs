@@ -38,7 +38,11 @@ pub fn consolidate(ranks: usize, args: &[&str]) -> Output {
 /// Like [`consolidate`], but the run must succeed.
 pub fn consolidate_ok(ranks: usize, args: &[&str]) -> Output {
     let out = consolidate(ranks, args);
-    assert!(out.status.success(), "run failed: {args:?}\n{}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "run failed: {args:?}\n{}",
+        stderr(&out)
+    );
     out
 }
 
@@ -48,7 +52,11 @@ pub fn stderr(out: &Output) -> String {
 
 /// Writes a synthetic checkpoint with `st-make-shards`.
 pub fn make_shards(dir: &Path, args: &[&str]) {
-    let out = Command::new(MAKE_SHARDS).arg(dir).args(args).output().unwrap();
+    let out = Command::new(MAKE_SHARDS)
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -56,7 +64,8 @@ pub fn make_shards(dir: &Path, args: &[&str]) {
 /// checks the index agrees with the files' headers and total_size.
 pub fn output_tensors(dir: &Path) -> BTreeMap<String, (Vec<u64>, String, String)> {
     let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
     let weight_map = index["weight_map"].as_object().unwrap();
     let mut files: Vec<&str> = weight_map.values().map(|v| v.as_str().unwrap()).collect();
     files.sort();
@@ -66,14 +75,23 @@ pub fn output_tensors(dir: &Path) -> BTreeMap<String, (Vec<u64>, String, String)
     for name in files {
         let path = dir.join(name);
         let header = read_header(&path).unwrap();
-        assert_eq!(header.metadata.get("format").map(String::as_str), Some("pt"));
+        assert_eq!(
+            header.metadata.get("format").map(String::as_str),
+            Some("pt")
+        );
         assert_eq!(header.data_start % 8, 0, "{name}: header not padded");
         let mut file = std::fs::File::open(&path).unwrap();
         for t in header.tensors {
             assert_eq!(weight_map[&t.name].as_str(), Some(name), "{}", t.name);
-            assert_eq!((header.data_start + t.begin) % t.dtype.size(), 0, "{} misaligned", t.name);
+            assert_eq!(
+                (header.data_start + t.begin) % t.dtype.size(),
+                0,
+                "{} misaligned",
+                t.name
+            );
             let mut bytes = vec![0u8; (t.end - t.begin) as usize];
-            file.seek(SeekFrom::Start(header.data_start + t.begin)).unwrap();
+            file.seek(SeekFrom::Start(header.data_start + t.begin))
+                .unwrap();
             file.read_exact(&mut bytes).unwrap();
             total += bytes.len() as u64;
             let digest = hex(&Sha256::digest(&bytes));
@@ -94,7 +112,11 @@ pub fn assert_matches_manifest(out_dir: &Path, manifest: &Path) {
     assert_eq!(names, manifest.keys().collect::<Vec<_>>());
     for (name, expected) in &manifest {
         let shape: Vec<u64> = serde_json::from_value(expected["shape"].clone()).unwrap();
-        let want = (shape, expected["dtype"].as_str().unwrap().to_string(), expected["sha256"].as_str().unwrap().to_string());
+        let want = (
+            shape,
+            expected["dtype"].as_str().unwrap().to_string(),
+            expected["sha256"].as_str().unwrap().to_string(),
+        );
         assert_eq!(got[name], want, "tensor {name}");
     }
 }
@@ -114,9 +136,86 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 /// Names of the files in `dir`, sorted.
 pub fn names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
         Err(_) => vec![],
     };
     names.sort();
     names
+}
+
+/// A writable copy of the PyTorch fixture's shards and mapping.
+pub fn copy_fixture() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, bytes) in snapshot(&torch_fixture()) {
+        std::fs::write(dir.path().join(path.file_name().unwrap()), bytes).unwrap();
+    }
+    std::fs::remove_file(dir.path().join("manifest.json")).unwrap();
+    dir
+}
+
+/// Rewrites the JSON header of a safetensors file with `edit`.
+pub fn edit_header(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Edits the decoded DCP_SHARDING_INFO of a shard file.
+pub fn edit_sharding_info(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    edit_header(path, |header| {
+        let text = header["__metadata__"]["DCP_SHARDING_INFO"]
+            .as_str()
+            .unwrap();
+        let mut info: serde_json::Value = serde_json::from_str(text).unwrap();
+        edit(&mut info);
+        header["__metadata__"]["DCP_SHARDING_INFO"] = serde_json::Value::String(info.to_string());
+    });
+}
+
+/// Asserts a run failed cleanly: non-zero exit, one error message that
+/// contains every `needle`, no final-named output, untouched inputs.
+pub fn assert_fails(
+    ranks: usize,
+    args: &[&str],
+    input: &Path,
+    output: &Path,
+    needles: &[&str],
+) -> String {
+    let before = snapshot(input);
+    let out = consolidate(ranks, args);
+    let text = stderr(&out);
+    assert!(!out.status.success(), "run should fail: {args:?}\n{text}");
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for needle in needles {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert_eq!(
+        text.matches("error:").count(),
+        1,
+        "one message, not one per rank:\n{text}"
+    );
+    assert!(text.contains("hint:"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    let finals: Vec<String> = names(output)
+        .into_iter()
+        .filter(|n| n.starts_with("model"))
+        .collect();
+    assert!(
+        finals.is_empty() || input == output,
+        "final-named outputs left: {finals:?}"
+    );
+    assert!(
+        !names(output).iter().any(|n| n.ends_with(".tmp")),
+        "temporary files left"
+    );
+    assert_eq!(snapshot(input), before, "inputs must be untouched");
+    text
 }

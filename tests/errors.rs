@@ -1,0 +1,332 @@
+//! Bad inputs: every one ends the run with one clear message and a non-zero
+//! exit on every rank, writes nothing under a final name, and leaves the
+//! inputs byte-identical.
+
+mod common;
+use common::*;
+use serde_json::json;
+use std::path::Path;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+const SHARD_1A: &str = "shard-00001-model-00001-of-00002.safetensors";
+const SHARD_2A: &str = "shard-00002-model-00001-of-00002.safetensors";
+
+/// Runs on 2 ranks with the fixture's mapping and checks a clean failure.
+fn fails_with(input: &Path, needles: &[&str]) -> String {
+    let out = tempfile::tempdir().unwrap();
+    let mapping = input.join("mapping.json");
+    let args = ["--mapping", s(&mapping), s(input), s(out.path())];
+    assert_fails(2, &args, input, out.path(), needles)
+}
+
+#[test]
+fn a_deleted_shard_file_is_named() {
+    // Rank 2 held the end of every tensor in this file: without the file set
+    // check the tensors would silently shrink, as PyTorch's consolidation does.
+    let input = copy_fixture();
+    std::fs::remove_file(input.path().join(SHARD_2A)).unwrap();
+    fails_with(input.path(), &["1 shard file(s) missing", SHARD_2A]);
+}
+
+#[test]
+fn a_missing_middle_piece_is_a_gap_naming_the_region() {
+    // 4 source ranks, rows chunked 250 each: rank 2's file gone leaves a
+    // hole at rows 250:500 of lm_head (the first tensor by name). Nothing is written as zeros.
+    let ckpt = tempfile::tempdir().unwrap();
+    make_shards(
+        ckpt.path(),
+        &["--layout", "fsdp", "--ranks", "4", "--files", "1"],
+    );
+    std::fs::remove_file(
+        ckpt.path()
+            .join("shard-00002-model-00001-of-00001.safetensors"),
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let args = ["--allow-missing-shard-files", s(ckpt.path()), s(out.path())];
+    assert_fails(
+        2,
+        &args,
+        ckpt.path(),
+        out.path(),
+        &["lm_head.weight", "no shard covers region [250:500, 0:64]"],
+    );
+}
+
+#[test]
+fn an_empty_input_dir_is_refused() {
+    let input = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    assert_fails(
+        2,
+        &[s(input.path()), s(out.path())],
+        input.path(),
+        out.path(),
+        &["holds no DCP shard files"],
+    );
+}
+
+#[test]
+fn a_safetensors_file_without_dcp_metadata_is_not_a_shard() {
+    let input = copy_fixture();
+    let stray = input.path().join("adapter.safetensors");
+    std::fs::write(&stray, b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ").unwrap();
+    fails_with(input.path(), &["adapter.safetensors", "not a DCP shard"]);
+}
+
+#[test]
+fn truncated_and_malformed_files_are_refused() {
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("shorter than the 8-byte", b"\x01\x02".to_vec()),
+        (
+            "exceeds the 100000000-byte limit",
+            u64::MAX.to_le_bytes().to_vec(),
+        ),
+        (
+            "runs past the end",
+            [&100u64.to_le_bytes()[..], b"{}"].concat(),
+        ),
+        (
+            "not UTF-8",
+            [&2u64.to_le_bytes()[..], &[0xff, 0xfe]].concat(),
+        ),
+        (
+            "not a JSON object",
+            [&2u64.to_le_bytes()[..], b"[]"].concat(),
+        ),
+        ("not valid JSON", [&2u64.to_le_bytes()[..], b"{\""].concat()),
+    ];
+    for (needle, bytes) in cases {
+        let input = copy_fixture();
+        std::fs::write(input.path().join(SHARD_1A), bytes).unwrap();
+        fails_with(input.path(), &[SHARD_1A, needle]);
+    }
+    // A shard cut short in its data section.
+    let input = copy_fixture();
+    let path = input.path().join(SHARD_1A);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    fails_with(input.path(), &[SHARD_1A, "data section holds"]);
+}
+
+#[test]
+fn bad_tensor_entries_are_refused_with_the_tensor_named() {
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let edits: Vec<(&str, Edit)> = vec![
+        (
+            "unknown dtype \"Q8\"",
+            Box::new(|h| h["model.embed_tokens.weight"]["dtype"] = json!("Q8")),
+        ),
+        (
+            "cannot be consolidated",
+            Box::new(|h| h["model.embed_tokens.weight"]["dtype"] = json!("F4")),
+        ),
+        (
+            "do not match shape",
+            Box::new(|h| h["model.embed_tokens.weight"]["shape"] = json!([499, 64])),
+        ),
+        (
+            "overflows",
+            Box::new(|h| h["model.embed_tokens.weight"]["shape"] = json!([u64::MAX, 64])),
+        ),
+    ];
+    for (needle, edit) in edits {
+        let input = copy_fixture();
+        edit_header(&input.path().join(SHARD_1A), edit);
+        fails_with(input.path(), &[SHARD_1A, needle]);
+    }
+}
+
+#[test]
+fn sharding_info_must_match_the_tensors() {
+    let input = copy_fixture();
+    edit_sharding_info(&input.path().join(SHARD_1A), |info| {
+        info.as_object_mut()
+            .unwrap()
+            .remove("model.embed_tokens.weight");
+    });
+    fails_with(
+        input.path(),
+        &[
+            SHARD_1A,
+            "model.embed_tokens.weight",
+            "no entry in DCP_SHARDING_INFO",
+        ],
+    );
+
+    let input = copy_fixture();
+    edit_sharding_info(&input.path().join(SHARD_1A), |info| {
+        info["ghost.weight"] = json!({"saved_offsets": [0]});
+    });
+    fails_with(
+        input.path(),
+        &[SHARD_1A, "ghost.weight", "absent from the file"],
+    );
+
+    let input = copy_fixture();
+    edit_sharding_info(&input.path().join(SHARD_1A), |info| {
+        info["model.embed_tokens.weight"] = json!({"saved_offsets": [0]});
+    });
+    fails_with(
+        input.path(),
+        &["model.embed_tokens.weight", "has 1 dimensions"],
+    );
+}
+
+#[test]
+fn pieces_must_agree_and_not_overlap() {
+    let input = copy_fixture();
+    edit_header(&input.path().join(SHARD_2A), |h| {
+        h["model.embed_tokens.weight"]["dtype"] = json!("F16")
+    });
+    fails_with(
+        input.path(),
+        &["model.embed_tokens.weight", "dtype F16 differs from BF16"],
+    );
+
+    let input = copy_fixture();
+    edit_sharding_info(&input.path().join(SHARD_2A), |info| {
+        info["model.embed_tokens.weight"] = json!({"saved_offsets": [400, 0]});
+    });
+    fails_with(input.path(), &["model.embed_tokens.weight", "overlap"]);
+}
+
+#[test]
+fn bad_mappings_are_refused() {
+    for (text, needle) in [
+        ("{\"a\": 0}", "not a positive integer"),
+        ("[1]", "not a JSON object"),
+        ("{", "not valid JSON"),
+    ] {
+        let input = copy_fixture();
+        std::fs::write(input.path().join("mapping.json"), text).unwrap();
+        fails_with(input.path(), &["mapping.json", needle]);
+    }
+    let input = copy_fixture();
+    std::fs::write(input.path().join("mapping.json"), "{\"lm_head.weight\": 1}").unwrap();
+    fails_with(
+        input.path(),
+        &[
+            "not in the mapping",
+            "model.embed_tokens.weight",
+            "--unmapped last",
+        ],
+    );
+}
+
+#[test]
+fn an_unwritable_output_dir_is_refused() {
+    let input = copy_fixture();
+    let blocker = input.path().join("a-file");
+    std::fs::write(&blocker, b"").unwrap();
+    let out = blocker.join("out");
+    let mapping = input.path().join("mapping.json");
+    assert_fails(
+        2,
+        &["--mapping", s(&mapping), s(input.path()), s(&out)],
+        input.path(),
+        &out,
+        &["OUTPUT_DIR", "a-file"],
+    );
+    // A read-only filesystem refuses even root.
+    let out = Path::new("/proc/st-consolidate-test");
+    assert_fails(
+        1,
+        &["--mapping", s(&mapping), s(input.path()), s(out)],
+        input.path(),
+        out,
+        &["/proc/st-consolidate-test"],
+    );
+}
+
+#[test]
+fn existing_outputs_are_replaced_only_with_overwrite() {
+    let input = torch_fixture();
+    let mapping = input.join("mapping.json");
+    let out = tempfile::tempdir().unwrap();
+    let args = ["--mapping", s(&mapping), s(&input), s(out.path())];
+    consolidate_ok(2, &args);
+    let first = snapshot(out.path());
+    let run = consolidate(2, &args);
+    let text = stderr(&run);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(
+        text.contains("already holds model-00001-of-00002.safetensors")
+            && text.contains("--overwrite"),
+        "{text}"
+    );
+    assert_eq!(
+        snapshot(out.path()),
+        first,
+        "nothing is touched without --overwrite"
+    );
+    // A temporary file left by a killed run is cleaned up by the next one.
+    std::fs::write(
+        out.path()
+            .join(".model-00001-of-00002.safetensors.st-consolidate.tmp"),
+        b"junk",
+    )
+    .unwrap();
+    consolidate_ok(
+        2,
+        &[
+            "--overwrite",
+            "--mapping",
+            s(&mapping),
+            s(&input),
+            s(out.path()),
+        ],
+    );
+    assert_eq!(snapshot(out.path()), first);
+}
+
+#[test]
+fn consolidating_into_the_input_folder_works_and_reruns() {
+    let input = copy_fixture();
+    let dir = input.path();
+    let mapping = dir.join("mapping.json");
+    let args = ["--mapping", s(&mapping), s(dir), s(dir)];
+    consolidate_ok(2, &args);
+    // The rerun sees the outputs among the inputs, skips them as earlier
+    // outputs, and needs --overwrite.
+    let run = consolidate(2, &args);
+    assert!(stderr(&run).contains("--overwrite"), "{}", stderr(&run));
+    consolidate_ok(
+        2,
+        &["--overwrite", "--mapping", s(&mapping), s(dir), s(dir)],
+    );
+    let manifest = torch_fixture().join("manifest.json");
+    assert_matches_manifest(dir, &manifest);
+}
+
+#[test]
+fn replicas_with_different_bytes_are_refused() {
+    let ckpt = tempfile::tempdir().unwrap();
+    make_shards(ckpt.path(), &["--layout", "zoo", "--ranks", "4"]);
+    // zoo.*.norm is saved whole by 3 ranks; corrupt one copy's last byte.
+    let victim = ckpt
+        .path()
+        .join("shard-00002-model-00001-of-00003.safetensors");
+    let header = st_consolidate_mpi::header::read_header(&victim).unwrap();
+    let norm = header
+        .tensors
+        .iter()
+        .find(|t| t.name.ends_with(".norm"))
+        .unwrap()
+        .clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[(header.data_start + norm.end - 1) as usize] ^= 0x40;
+    std::fs::write(&victim, bytes).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mapping = ckpt.path().join("mapping.json");
+    assert_fails(
+        2,
+        &["--mapping", s(&mapping), s(ckpt.path()), s(out.path())],
+        ckpt.path(),
+        out.path(),
+        &[&norm.name, "replicated piece", "differs"],
+    );
+}

@@ -1,0 +1,226 @@
+//! The mapping sources and the other options, end to end under mpirun.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn hf_index_gives_the_same_files_as_the_mapping() {
+    let input = torch_fixture();
+    let by_mapping = tempfile::tempdir().unwrap();
+    consolidate_ok(
+        2,
+        &[
+            "--mapping",
+            s(&input.join("mapping.json")),
+            s(&input),
+            s(by_mapping.path()),
+        ],
+    );
+    let index = by_mapping.path().join("model.safetensors.index.json");
+    let by_index = tempfile::tempdir().unwrap();
+    consolidate_ok(4, &["--hf-index", s(&index), s(&input), s(by_index.path())]);
+    let strip = |dir: &Path| {
+        snapshot(dir)
+            .into_iter()
+            .map(|(p, b)| (p.file_name().unwrap().to_owned(), b))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(by_mapping.path()), strip(by_index.path()));
+}
+
+#[test]
+fn no_mapping_gives_one_file() {
+    let input = torch_fixture();
+    let out = tempfile::tempdir().unwrap();
+    consolidate_ok(2, &[s(&input), s(out.path())]);
+    assert_eq!(
+        names(out.path()),
+        [
+            "model-00001-of-00001.safetensors",
+            "model.safetensors.index.json"
+        ]
+    );
+    assert_matches_manifest(out.path(), &input.join("manifest.json"));
+}
+
+#[test]
+fn max_shard_size_fills_files_in_name_order() {
+    let input = torch_fixture();
+    let out = tempfile::tempdir().unwrap();
+    consolidate_ok(3, &["--max-shard-size", "100KB", s(&input), s(out.path())]);
+    assert_matches_manifest(out.path(), &input.join("manifest.json"));
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.path().join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let files: Vec<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    // Names in sorted order never go back to an earlier file.
+    assert!(files.windows(2).all(|w| w[0] <= w[1]), "{files:?}");
+    let count = names(out.path()).len() - 1;
+    assert!(count >= 3, "311 KB in 100 KB files: {count}");
+    for name in names(out.path()).iter().filter(|n| n.starts_with("model-")) {
+        let header = st_consolidate_mpi::header::read_header(&out.path().join(name)).unwrap();
+        let data: u64 = header.tensors.iter().map(|t| t.end - t.begin).sum();
+        // Only a single tensor larger than the limit may exceed it.
+        assert!(
+            data <= 100_000 || header.tensors.len() == 1,
+            "{name}: {data} bytes"
+        );
+    }
+}
+
+#[test]
+fn unmapped_tensors_can_go_last_and_missing_names_warn() {
+    let input = torch_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = dir.path().join("mapping.json");
+    std::fs::write(
+        &mapping,
+        r#"{"lm_head.weight": 1, "model.norm.weight": 2, "not.in.shards": 2}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let run = consolidate_ok(
+        2,
+        &[
+            "--unmapped",
+            "last",
+            "--mapping",
+            s(&mapping),
+            s(&input),
+            s(&out),
+        ],
+    );
+    assert!(
+        stderr(&run).contains("'not.in.shards' is in the mapping but in no shard"),
+        "{}",
+        stderr(&run)
+    );
+    assert_matches_manifest(&out, &input.join("manifest.json"));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        index["weight_map"]["lm_head.weight"],
+        "model-00001-of-00002.safetensors"
+    );
+    assert_eq!(
+        index["weight_map"]["model.embed_tokens.weight"],
+        "model-00002-of-00002.safetensors"
+    );
+    assert!(index["weight_map"].get("not.in.shards").is_none());
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let input = torch_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = consolidate_ok(
+        2,
+        &[
+            "--dry-run",
+            "--mapping",
+            s(&input.join("mapping.json")),
+            s(&input),
+            s(&out),
+        ],
+    );
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        text.contains("9 tensors") && text.contains("2 output files on 2 rank(s)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("model-00001-of-00002.safetensors") && text.contains("max/mean"),
+        "{text}"
+    );
+    assert_eq!(text.matches("plan:").count(), 1, "printed once:\n{text}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn verify_passes_and_verify_only_catches_a_flipped_byte() {
+    let ckpt = tempfile::tempdir().unwrap();
+    make_shards(
+        ckpt.path(),
+        &["--layout", "mixed", "--ranks", "4", "--files", "3"],
+    );
+    let mapping = ckpt.path().join("mapping.json");
+    let out = tempfile::tempdir().unwrap();
+    let run = consolidate_ok(
+        2,
+        &[
+            "--verify",
+            "--mapping",
+            s(&mapping),
+            s(ckpt.path()),
+            s(out.path()),
+        ],
+    );
+    assert!(stderr(&run).contains("verified"), "{}", stderr(&run));
+    let run = consolidate_ok(3, &["--verify-only", s(ckpt.path()), s(out.path())]);
+    assert!(stderr(&run).contains("all equal"), "{}", stderr(&run));
+
+    // Flip one byte inside the last tensor of file 2.
+    let victim = out.path().join("model-00002-of-00003.safetensors");
+    let header = st_consolidate_mpi::header::read_header(&victim).unwrap();
+    let last = header.tensors.last().unwrap().clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[(header.data_start + last.end - 3) as usize] ^= 1;
+    std::fs::write(&victim, bytes).unwrap();
+    let run = consolidate(3, &["--verify-only", s(ckpt.path()), s(out.path())]);
+    let text = stderr(&run);
+    assert_eq!(run.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "'{}' in model-00002-of-00003.safetensors",
+            last.name
+        )),
+        "{text}"
+    );
+    assert_eq!(text.matches("error:").count(), 1, "{text}");
+
+    // A wrong total_size in the index is caught too.
+    let index_path = out.path().join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index_path)
+        .unwrap()
+        .replace("\"total_size\": ", "\"total_size\": 1");
+    std::fs::write(&index_path, text).unwrap();
+    let run = consolidate(1, &["--verify-only", s(ckpt.path()), s(out.path())]);
+    assert!(stderr(&run).contains("total_size"), "{}", stderr(&run));
+}
+
+#[test]
+fn help_explains_every_option() {
+    let run = consolidate(0, &["--help"]);
+    assert!(run.status.success());
+    let text = String::from_utf8_lossy(&run.stdout);
+    for option in [
+        "--mapping",
+        "--hf-index",
+        "--max-shard-size",
+        "--unmapped",
+        "--threads",
+        "--dry-run",
+        "--overwrite",
+        "--verify",
+        "--verify-only",
+        "--quiet",
+        "Examples:",
+    ] {
+        assert!(text.contains(option), "{option} missing from --help");
+    }
+    let run = consolidate(0, &["--mapping", "a", "--hf-index", "b", "in", "out"]);
+    assert_eq!(run.status.code(), Some(2));
+}
