@@ -18,6 +18,29 @@ SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
          "I64": 8, "U64": 8, "F64": 8}
 
 
+def check_with_safetensors(out_dir, manifest, files):
+    """Loads every file with the safetensors library itself, when installed,
+    so that the output is proven to load the way real loaders read it."""
+    try:
+        import safetensors
+    except ImportError:
+        return []
+    problems = []
+    for file_name in files:
+        path = os.path.join(out_dir, file_name)
+        with safetensors.safe_open(path, framework="numpy") as f:
+            if f.metadata() != {"format": "pt"}:
+                problems.append(f"{file_name}: safetensors reads metadata {f.metadata()}")
+        with open(path, "rb") as f:
+            for name, tensor in safetensors.deserialize(f.read()):
+                want = manifest.get(name)
+                got = (list(tensor["shape"]), tensor["dtype"], hashlib.sha256(tensor["data"]).hexdigest())
+                if want is None or got != (list(want["shape"]), want["dtype"], want["sha256"]):
+                    problems.append(f"{name}: safetensors {safetensors.__version__} loads {got}")
+    print(f"loaded every file with safetensors {safetensors.__version__}")
+    return problems
+
+
 def main(out_dir, manifest_path):
     manifest = json.load(open(manifest_path))
     index = json.load(open(os.path.join(out_dir, "model.safetensors.index.json")))
@@ -55,6 +78,7 @@ def main(out_dir, manifest_path):
                 want = (list(expected["shape"]), expected["dtype"], expected["sha256"])
                 if got != want:
                     problems.append(f"{name}: got {got}, want {want}")
+    problems += check_with_safetensors(out_dir, manifest, sorted(set(weight_map.values())))
     if index["metadata"]["total_size"] != total:
         problems.append(f"total_size {index['metadata']['total_size']} != {total}")
     for p in problems:

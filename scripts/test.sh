@@ -15,6 +15,18 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release 2>&1 | tee "$log"
 echo "== demo"
-scripts/demo.sh >/dev/null
+scripts/demo.sh >"$log.demo" 2>&1 || { cat "$log.demo"; exit 1; }
+
+echo "== outputs load with the Python safetensors library"
+venv=target/pyenv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -c "import safetensors, numpy" 2>/dev/null ||
+    "$venv/bin/pip" install -q "safetensors==0.8.0" numpy
+"$venv/bin/python" scripts/check_manifest.py target/demo-output tests/fixtures/torch-dcp-w2/manifest.json
+zoo=$(mktemp -d)
+trap 'rm -rf "$log" "$log.demo" "$zoo"' EXIT
+target/release/st-make-shards "$zoo/in" --layout zoo --ranks 8 --seed 8
+mpirun -n 3 target/release/st-consolidate-mpi -q --mapping "$zoo/in/mapping.json" "$zoo/in" "$zoo/out"
+"$venv/bin/python" scripts/check_manifest.py "$zoo/out" "$zoo/in/manifest.json"
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
