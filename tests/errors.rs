@@ -327,6 +327,6 @@ fn replicas_with_different_bytes_are_refused() {
         &["--mapping", s(&mapping), s(ckpt.path()), s(out.path())],
         ckpt.path(),
         out.path(),
-        &[&norm.name, "replicated piece", "differs"],
+        &[&norm.name, "replicated piece", "differs", "rank 1: error"],
     );
 }

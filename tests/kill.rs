@@ -1,0 +1,119 @@
+//! A run killed part-way leaves nothing under a final name, and the next run
+//! cleans up and succeeds.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Direct children of `pid`, from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command name: state, ppid, ...
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
+        if ppid == pid {
+            kids.push(child);
+        }
+    }
+    kids
+}
+
+fn finals(dir: &Path) -> Vec<String> {
+    names(dir)
+        .into_iter()
+        .filter(|n| !n.starts_with('.'))
+        .collect()
+}
+
+#[test]
+fn a_killed_run_leaves_no_final_file_and_a_rerun_succeeds() {
+    // About 1 GB of column-sharded tensors: a couple of seconds of copying.
+    let ckpt = tempfile::tempdir().unwrap();
+    let args = [
+        "--layout", "tp", "--ranks", "8", "--files", "4", "--layers", "9", "--hidden", "2048",
+        "--vocab", "32000",
+    ];
+    make_shards(ckpt.path(), &args);
+    let mapping = ckpt.path().join("mapping.json");
+    let out = tempfile::tempdir().unwrap();
+    let mut launcher = Command::new("mpirun")
+        .args([
+            "-n",
+            "2",
+            BIN,
+            "-q",
+            "--threads",
+            "1",
+            "--mapping",
+            s(&mapping),
+            s(ckpt.path()),
+            s(out.path()),
+        ])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // Wait until copying has started: temporary files exist.
+    let started = Instant::now();
+    while !names(out.path()).iter().any(|n| n.ends_with(".tmp")) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the run never started writing"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ranks = children(launcher.id());
+    assert_eq!(ranks.len(), 2, "mpirun's children: {ranks:?}");
+    // SIGKILL one rank, SIGTERM the launcher.
+    Command::new("kill")
+        .args(["-KILL", &ranks[1].to_string()])
+        .status()
+        .unwrap();
+    Command::new("kill")
+        .args(["-TERM", &launcher.id().to_string()])
+        .status()
+        .unwrap();
+    let status = launcher.wait().unwrap();
+    assert!(!status.success(), "the run must have been cut short");
+    // Give any surviving rank time to be reaped by the launcher's teardown.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        finals(out.path()),
+        Vec::<String>::new(),
+        "no final-named file or index"
+    );
+
+    // The rerun removes the stale temporaries and succeeds, verified.
+    consolidate_ok(
+        2,
+        &[
+            "--verify",
+            "--mapping",
+            s(&mapping),
+            s(ckpt.path()),
+            s(out.path()),
+        ],
+    );
+    assert!(
+        !names(out.path()).iter().any(|n| n.starts_with('.')),
+        "{:?}",
+        names(out.path())
+    );
+    assert_matches_manifest(out.path(), &ckpt.path().join("manifest.json"));
+}
