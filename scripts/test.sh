@@ -28,5 +28,8 @@ trap 'rm -rf "$log" "$log.demo" "$zoo"' EXIT
 target/release/st-make-shards "$zoo/in" --layout zoo --ranks 8 --seed 8
 mpirun -n 3 target/release/st-consolidate-mpi -q --mapping "$zoo/in/mapping.json" "$zoo/in" "$zoo/out"
 "$venv/bin/python" scripts/check_manifest.py "$zoo/out" "$zoo/in/manifest.json"
+echo "== fuzz the header parser (cargo fuzz, 20 s)"
+scripts/fuzz.sh 20
+
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

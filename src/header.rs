@@ -364,4 +364,46 @@ mod tests {
         assert_eq!(parsed.tensors, tensors);
         assert_eq!(parsed.metadata, meta);
     }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// A valid header to mutate.
+        fn seed() -> Vec<u8> {
+            let json = r#"{"__metadata__":{"format":"pt","DCP_SHARDING_INFO":"{}"},"a":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,12]},"b":{"dtype":"U8","shape":[],"data_offsets":[12,13]}}"#;
+            json.as_bytes().to_vec()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+            /// The same inputs as the cargo-fuzz target (fuzz/), run as a
+            /// normal test: arbitrary bytes never panic the parser.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256), file_len in any::<u64>()) {
+                let _ = parse_header(&bytes, file_len);
+            }
+
+            /// Mutations of a valid header never panic, and whatever parses
+            /// satisfies the invariants the copy relies on.
+            #[test]
+            fn mutated_headers_never_panic(edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6), extra in 0u64..64) {
+                let mut bytes = seed();
+                for (at, byte) in edits {
+                    let i = at.index(bytes.len());
+                    bytes[i] = byte;
+                }
+                let file_len = 8 + bytes.len() as u64 + extra;
+                if let Ok(header) = parse_header(&bytes, file_len) {
+                    let mut end = 0;
+                    for t in &header.tensors {
+                        prop_assert_eq!(t.begin, end);
+                        prop_assert_eq!(Some(t.end - t.begin), byte_len(&t.shape, t.dtype));
+                        end = t.end;
+                    }
+                    prop_assert_eq!(header.data_start + end, file_len);
+                }
+            }
+        }
+    }
 }

@@ -330,3 +330,55 @@ fn replicas_with_different_bytes_are_refused() {
         &[&norm.name, "replicated piece", "differs", "rank 1: error"],
     );
 }
+
+/// A small tmpfs, unmounted on drop.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                s(dir.path()),
+            ])
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "this test mounts a small tmpfs and needs root"
+        );
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_reported_and_cleaned_up() {
+    // 200 KB holds one of the two ~155 KB outputs but not both: one rank
+    // fails with ENOSPC, the other's finished temporary file is removed too.
+    let disk = SmallDisk::new("200k");
+    let input = torch_fixture();
+    let out = disk.0.path().join("out");
+    let mapping = input.join("mapping.json");
+    let args = ["--mapping", s(&mapping), s(&input), s(&out)];
+    assert_fails(
+        2,
+        &args,
+        &input,
+        &out,
+        &["No space left on device", "the disk is full"],
+    );
+    assert_eq!(names(&out), Vec::<String>::new());
+}
