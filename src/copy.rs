@@ -16,10 +16,11 @@ use crate::error::{Error, Result};
 use crate::plan::{Plan, WorkItem};
 use crate::runs::Runs;
 use memmap2::MmapOptions;
+use rustix::fs::copy_file_range;
+use rustix::io::Errno;
 use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +64,8 @@ impl<'a> ShardFiles<'a> {
 pub fn copy_item(plan: &Plan, item: &WorkItem, out: &File, out_path: &Path) -> Result<()> {
     let file = &plan.files[item.file];
     let mut inputs = ShardFiles::new(&plan.shards);
+    // Allocated (and zeroed) once per work item; every window is then
+    // overwritten completely, because the pieces tile the tensor.
     let mut window = Vec::new();
     for entry in &file.entries {
         let lo = entry.bytes.start.max(item.bytes.start);
@@ -80,8 +83,12 @@ pub fn copy_item(plan: &Plan, item: &WorkItem, out: &File, out_path: &Path) -> R
             let mut start = local.start;
             while start < local.end {
                 let end = (start + WINDOW_BYTES).min(local.end);
-                job.assemble(start..end, &mut inputs, &mut window)?;
-                out.write_all_at(&window, out_base + start)
+                let len = (end - start) as usize;
+                if window.len() < len {
+                    window.resize(len, 0);
+                }
+                job.assemble(start..end, &mut inputs, &mut window[..len])?;
+                out.write_all_at(&window[..len], out_base + start)
                     .map_err(|e| job.fail("write", out_path, e))?;
                 start = end;
             }
@@ -162,10 +169,9 @@ impl<'a> TensorCopy<'a> {
         &self,
         range: Range<u64>,
         inputs: &mut ShardFiles,
-        window: &mut Vec<u8>,
+        window: &mut [u8],
     ) -> Result<()> {
-        window.clear();
-        window.resize((range.end - range.start) as usize, 0);
+        debug_assert_eq!(window.len() as u64, range.end - range.start);
         for (location, runs) in &self.pieces {
             let span = runs.src_span(&range);
             if span.is_empty() {
@@ -211,49 +217,43 @@ fn copy_range(
     mut len: u64,
 ) -> Result<(), (Side, std::io::Error)> {
     while len > 0 && !NO_COPY_FILE_RANGE.load(Ordering::Relaxed) {
-        let mut off_in = src as libc::loff_t;
-        let mut off_out = dst as libc::loff_t;
+        let (mut off_in, mut off_out) = (src, dst);
         let chunk = len.min(1 << 30) as usize;
-        // SAFETY: both descriptors are open for the duration of the call and
-        // the offsets are passed by pointer to locals that outlive it.
-        let copied = unsafe {
-            libc::copy_file_range(
-                input.as_raw_fd(),
-                &mut off_in,
-                output.as_raw_fd(),
-                &mut off_out,
-                chunk,
-                0,
-            )
-        };
-        if copied > 0 {
-            src += copied as u64;
-            dst += copied as u64;
-            len -= copied as u64;
-            continue;
-        }
-        let err = std::io::Error::last_os_error();
-        match (copied, err.raw_os_error()) {
-            // End of input before `len` bytes: let the fallback report it.
-            (0, _) => break,
-            (_, Some(libc::EINTR)) => continue,
-            (
-                _,
-                Some(
-                    libc::EXDEV
-                    | libc::EOPNOTSUPP
-                    | libc::ENOSYS
-                    | libc::EINVAL
-                    | libc::EBADF
-                    | libc::EPERM,
-                ),
+        match copy_file_range(input, Some(&mut off_in), output, Some(&mut off_out), chunk) {
+            Ok(0) => break, // input ended early: let the fallback report it
+            Ok(copied) => {
+                src += copied as u64;
+                dst += copied as u64;
+                len -= copied as u64;
+            }
+            Err(Errno::INTR) => continue,
+            Err(
+                Errno::XDEV
+                | Errno::OPNOTSUPP
+                | Errno::NOSYS
+                | Errno::INVAL
+                | Errno::BADF
+                | Errno::PERM,
             ) => {
                 NO_COPY_FILE_RANGE.store(true, Ordering::Relaxed);
             }
-            (_, Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)) => return Err((Side::Write, err)),
-            _ => return Err((Side::Read, err)),
+            Err(e @ (Errno::NOSPC | Errno::DQUOT | Errno::FBIG)) => {
+                return Err((Side::Write, e.into()));
+            }
+            Err(e) => return Err((Side::Read, e.into())),
         }
     }
+    copy_through_buffer(input, src, output, dst, len)
+}
+
+/// The portable path of [`copy_range`]: positioned reads and writes.
+fn copy_through_buffer(
+    input: &File,
+    mut src: u64,
+    output: &File,
+    mut dst: u64,
+    mut len: u64,
+) -> Result<(), (Side, std::io::Error)> {
     let mut buffer = vec![0u8; len.min(1 << 20) as usize];
     while len > 0 {
         let chunk = &mut buffer[..len.min(1 << 20) as usize];
@@ -313,4 +313,48 @@ pub fn check_replicas(plan: &Plan, file: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_with(bytes: &[u8]) -> (tempfile::NamedTempFile, File) {
+        let temp = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(temp.path(), bytes).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(temp.path())
+            .unwrap();
+        (temp, file)
+    }
+
+    #[test]
+    fn both_copy_paths_copy_the_same_bytes() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let (_in_path, input) = file_with(&data);
+        for fallback in [false, true] {
+            let (out_path, output) = file_with(&[0u8; 16]);
+            let result = if fallback {
+                copy_through_buffer(&input, 7, &output, 3, 2_500_000)
+            } else {
+                copy_range(&input, 7, &output, 3, 2_500_000)
+            };
+            result.unwrap();
+            let got = std::fs::read(out_path.path()).unwrap();
+            assert_eq!(&got[..3], &[0, 0, 0]);
+            assert_eq!(&got[3..], &data[7..2_500_007], "fallback={fallback}");
+        }
+    }
+
+    #[test]
+    fn a_short_input_is_a_read_error() {
+        let (_in_path, input) = file_with(&[1, 2, 3]);
+        let (_out_path, output) = file_with(&[]);
+        let err = copy_range(&input, 0, &output, 0, 10).unwrap_err();
+        assert_eq!(err.0, Side::Read);
+        let err = copy_through_buffer(&input, 0, &output, 0, 10).unwrap_err();
+        assert_eq!(err.0, Side::Read);
+    }
 }

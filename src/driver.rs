@@ -50,6 +50,8 @@ pub struct Config {
     pub allow_missing_shard_files: bool,
     /// Print only errors.
     pub quiet: bool,
+    /// Also print per-rank detail.
+    pub verbose: bool,
 }
 
 /// What a finished run did.
@@ -142,7 +144,18 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     ));
 
     let written = pool.install(|| write_files(config, &plan, rank));
-    let pending = agree(comm, written)?;
+    let (pending, timing) = agree(comm, written)?;
+    if config.verbose {
+        let bytes = plan.bytes_per_rank()[rank];
+        eprintln!(
+            "rank {rank}: {} files, {} copied in {:.2} s ({:.2} GB/s), synced in {:.2} s",
+            pending.len(),
+            human_bytes(bytes),
+            timing.copy,
+            bytes as f64 / 1e9 / timing.copy.max(1e-9),
+            timing.sync
+        );
+    }
     if config.verify {
         let temp_paths: Vec<PathBuf> = pending.iter().map(|p| p.temp_path().to_owned()).collect();
         let targets = written_targets(&plan, rank, &temp_paths);
@@ -206,10 +219,29 @@ fn collect_mismatches(comm: &dyn Communicator, mine: &[String]) -> Result<()> {
     }
 }
 
-/// Cores on this node shared among the ranks on it, at least one each.
+/// Threads per rank when `--threads` is not given. If the launcher bound
+/// this rank to some cores (mpirun binds to a core by default for small
+/// jobs), those cores are this rank's alone; otherwise the node's cores are
+/// shared among the ranks on it. At least one.
 pub fn default_threads(ranks_on_node: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / ranks_on_node.max(1)).max(1)
+    let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let online = online_cpus().unwrap_or(allowed);
+    if allowed < online {
+        allowed
+    } else {
+        (online / ranks_on_node.max(1)).max(1)
+    }
+}
+
+/// CPUs online on this node, from `/sys/devices/system/cpu/online`
+/// (a list of ranges such as `0-3,8-11`).
+fn online_cpus() -> Option<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    text.trim().split(',').try_fold(0, |count, range| {
+        let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+        let (lo, hi): (usize, usize) = (lo.parse().ok()?, hi.parse().ok()?);
+        Some(count + hi.checked_sub(lo)? + 1)
+    })
 }
 
 /// Turns this rank's result into the job's: if any rank failed, every rank
@@ -288,8 +320,20 @@ fn prepare_output_dir(config: &Config, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// Seconds spent in the phases of [`write_files`].
+#[derive(Debug, Default)]
+struct WriteTiming {
+    copy: f64,
+    sync: f64,
+}
+
 /// Writes this rank's files under temporary names and syncs them.
-fn write_files(config: &Config, plan: &Plan, rank: usize) -> Result<Vec<PendingFile>> {
+fn write_files(
+    config: &Config,
+    plan: &Plan,
+    rank: usize,
+) -> Result<(Vec<PendingFile>, WriteTiming)> {
+    let started = Instant::now();
     let mine = plan.files_of(rank);
     let mut pending: BTreeMap<usize, PendingFile> = BTreeMap::new();
     for &f in &mine {
@@ -304,12 +348,17 @@ fn write_files(config: &Config, plan: &Plan, rank: usize) -> Result<Vec<PendingF
         let out = &pending[&item.file];
         copy_item(plan, item, out.file(), out.temp_path())
     })?;
+    let copied = Instant::now();
     pending
         .values()
         .collect::<Vec<_>>()
         .par_iter()
         .try_for_each(|out| out.sync())?;
-    Ok(pending.into_values().collect())
+    let timing = WriteTiming {
+        copy: (copied - started).as_secs_f64(),
+        sync: copied.elapsed().as_secs_f64(),
+    };
+    Ok((pending.into_values().collect(), timing))
 }
 
 /// Rank 0 only: checks that every planned file was reported written exactly

@@ -4,6 +4,7 @@
 //! telling the user what to do, because the person reading it is usually an
 //! operator looking at a Slurm log, not the author of the checkpoint.
 
+use rustix::io::Errno;
 use std::path::PathBuf;
 
 /// Result alias used throughout the library.
@@ -142,15 +143,16 @@ impl Error {
 }
 
 fn io_hint(err: &std::io::Error) -> &'static str {
-    match err.raw_os_error() {
-        Some(libc::ENOSPC) => "the disk is full; free space in OUTPUT_DIR or choose another one",
-        Some(libc::EDQUOT) => {
+    let errno = err.raw_os_error().map(Errno::from_raw_os_error);
+    match errno {
+        Some(Errno::NOSPC) => "the disk is full; free space in OUTPUT_DIR or choose another one",
+        Some(Errno::DQUOT) => {
             "the disk quota is exhausted; free space or choose another OUTPUT_DIR"
         }
-        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+        Some(Errno::ACCESS | Errno::PERM | Errno::ROFS) => {
             "check permissions: the input must be readable and OUTPUT_DIR writable"
         }
-        Some(libc::ENOENT) => "check that the path exists and is visible from every node",
+        Some(Errno::NOENT) => "check that the path exists and is visible from every node",
         _ => "check the path and the filesystem, then rerun",
     }
 }

@@ -4,9 +4,10 @@
 //! committed is removed; one left by a killed run is removed by the next run.
 
 use crate::error::{Error, Result};
+use rustix::fs::{FallocateFlags, fallocate};
+use rustix::io::Errno;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 const TEMP_SUFFIX: &str = ".st-consolidate.tmp";
@@ -49,25 +50,12 @@ impl PendingFile {
     }
 
     fn reserve(&self, len: u64) -> Result<()> {
-        let signed = libc::off_t::try_from(len).map_err(|_| {
-            Error::usage(
-                format!(
-                    "{} would be {len} bytes, too large",
-                    self.final_path.display()
-                ),
-                "split the output with --max-shard-size",
-            )
-        })?;
-        if signed > 0 {
-            // SAFETY: fallocate only reads its integer arguments; the fd is
-            // owned by `self.file` and open for writing.
-            let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, signed) };
-            if rc != 0 {
-                let err = std::io::Error::last_os_error();
-                match err.raw_os_error() {
-                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {}
-                    _ => return Err(Error::io("reserve space for", &self.temp_path, err)),
-                }
+        if len > 0 {
+            match fallocate(&self.file, FallocateFlags::empty(), 0, len) {
+                // Filesystems without fallocate still work; ENOSPC then
+                // shows up at the first write instead.
+                Ok(()) | Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {}
+                Err(e) => return Err(Error::io("reserve space for", &self.temp_path, e.into())),
             }
         }
         self.file
@@ -126,7 +114,7 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     let handle = File::open(dir).map_err(|e| Error::io("open", dir, e))?;
     match handle.sync_all() {
         // Some filesystems refuse fsync on directories; the rename stands.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) => Ok(()),
         other => other.map_err(|e| Error::io("sync", dir, e)),
     }
 }

@@ -177,15 +177,17 @@ fn compare_tensor(plan: &Plan, target: &Target, t: usize, at: u64) -> Result<Opt
     let file = File::open(&target.path).map_err(|e| Error::io("open", &target.path, e))?;
     let copy = TensorCopy::new(tensor);
     let mut inputs = ShardFiles::new(&plan.shards);
-    let (mut expected, mut actual) = (Vec::new(), Vec::new());
+    let window = WINDOW_BYTES.min(len) as usize;
+    let (mut expected, mut actual) = (vec![0u8; window], vec![0u8; window]);
     let mut start = 0;
     while start < len {
         let end = (start + WINDOW_BYTES).min(len);
-        copy.assemble(start..end, &mut inputs, &mut expected)?;
-        actual.resize(expected.len(), 0);
-        file.read_exact_at(&mut actual, at + start)
+        let n = (end - start) as usize;
+        let (expected, actual) = (&mut expected[..n], &mut actual[..n]);
+        copy.assemble(start..end, &mut inputs, expected)?;
+        file.read_exact_at(actual, at + start)
             .map_err(|e| Error::io("read back", &target.path, e))?;
-        if let Some(i) = expected.iter().zip(&actual).position(|(a, b)| a != b) {
+        if let Some(i) = expected.iter().zip(actual.iter()).position(|(a, b)| a != b) {
             return Ok(Some(format!(
                 "'{}' in {}: first difference at byte {} of the tensor",
                 tensor.name,

@@ -78,8 +78,12 @@ struct Cli {
     allow_missing_shard_files: bool,
 
     /// Print only errors.
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "verbose")]
     quiet: bool,
+
+    /// Also print per-rank detail (files, bytes, copy and sync times).
+    #[arg(short, long)]
+    verbose: bool,
 }
 
 impl Cli {
@@ -102,22 +106,35 @@ impl Cli {
             verify_only: self.verify_only,
             allow_missing_shard_files: self.allow_missing_shard_files,
             quiet: self.quiet,
+            verbose: self.verbose,
         }
     }
 }
 
+/// Rank variables set by mpirun/mpiexec (OpenMPI, MPICH/Hydra, PMIx) and srun.
+const LAUNCHER_RANK_VARS: [&str; 4] = [
+    "OMPI_COMM_WORLD_RANK",
+    "PMI_RANK",
+    "PMIX_RANK",
+    "SLURM_PROCID",
+];
+
 /// The launcher's rank for this process, read before MPI starts, so that a
 /// bad command line is reported once rather than once per rank.
 fn launcher_rank() -> usize {
-    [
-        "OMPI_COMM_WORLD_RANK",
-        "PMI_RANK",
-        "PMIX_RANK",
-        "SLURM_PROCID",
-    ]
-    .iter()
-    .find_map(|var| std::env::var(var).ok()?.parse().ok())
-    .unwrap_or(0)
+    LAUNCHER_RANK_VARS
+        .iter()
+        .find_map(|var| std::env::var(var).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether a launcher started this process. Without one, MPI is not
+/// initialized at all: a singleton MPI_Init costs a fraction of a second
+/// and brings nothing to a job of one.
+fn under_launcher() -> bool {
+    LAUNCHER_RANK_VARS
+        .iter()
+        .any(|var| std::env::var_os(var).is_some())
 }
 
 fn main() -> ExitCode {
@@ -132,7 +149,11 @@ fn main() -> ExitCode {
     };
     let config = cli.config();
     // MPI finalizes when `world` drops at the end of main.
-    let world = MpiWorld::init();
+    let world = if under_launcher() {
+        MpiWorld::init()
+    } else {
+        None
+    };
     let comm: &dyn Communicator = match &world {
         Some(world) => world,
         None => &SingleProcess,
