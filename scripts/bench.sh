@@ -8,7 +8,8 @@
 # reports medians of:
 #   a) the baseline: cat of all shard bytes into one file, then sync of it;
 #   b) st-consolidate-mpi on 1 rank;
-#   c) st-consolidate-mpi under mpirun -n 2;
+#   c) st-consolidate-mpi under mpirun -n 2 (one core each);
+#   and, for the scaling from parallelism alone, 1 rank with --threads 1;
 # with peak RSS per rank (/usr/bin/time, maximum resident set size).
 # Every output is checked against the manifest; a mismatch exits non-zero.
 # The table is printed and saved to target/bench/results.md.
@@ -25,17 +26,26 @@ make=$PWD/target/release/st-make-shards
 work=${BENCH_DIR:-$PWD/target/bench}
 mkdir -p "$work"
 
-# Llama-like shapes: hidden 2048, vocab 32000; layers sized to reach GB.
-hidden=2048 vocab=32000
-layers=$(python3 -c "print(max(1, round(($gb*1e9/2 - 2*$vocab*$hidden) / (10*$hidden*$hidden))))")
+# Llama-like shapes: hidden 2048, vocab 32000 (hidden 256, vocab 4000 for a
+# smoke run under 0.5 GB); layers sized to reach GB of bf16.
+read -r hidden vocab layers < <(python3 -c "
+h, v = (2048, 32000) if $gb >= 0.5 else (256, 4000)
+print(h, v, max(1, round(($gb * 1e9 / 2 - 2 * v * h) / (10 * h * h))))")
 
-now() { date +%s.%N; }
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+# Appends the wall time of a command, in seconds, to file $1.
+timed() {
+    local out=$1; shift
+    local t0 t1
+    t0=$(date +%s%N)
+    "$@"
+    t1=$(date +%s%N)
+    echo "$(( (t1 - t0) / 1000 ))e-6" >> "$out"
+}
 
 results=$work/results.md
 {
-    echo "| layout | GB | baseline s | 1 rank s | ratio to baseline | 2 ranks s | 2 ranks / 1 rank | GB/s (2 ranks) | peak RSS MB per rank |"
-    echo "|---|---|---|---|---|---|---|---|---|"
+    echo "| layout | GB | baseline s | 1 rank s | ratio to baseline | 2 ranks s | 2 ranks / 1 rank | 1 rank, 1 thread s | 2 ranks / (1 rank, 1 thread) | GB/s (2 ranks) | peak RSS MB per rank |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
 } > "$results"
 
 for layout in mixed tp; do
@@ -44,30 +54,32 @@ for layout in mixed tp; do
     "$make" "$ckpt" --layout "$layout" --ranks 8 --files 4 --layers "$layers" \
         --hidden "$hidden" --vocab "$vocab" --dtype bf16 --seed 1 2>/dev/null
     bytes=$(cat "$ckpt"/shard-*.safetensors | wc -c)
-    : > "$work/t.base"; : > "$work/t.one"; : > "$work/t.two"; : > "$work/rss"
+    : > "$work/t.base"; : > "$work/t.one"; : > "$work/t.one1"; : > "$work/t.two"; : > "$work/rss"
     for run in $(seq "$runs"); do
         rm -rf "$work/out"; mkdir -p "$work/out"; sync
-        t0=$(now); cat "$ckpt"/shard-*.safetensors > "$work/out/cat.bin"; sync "$work/out/cat.bin"; t1=$(now)
-        echo "$t1 - $t0" | bc -l >> "$work/t.base"
+        timed "$work/t.base" sh -c "cat $ckpt/shard-*.safetensors > $work/out/cat.bin && sync $work/out/cat.bin"
 
         rm -rf "$work/out"; sync
-        t0=$(now)
-        /usr/bin/time -f %M -a -o "$work/rss" "$bin" -q --mapping "$ckpt/mapping.json" "$ckpt" "$work/out"
-        t1=$(now)
-        echo "$t1 - $t0" | bc -l >> "$work/t.one"
+        timed "$work/t.one" /usr/bin/time -f %M -a -o "$work/rss" \
+            "$bin" -q --mapping "$ckpt/mapping.json" "$ckpt" "$work/out"
 
         rm -rf "$work/out"; sync
-        t0=$(now)
-        mpirun -n 2 /usr/bin/time -f %M -a -o "$work/rss" "$bin" -q --mapping "$ckpt/mapping.json" "$ckpt" "$work/out"
-        t1=$(now)
-        echo "$t1 - $t0" | bc -l >> "$work/t.two"
+        timed "$work/t.one1" "$bin" -q --threads 1 --mapping "$ckpt/mapping.json" "$ckpt" "$work/out"
+
+        rm -rf "$work/out"; sync
+        timed "$work/t.two" mpirun -n 2 /usr/bin/time -f %M -a -o "$work/rss" \
+            "$bin" -q --mapping "$ckpt/mapping.json" "$ckpt" "$work/out"
     done
     python3 scripts/check_manifest.py "$work/out" "$ckpt/manifest.json" | tail -n 1
-    base=$(median < "$work/t.base"); one=$(median < "$work/t.one"); two=$(median < "$work/t.two")
-    rss=$(sort -n "$work/rss" | tail -n 1)
-    printf "| %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %d |\n" \
-        "$layout" "$(echo "$bytes/1e9" | bc -l)" "$base" "$one" "$(echo "$one/$base" | bc -l)" \
-        "$two" "$(echo "$two/$one" | bc -l)" "$(echo "$bytes/1e9/$two" | bc -l)" "$((rss / 1024))" >> "$results"
+    python3 - "$layout" "$bytes" "$work" >> "$results" <<'PY'
+import statistics, sys
+layout, size, work = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+med = lambda name: statistics.median(float(x) for x in open(f"{work}/t.{name}"))
+base, one, one1, two = med("base"), med("one"), med("one1"), med("two")
+rss = max(int(x) for x in open(f"{work}/rss")) / 1024
+print(f"| {layout} | {size/1e9:.2f} | {base:.2f} | {one:.2f} | {one/base:.2f} | {two:.2f} | "
+      f"{two/one:.2f} | {one1:.2f} | {two/one1:.2f} | {size/1e9/two:.2f} | {rss:.0f} |")
+PY
     rm -rf "$ckpt" "$work/out"
 done
 echo "medians of $runs runs; $(nproc) cores; $(uname -sr)" >> "$results"

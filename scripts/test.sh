@@ -28,6 +28,9 @@ trap 'rm -rf "$log" "$log.demo" "$zoo"' EXIT
 target/release/st-make-shards "$zoo/in" --layout zoo --ranks 8 --seed 8
 mpirun -n 3 target/release/st-consolidate-mpi -q --mapping "$zoo/in/mapping.json" "$zoo/in" "$zoo/out"
 "$venv/bin/python" scripts/check_manifest.py "$zoo/out" "$zoo/in/manifest.json"
+echo "== benchmark smoke (20 MB, 1 run; real numbers come from scripts/bench.sh)"
+BENCH_DIR=$(mktemp -d) scripts/bench.sh 0.02 1 | grep -E "^\| (mixed|tp) "
+
 echo "== fuzz the header parser (cargo fuzz, 20 s)"
 scripts/fuzz.sh 20
 
