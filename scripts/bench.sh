@@ -17,8 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 gb=${1:-1}
 runs=${2:-5}
-scripts/setup.sh
-command -v /usr/bin/time >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
+scripts/setup.sh --all
 source scripts/env.sh
 cargo build --release --quiet --bins --examples
 bin=$PWD/target/release/st-consolidate-mpi

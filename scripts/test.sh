@@ -3,7 +3,7 @@
 # and the end-to-end tests of the real binary under mpirun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --all
 source scripts/env.sh
 
 echo "== cargo fmt --check"
@@ -28,6 +28,9 @@ trap 'rm -rf "$log" "$log.demo" "$zoo"' EXIT
 target/release/st-make-shards "$zoo/in" --layout zoo --ranks 8 --seed 8
 mpirun -n 3 target/release/st-consolidate-mpi -q --mapping "$zoo/in/mapping.json" "$zoo/in" "$zoo/out"
 "$venv/bin/python" scripts/check_manifest.py "$zoo/out" "$zoo/in/manifest.json"
+echo "== launchers: Slurm (sbatch, srun pmix/pmi2), MPICH, 64 ranks"
+scripts/test-launchers.sh | tee -a "$log"
+
 echo "== benchmark smoke (20 MB, 1 run; real numbers come from scripts/bench.sh)"
 BENCH_DIR=$(mktemp -d) scripts/bench.sh 0.02 1 | grep -E "^\| (mixed|tp) "
 
@@ -35,4 +38,5 @@ echo "== fuzz the header parser (cargo fuzz, 20 s)"
 scripts/fuzz.sh 20
 
 # One closing line for the whole run, summed over every test binary.
-awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+awk '/^test result:/ { p += $4; f += $6 } /^launchers:/ { p += $2; f += $4 }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -118,6 +118,21 @@ pub enum Error {
         mismatches: Vec<String>,
     },
 
+    /// MPI's world is smaller than the job the launcher started: the MPI
+    /// library and the launcher do not speak the same process-management
+    /// interface, so every task would run alone and write every file.
+    #[error(
+        "MPI reports a world of {size} rank(s), but the launcher started {tasks} tasks ({var}={tasks}); each task would consolidate alone and write every file\n  hint: under srun, pass --mpi=pmix for an OpenMPI build or --mpi=pmi2 for an MPICH build (srun --mpi=list shows what Slurm offers); with mpirun/mpiexec, use the one of the MPI this binary was built with"
+    )]
+    WrongWorld {
+        /// The launcher's variable that gave the task count.
+        var: &'static str,
+        /// Tasks the launcher started.
+        tasks: usize,
+        /// World size MPI reports.
+        size: usize,
+    },
+
     /// Another rank failed; it reports its own error, so this one stays quiet.
     #[error("rank {0} failed")]
     PeerFailed(usize),

@@ -2,7 +2,9 @@
 
 use clap::{ArgGroup, Parser};
 use st_consolidate_mpi::Error;
-use st_consolidate_mpi::comm::{Communicator, MpiWorld, SingleProcess};
+use st_consolidate_mpi::comm::{
+    Communicator, MpiWorld, SingleProcess, check_world, launcher_tasks,
+};
 use st_consolidate_mpi::driver::{Config, run};
 use st_consolidate_mpi::mapping::{MappingSource, Unmapped, parse_size};
 use std::path::PathBuf;
@@ -158,10 +160,17 @@ fn main() -> ExitCode {
         Some(world) => world,
         None => &SingleProcess,
     };
-    match run(&config, comm) {
+    match check_world(comm, launcher_tasks()).and_then(|()| run(&config, comm)) {
         Ok(_) => ExitCode::SUCCESS,
         // The failing rank prints its own message.
         Err(Error::PeerFailed(_)) => ExitCode::FAILURE,
+        // Every task is "rank 0" of its own world: the launcher's rank 0 speaks.
+        Err(err @ Error::WrongWorld { .. }) => {
+            if launcher_rank() == 0 {
+                eprintln!("st-consolidate-mpi: error: {err}");
+            }
+            ExitCode::FAILURE
+        }
         Err(err) => {
             if comm.size() > 1 {
                 eprintln!("st-consolidate-mpi: rank {}: error: {err}", comm.rank());
