@@ -25,6 +25,11 @@ pub trait Communicator {
     /// Collective: rank 0 receives every rank's bytes, in rank order; the
     /// others receive `None`. Payloads must stay below 2 GiB.
     fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>>;
+    /// Collective: element-wise sums over all ranks, by a non-blocking
+    /// all-reduce on a communicator of its own (so it never mixes with the
+    /// other collectives), polled until done. Used for progress while
+    /// worker threads copy.
+    fn sum_nonblocking(&self, values: [u64; 2]) -> [u64; 2];
 }
 
 /// The number of tasks the launcher says it started, and the variable that
@@ -73,6 +78,9 @@ impl Communicator for SingleProcess {
     fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
         Some(vec![bytes.to_vec()])
     }
+    fn sum_nonblocking(&self, values: [u64; 2]) -> [u64; 2] {
+        values
+    }
 }
 
 /// `MPI_COMM_WORLD`. MPI is finalized when this is dropped, so `main` must
@@ -81,6 +89,8 @@ pub struct MpiWorld {
     // Field order matters: the communicators are freed before the universe
     // finalizes MPI.
     world: SimpleCommunicator,
+    /// A duplicate of the world for progress reductions.
+    progress: SimpleCommunicator,
     ranks_on_node: usize,
     _universe: mpi::environment::Universe,
 }
@@ -94,8 +104,10 @@ impl MpiWorld {
         let world = universe.world();
         let node = world.split_shared(world.rank());
         let ranks_on_node = usize::try_from(node.size()).unwrap_or(1).max(1);
+        let progress = world.duplicate();
         Some(MpiWorld {
             world,
+            progress,
             ranks_on_node,
             _universe: universe,
         })
@@ -122,6 +134,28 @@ impl Communicator for MpiWorld {
         self.world
             .all_reduce_into(&mine, &mut lowest, SystemOperation::min());
         (lowest < size).then(|| usize::try_from(lowest).unwrap_or(0))
+    }
+
+    fn sum_nonblocking(&self, values: [u64; 2]) -> [u64; 2] {
+        let mut sums = [0u64; 2];
+        mpi::request::scope(|scope| {
+            let mut request = self.progress.immediate_all_reduce_into(
+                scope,
+                &values[..],
+                &mut sums[..],
+                SystemOperation::sum(),
+            );
+            loop {
+                match request.test() {
+                    Ok(_) => break,
+                    Err(pending) => {
+                        request = pending;
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                }
+            }
+        });
+        sums
     }
 
     fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>> {

@@ -23,7 +23,7 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Runs at least this long are copied in the kernel; shorter runs are gathered.
 pub const DIRECT_MIN_RUN: u64 = 256 << 10;
@@ -61,7 +61,13 @@ impl<'a> ShardFiles<'a> {
 
 /// Copies one work item into `out`, whose data section starts at
 /// `plan.files[item.file].data_start()`.
-pub fn copy_item(plan: &Plan, item: &WorkItem, out: &File, out_path: &Path) -> Result<()> {
+pub fn copy_item(
+    plan: &Plan,
+    item: &WorkItem,
+    out: &File,
+    out_path: &Path,
+    copied: &AtomicU64,
+) -> Result<()> {
     let file = &plan.files[item.file];
     let mut inputs = ShardFiles::new(&plan.shards);
     // Allocated (and zeroed) once per work item; every window is then
@@ -78,7 +84,8 @@ pub fn copy_item(plan: &Plan, item: &WorkItem, out: &File, out_path: &Path) -> R
         let out_base = file.data_start() + entry.bytes.start;
         let local = lo - entry.bytes.start..hi - entry.bytes.start;
         if job.is_direct() {
-            job.copy_direct(local, &mut inputs, out, out_path, out_base)?;
+            job.copy_direct(local.clone(), &mut inputs, out, out_path, out_base)?;
+            copied.fetch_add(local.end - local.start, Ordering::Relaxed);
         } else {
             let mut start = local.start;
             while start < local.end {
@@ -90,6 +97,7 @@ pub fn copy_item(plan: &Plan, item: &WorkItem, out: &File, out_path: &Path) -> R
                 job.assemble(start..end, &mut inputs, &mut window[..len])?;
                 out.write_all_at(&window[..len], out_base + start)
                     .map_err(|e| job.fail("write", out_path, e))?;
+                copied.fetch_add(end - start, Ordering::Relaxed);
                 start = end;
             }
         }

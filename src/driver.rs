@@ -12,13 +12,17 @@ use crate::dcp::index_pieces;
 use crate::error::{Error, Result};
 use crate::input::read_checkpoint;
 use crate::mapping::{MappingSource, Unmapped, assign};
+use crate::names::strip_prefixes;
 use crate::output::{PendingFile, remove_stale_temps, sync_dir, write_atomically};
 use crate::plan::Plan;
+use crate::progress::{Counters, FinishOnDrop, watch};
+use crate::report::{RankReport, RunReport};
 use crate::verify::{compare, existing_targets, written_targets};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 use std::time::Instant;
 
 /// The name of the Hugging Face index file.
@@ -52,6 +56,14 @@ pub struct Config {
     pub quiet: bool,
     /// Also print per-rank detail.
     pub verbose: bool,
+    /// Seconds between progress reports; zero turns them off.
+    pub progress_secs: f64,
+    /// Where rank 0 writes the JSON run report, if anywhere.
+    pub report: Option<PathBuf>,
+    /// Prefixes stripped from output tensor names (first match wins).
+    pub strip_prefixes: Vec<String>,
+    /// The command line, for the report.
+    pub command_line: Vec<String>,
 }
 
 /// What a finished run did.
@@ -63,14 +75,6 @@ pub struct Summary {
     pub bytes: u64,
     /// Wall time of the whole run on this rank.
     pub seconds: f64,
-}
-
-/// What each rank reports to rank 0 after writing.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct RankReport {
-    files: Vec<u32>,
-    bytes: u64,
-    seconds: f64,
 }
 
 /// Runs a consolidation on this rank. Every rank must call it.
@@ -143,7 +147,23 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         plan.files.len()
     ));
 
-    let written = pool.install(|| write_files(config, &plan, rank));
+    let counters = Counters::default();
+    let written = std::thread::scope(|scope| {
+        let worker = scope.spawn(|| {
+            let _finish = FinishOnDrop(&counters);
+            pool.install(|| write_files(config, &plan, rank, &counters.copied))
+        });
+        if config.progress_secs > 0.0 && !config.quiet {
+            let interval = Duration::from_secs_f64(config.progress_secs);
+            watch(comm, interval, plan.total_bytes(), &counters, rank == 0);
+        }
+        worker.join().unwrap_or_else(|_| {
+            Err(Error::usage(
+                "a copy thread panicked",
+                "this is a bug; please report it with the command line",
+            ))
+        })
+    });
     let (pending, timing) = agree(comm, written)?;
     if config.verbose {
         let bytes = plan.bytes_per_rank()[rank];
@@ -169,7 +189,8 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         .and_then(|()| sync_dir(&config.output));
     agree(comm, committed)?;
 
-    let report = RankReport {
+    let mine = RankReport {
+        rank,
         files: plan
             .files_of(rank)
             .iter()
@@ -177,28 +198,62 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
             .collect(),
         bytes: plan.bytes_per_rank()[rank],
         seconds: started.elapsed().as_secs_f64(),
+        threads,
+        header_files_read: plan.shards.len(),
     };
-    let payload = serde_json::to_vec(&report).unwrap_or_default();
-    let indexed = match comm.gather(&payload) {
-        Some(reports) => write_index(config, &plan, &reports),
-        None => Ok(()),
+    let payload = serde_json::to_vec(&mine).unwrap_or_default();
+    let published = match comm.gather(&payload) {
+        Some(reports) => publish(config, &plan, &reports),
+        None => Ok(None),
     };
-    agree(comm, indexed)?;
-
-    let summary = Summary {
+    let report = agree(comm, published)?;
+    if let Some(report) = report {
+        say(&report.human(&config.output.display().to_string()));
+    }
+    Ok(Summary {
         files: plan.files.len(),
         bytes: plan.total_bytes(),
         seconds: started.elapsed().as_secs_f64(),
-    };
-    say(&format!(
-        "wrote {} files and {INDEX_NAME} to {}: {} in {:.2} s ({:.2} GB/s)",
-        summary.files,
-        config.output.display(),
-        human_bytes(summary.bytes),
-        summary.seconds,
-        summary.bytes as f64 / 1e9 / summary.seconds.max(1e-9)
-    ));
-    Ok(summary)
+    })
+}
+
+/// Rank 0 only: reads every rank's report, writes the index (checking each
+/// planned file was written exactly once) and, if asked, the JSON report.
+fn publish(config: &Config, plan: &Plan, payloads: &[Vec<u8>]) -> Result<Option<RunReport>> {
+    let ranks: Vec<RankReport> = payloads
+        .iter()
+        .enumerate()
+        .map(|(rank, bytes)| {
+            serde_json::from_slice(bytes).map_err(|e| {
+                Error::usage(
+                    format!("rank {rank} sent an unreadable report: {e}"),
+                    "all ranks must run the same st-consolidate-mpi binary",
+                )
+            })
+        })
+        .collect::<Result<_>>()?;
+    write_index(config, plan, &ranks)?;
+    let report = RunReport::new(
+        plan,
+        &config.input.display().to_string(),
+        config.command_line.clone(),
+        &ranks,
+        config.verify,
+    );
+    if let Some(path) = &config.report {
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut json = serde_json::to_vec_pretty(&report).unwrap_or_default();
+        json.push(b'\n');
+        write_atomically(dir, &name, &json)?;
+    }
+    Ok(Some(report))
 }
 
 /// Collective: gathers every rank's mismatch lines to rank 0, which fails
@@ -256,7 +311,8 @@ fn agree<T>(comm: &dyn Communicator, result: Result<T>) -> Result<T> {
 /// Reads every header and builds the plan (identical on every rank).
 pub fn make_plan(config: &Config, world_size: usize) -> Result<Plan> {
     let checkpoint = read_checkpoint(&config.input, config.allow_missing_shard_files)?;
-    let tensors = index_pieces(&checkpoint.shards, &checkpoint.infos)?;
+    let mut tensors = index_pieces(&checkpoint.shards, &checkpoint.infos)?;
+    strip_prefixes(&mut tensors, &config.strip_prefixes)?;
     let sizes: Vec<(&str, u64)> = tensors
         .iter()
         .map(|t| (t.name.as_str(), t.byte_len()))
@@ -332,6 +388,7 @@ fn write_files(
     config: &Config,
     plan: &Plan,
     rank: usize,
+    copied: &AtomicU64,
 ) -> Result<(Vec<PendingFile>, WriteTiming)> {
     let started = Instant::now();
     let mine = plan.files_of(rank);
@@ -346,7 +403,7 @@ fn write_files(
     }
     plan.work_items(rank).par_iter().try_for_each(|item| {
         let out = &pending[&item.file];
-        copy_item(plan, item, out.file(), out.temp_path())
+        copy_item(plan, item, out.file(), out.temp_path(), copied)
     })?;
     let copied = Instant::now();
     pending
@@ -363,18 +420,10 @@ fn write_files(
 
 /// Rank 0 only: checks that every planned file was reported written exactly
 /// once, then writes the index atomically.
-fn write_index(config: &Config, plan: &Plan, reports: &[Vec<u8>]) -> Result<()> {
+fn write_index(config: &Config, plan: &Plan, ranks: &[RankReport]) -> Result<()> {
     let mut written: BTreeMap<u32, usize> = BTreeMap::new();
-    for (rank, bytes) in reports.iter().enumerate() {
-        let report: RankReport = serde_json::from_slice(bytes).map_err(|e| {
-            Error::usage(
-                format!("rank {rank} sent an unreadable report: {e}"),
-                "this is a bug; please report it",
-            )
-        })?;
-        for index in report.files {
-            *written.entry(index).or_default() += 1;
-        }
+    for index in ranks.iter().flat_map(|r| &r.files) {
+        *written.entry(*index).or_default() += 1;
     }
     for file in &plan.files {
         if written.get(&file.index) != Some(&1) {

@@ -86,6 +86,20 @@ struct Cli {
     /// Also print per-rank detail (files, bytes, copy and sync times).
     #[arg(short, long)]
     verbose: bool,
+
+    /// Seconds between progress reports for the whole job (rank 0: a live bar on a terminal,
+    /// one log line per interval otherwise); 0 turns progress off.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_seconds)]
+    progress: f64,
+
+    /// Write a JSON run report (version, command line, ranks, files, bytes, times, verification).
+    #[arg(long, value_name = "FILE.json")]
+    report: Option<PathBuf>,
+
+    /// Remove PREFIX from the start of every tensor name in the output (repeatable; the first
+    /// matching prefix is removed). Mapping files are matched against the stripped names.
+    #[arg(long, value_name = "PREFIX")]
+    strip_prefix: Vec<String>,
 }
 
 impl Cli {
@@ -109,7 +123,19 @@ impl Cli {
             allow_missing_shard_files: self.allow_missing_shard_files,
             quiet: self.quiet,
             verbose: self.verbose,
+            progress_secs: self.progress,
+            report: self.report,
+            strip_prefixes: self.strip_prefix,
+            command_line: std::env::args().collect(),
         }
+    }
+}
+
+/// A non-negative number of seconds.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Ok(secs),
+        _ => Err(format!("'{text}' is not a number of seconds (0 or more)")),
     }
 }
 

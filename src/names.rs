@@ -1,0 +1,77 @@
+//! Output tensor names: `--strip-prefix` clean-up (e.g. `_orig_mod.` left by
+//! `torch.compile`, or a `model.` wrapper), with collisions refused.
+
+use crate::dcp::FullTensor;
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+
+/// Removes the first of `prefixes` that each name starts with, then re-sorts
+/// by the new names. Two tensors that end up with one name are an error
+/// naming both.
+pub fn strip_prefixes(tensors: &mut [FullTensor], prefixes: &[String]) -> Result<()> {
+    if prefixes.is_empty() {
+        return Ok(());
+    }
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    for tensor in tensors.iter_mut() {
+        let original = tensor.name.clone();
+        if let Some(rest) = prefixes
+            .iter()
+            .find_map(|p| original.strip_prefix(p.as_str()))
+        {
+            tensor.name = rest.to_string();
+        }
+        if tensor.name.is_empty() {
+            return Err(Error::usage(
+                format!("--strip-prefix leaves tensor '{original}' with an empty name"),
+                "use a shorter prefix",
+            ));
+        }
+        if let Some(other) = seen.insert(tensor.name.clone(), original.clone()) {
+            return Err(Error::usage(
+                format!(
+                    "tensors '{other}' and '{original}' would both be named '{}' after --strip-prefix",
+                    tensor.name
+                ),
+                "strip a prefix that does not merge distinct tensors, or none",
+            ));
+        }
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::Dtype;
+
+    fn tensors(names: &[&str]) -> Vec<FullTensor> {
+        names
+            .iter()
+            .map(|n| FullTensor {
+                name: n.to_string(),
+                dtype: Dtype::U8,
+                shape: vec![1],
+                pieces: vec![],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn prefixes_are_stripped_and_names_resorted() {
+        let mut list = tensors(&["_orig_mod.b", "_orig_mod.model.a", "c"]);
+        strip_prefixes(&mut list, &["_orig_mod.".into(), "model.".into()]).unwrap();
+        let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["b", "c", "model.a"]);
+    }
+
+    #[test]
+    fn collisions_name_both_tensors() {
+        let mut list = tensors(&["model.w", "w"]);
+        let err = strip_prefixes(&mut list, &["model.".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'model.w'") && err.contains("'w'"), "{err}");
+    }
+}

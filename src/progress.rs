@@ -1,0 +1,152 @@
+//! Progress for the whole job, shown by rank 0.
+//!
+//! Worker threads count the bytes they copy in an atomic. Meanwhile the main
+//! thread of every rank runs rounds: at each interval (or as soon as its own
+//! work is done) it joins a non-blocking sum of (bytes copied, ranks still
+//! copying) over all ranks. Every rank sees the same sums, so all leave the
+//! loop in the same round, when no rank is still copying; a rank that
+//! finished early or failed keeps joining rounds until then, so no collective
+//! is left waiting.
+
+use crate::comm::Communicator;
+use crate::driver::human_bytes;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Counters shared between the copying threads and the progress loop.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Tensor bytes this rank has copied so far.
+    pub copied: AtomicU64,
+    /// Set when this rank's copying has ended, successfully or not.
+    pub finished: AtomicBool,
+}
+
+/// Sets [`Counters::finished`] when dropped, even if the copy panics.
+pub struct FinishOnDrop<'a>(pub &'a Counters);
+
+impl Drop for FinishOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.finished.store(true, Ordering::Release);
+    }
+}
+
+/// How rank 0 shows progress.
+enum Display {
+    /// A live bar on a terminal.
+    Bar(ProgressBar),
+    /// One line per round, for Slurm output files and pipes.
+    Lines,
+    /// Nothing (other ranks).
+    Hidden,
+}
+
+/// Runs progress rounds until every rank has finished copying. `show` is
+/// true on the rank that prints (rank 0, unless quiet).
+pub fn watch(
+    comm: &dyn Communicator,
+    interval: Duration,
+    total: u64,
+    counters: &Counters,
+    show: bool,
+) {
+    let started = Instant::now();
+    let display = if !show {
+        Display::Hidden
+    } else if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {percent}% {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Display::Bar(bar)
+    } else {
+        Display::Lines
+    };
+    // A bar is redrawn often; log lines once per interval.
+    let round = match display {
+        Display::Bar(_) => interval.min(Duration::from_millis(200)),
+        _ => interval,
+    };
+    let mut next = started + round;
+    loop {
+        while !counters.finished.load(Ordering::Acquire) && Instant::now() < next {
+            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(20)));
+        }
+        let still_copying = u64::from(!counters.finished.load(Ordering::Acquire));
+        let [done, copying] =
+            comm.sum_nonblocking([counters.copied.load(Ordering::Relaxed), still_copying]);
+        match &display {
+            Display::Bar(bar) => bar.set_position(done),
+            Display::Lines => eprintln!("{}", line(done, total, started.elapsed())),
+            Display::Hidden => {}
+        }
+        if copying == 0 {
+            break;
+        }
+        next = Instant::now() + round;
+    }
+    if let Display::Bar(bar) = display {
+        bar.finish();
+    }
+}
+
+/// One log line: bytes done of total, percent, rate and time left.
+pub fn line(done: u64, total: u64, elapsed: Duration) -> String {
+    let seconds = elapsed.as_secs_f64().max(1e-9);
+    let rate = done as f64 / seconds;
+    let percent = if total == 0 {
+        100.0
+    } else {
+        done as f64 * 100.0 / total as f64
+    };
+    let left = if rate > 0.0 {
+        format!("{:.0} s left", (total.saturating_sub(done)) as f64 / rate)
+    } else {
+        "time left unknown".to_string()
+    };
+    format!(
+        "progress: {} of {} ({percent:.1}%), {:.2} GB/s, {left}",
+        human_bytes(done),
+        human_bytes(total),
+        rate / 1e9
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::SingleProcess;
+
+    #[test]
+    fn lines_show_bytes_percent_rate_and_time_left() {
+        let text = line(500_000_000, 2_000_000_000, Duration::from_secs(1));
+        assert_eq!(
+            text,
+            "progress: 500.00 MB of 2.00 GB (25.0%), 0.50 GB/s, 3 s left"
+        );
+    }
+
+    #[test]
+    fn the_loop_ends_once_copying_has_finished() {
+        let counters = Counters::default();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _finish = FinishOnDrop(&counters);
+                counters.copied.store(42, Ordering::Relaxed);
+            });
+            watch(
+                &SingleProcess,
+                Duration::from_millis(10),
+                42,
+                &counters,
+                false,
+            );
+        });
+        assert!(counters.finished.load(Ordering::Acquire));
+    }
+}

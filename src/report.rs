@@ -1,0 +1,198 @@
+//! The run report: what each rank sends rank 0 after writing, the JSON that
+//! `--report` writes, and the human summary printed at the end.
+
+use crate::driver::human_bytes;
+use crate::plan::Plan;
+use serde::{Deserialize, Serialize};
+
+/// What one rank did, sent to rank 0 at the end.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RankReport {
+    /// The rank.
+    pub rank: usize,
+    /// Output indices it wrote.
+    pub files: Vec<u32>,
+    /// Tensor bytes it wrote.
+    pub bytes: u64,
+    /// Seconds from start to its files being renamed into place.
+    pub seconds: f64,
+    /// Copy threads it used.
+    pub threads: usize,
+    /// Shard headers it read.
+    pub header_files_read: usize,
+}
+
+/// Everything `--report FILE.json` holds.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    /// Always "st-consolidate-mpi".
+    pub tool: &'static str,
+    /// The tool's version.
+    pub version: &'static str,
+    /// The command line, as given.
+    pub command_line: Vec<String>,
+    /// Ranks in the job.
+    pub world_size: usize,
+    /// Copy threads of each rank, in rank order.
+    pub threads_per_rank: Vec<usize>,
+    /// What was read.
+    pub input: InputSummary,
+    /// One entry per output file.
+    pub outputs: Vec<OutputSummary>,
+    /// One entry per rank.
+    pub ranks: Vec<RankSummary>,
+    /// Wall time of the job (the slowest rank), in seconds.
+    pub total_seconds: f64,
+    /// Tensor bytes written per second over the whole job, in GB/s.
+    pub gb_per_s: f64,
+    /// Whether `--verify` ran, and its result.
+    pub verify: VerifySummary,
+}
+
+/// The input side of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct InputSummary {
+    /// The input folder.
+    pub dir: String,
+    /// Shard files.
+    pub files: usize,
+    /// Distinct tensors.
+    pub tensors: usize,
+    /// Tensor bytes in the full tensors.
+    pub bytes: u64,
+}
+
+/// One output file.
+#[derive(Clone, Debug, Serialize)]
+pub struct OutputSummary {
+    /// File name.
+    pub name: String,
+    /// Tensors in it.
+    pub tensors: usize,
+    /// File size in bytes.
+    pub bytes: u64,
+    /// The rank that wrote it.
+    pub rank: usize,
+}
+
+/// One rank.
+#[derive(Clone, Debug, Serialize)]
+pub struct RankSummary {
+    /// The rank.
+    pub rank: usize,
+    /// Output files it wrote.
+    pub files: Vec<String>,
+    /// Tensor bytes it wrote.
+    pub bytes: u64,
+    /// Its seconds.
+    pub seconds: f64,
+    /// Its GB/s.
+    pub gb_per_s: f64,
+    /// Shard headers it read.
+    pub header_files_read: usize,
+}
+
+/// Verification, if any.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifySummary {
+    /// Whether `--verify` ran.
+    pub ran: bool,
+    /// "passed", or "not run". (A failed verification ends the run with an
+    /// error before any report is written.)
+    pub result: &'static str,
+}
+
+fn rate(bytes: u64, seconds: f64) -> f64 {
+    bytes as f64 / 1e9 / seconds.max(1e-9)
+}
+
+impl RunReport {
+    /// Builds the report from the plan and every rank's [`RankReport`].
+    pub fn new(
+        plan: &Plan,
+        input_dir: &str,
+        command_line: Vec<String>,
+        ranks: &[RankReport],
+        verified: bool,
+    ) -> RunReport {
+        let total_seconds = ranks.iter().map(|r| r.seconds).fold(0.0, f64::max);
+        RunReport {
+            tool: "st-consolidate-mpi",
+            version: env!("CARGO_PKG_VERSION"),
+            command_line,
+            world_size: plan.world_size,
+            threads_per_rank: ranks.iter().map(|r| r.threads).collect(),
+            input: InputSummary {
+                dir: input_dir.to_string(),
+                files: plan.shards.len(),
+                tensors: plan.tensors.len(),
+                bytes: plan.tensors.iter().map(|t| t.byte_len()).sum(),
+            },
+            outputs: plan
+                .files
+                .iter()
+                .map(|f| OutputSummary {
+                    name: f.name.clone(),
+                    tensors: f.entries.len(),
+                    bytes: f.len(),
+                    rank: f.owner,
+                })
+                .collect(),
+            ranks: ranks
+                .iter()
+                .map(|r| RankSummary {
+                    rank: r.rank,
+                    files: r
+                        .files
+                        .iter()
+                        .filter_map(|i| plan.files.iter().find(|f| f.index == *i))
+                        .map(|f| f.name.clone())
+                        .collect(),
+                    bytes: r.bytes,
+                    seconds: r.seconds,
+                    gb_per_s: rate(r.bytes, r.seconds),
+                    header_files_read: r.header_files_read,
+                })
+                .collect(),
+            total_seconds,
+            gb_per_s: rate(plan.total_bytes(), total_seconds),
+            verify: VerifySummary {
+                ran: verified,
+                result: if verified { "passed" } else { "not run" },
+            },
+        }
+    }
+
+    /// The human summary printed at the end of a run.
+    pub fn human(&self, output_dir: &str) -> String {
+        let bytes: u64 = self.ranks.iter().map(|r| r.bytes).sum();
+        let mut text = format!(
+            "wrote {} files and model.safetensors.index.json to {output_dir}: {} in {:.2} s ({:.2} GB/s) on {} rank(s){}",
+            self.outputs.len(),
+            human_bytes(bytes),
+            self.total_seconds,
+            self.gb_per_s,
+            self.world_size,
+            if self.verify.ran { ", verified" } else { "" }
+        );
+        const SHOWN: usize = 16;
+        for r in self.ranks.iter().take(SHOWN) {
+            text.push_str(&format!(
+                "\n  rank {}: {} file(s), {} in {:.2} s ({:.2} GB/s)",
+                r.rank,
+                r.files.len(),
+                human_bytes(r.bytes),
+                r.seconds,
+                r.gb_per_s
+            ));
+        }
+        if self.ranks.len() > SHOWN {
+            let idle = self.ranks.iter().filter(|r| r.bytes == 0).count();
+            text.push_str(&format!(
+                "\n  ... {} more ranks ({idle} of all ranks idle; see --report for each)",
+                self.ranks.len() - SHOWN
+            ));
+        }
+        text
+    }
+}
