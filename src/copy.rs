@@ -11,7 +11,9 @@
 //!
 //! Memory stays flat: at most one window buffer and its source maps per thread.
 
+use crate::convert::convert;
 use crate::dcp::{FullTensor, Location};
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::plan::{Plan, WorkItem};
 use crate::runs::Runs;
@@ -79,11 +81,22 @@ pub fn copy_item(
         if lo >= hi {
             continue;
         }
-        let job = TensorCopy::new(&plan.tensors[entry.tensor]);
+        let tensor = &plan.tensors[entry.tensor];
+        let job = TensorCopy::new(tensor);
         // Where this tensor's byte 0 lands in the output file.
         let out_base = file.data_start() + entry.bytes.start;
         let local = lo - entry.bytes.start..hi - entry.bytes.start;
-        if job.is_direct() {
+        if entry.dtype != tensor.dtype {
+            job.copy_converted(
+                entry.dtype,
+                local,
+                &mut inputs,
+                out,
+                out_path,
+                out_base,
+                copied,
+            )?;
+        } else if job.is_direct() {
             job.copy_direct(local.clone(), &mut inputs, out, out_path, out_base)?;
             copied.fetch_add(local.end - local.start, Ordering::Relaxed);
         } else {
@@ -167,6 +180,41 @@ impl<'a> TensorCopy<'a> {
                     },
                 )?;
             }
+        }
+        Ok(())
+    }
+
+    /// Writes the tensor's output bytes `range` (relative to the tensor's
+    /// start, in `to` elements) converted from the source dtype: a streaming
+    /// pass of bounded windows, assembled then converted.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_converted(
+        &self,
+        to: Dtype,
+        range: Range<u64>,
+        inputs: &mut ShardFiles,
+        out: &File,
+        out_path: &Path,
+        out_base: u64,
+        copied: &AtomicU64,
+    ) -> Result<()> {
+        let (from, out_size) = (self.tensor.dtype, to.size());
+        let per_window = WINDOW_BYTES / from.size().max(out_size);
+        let (mut source, mut converted) = (Vec::new(), Vec::new());
+        let (first, end) = (range.start / out_size, range.end / out_size);
+        let mut element = first;
+        while element < end {
+            let stop = (element + per_window).min(end);
+            let count = (stop - element) as usize;
+            source.resize(count * from.size() as usize, 0);
+            converted.resize(count * out_size as usize, 0);
+            let src_range = element * from.size()..stop * from.size();
+            self.assemble(src_range, inputs, &mut source)?;
+            convert(from, to, &source, &mut converted);
+            out.write_all_at(&converted, out_base + element * out_size)
+                .map_err(|e| self.fail("write", out_path, e))?;
+            copied.fetch_add(converted.len() as u64, Ordering::Relaxed);
+            element = stop;
         }
         Ok(())
     }

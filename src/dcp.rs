@@ -57,9 +57,15 @@ pub struct FullTensor {
 }
 
 impl FullTensor {
-    /// Size of the full tensor in bytes (validated not to overflow).
+    /// Elements in the full tensor.
+    pub fn element_count(&self) -> u64 {
+        element_count(&self.shape).unwrap_or(0)
+    }
+
+    /// Size of the full tensor in bytes (validated not to overflow, for any
+    /// dtype up to 8 bytes, when the pieces were indexed).
     pub fn byte_len(&self) -> u64 {
-        element_count(&self.shape).unwrap_or(0) * self.dtype.size()
+        self.element_count() * self.dtype.size()
     }
 }
 
@@ -215,8 +221,9 @@ fn assemble(name: &str, dtype: Dtype, pieces: Vec<Piece>, shards: &[Shard]) -> R
             *full = (*full).max(end);
         }
     }
-    // FullTensor::byte_len relies on this check.
-    if byte_len(&shape, dtype).is_none() {
+    // FullTensor::byte_len relies on this check; 8-byte elements cover any
+    // --dtype target too.
+    if byte_len(&shape, crate::dtype::Dtype::F64).is_none() {
         return Err(inconsistent(
             format!("full shape {shape:?} overflows"),
             "the shard's metadata is corrupt; re-save the checkpoint",

@@ -7,8 +7,10 @@
 //! lowest failing rank reports its error.
 
 use crate::comm::Communicator;
+use crate::convert::output_dtype;
 use crate::copy::{check_replicas, copy_item};
 use crate::dcp::index_pieces;
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::input::read_checkpoint;
 use crate::mapping::{MappingSource, Unmapped, assign};
@@ -64,6 +66,8 @@ pub struct Config {
     pub strip_prefixes: Vec<String>,
     /// The command line, for the report.
     pub command_line: Vec<String>,
+    /// Convert floating-point tensors to this dtype (`--dtype`).
+    pub dtype: Option<Dtype>,
 }
 
 /// What a finished run did.
@@ -315,11 +319,20 @@ pub fn make_plan(config: &Config, world_size: usize) -> Result<Plan> {
     strip_prefixes(&mut tensors, &config.strip_prefixes)?;
     let sizes: Vec<(&str, u64)> = tensors
         .iter()
-        .map(|t| (t.name.as_str(), t.byte_len()))
+        .map(|t| {
+            let size = output_dtype(t.dtype, config.dtype).size();
+            (t.name.as_str(), t.element_count() * size)
+        })
         .collect();
     let assignment = assign(&sizes, &config.mapping, config.unmapped)?;
     let shards = checkpoint.shards.into_iter().map(|s| s.path).collect();
-    Ok(Plan::new(shards, tensors, assignment, world_size))
+    Ok(Plan::new(
+        shards,
+        tensors,
+        assignment,
+        world_size,
+        config.dtype,
+    ))
 }
 
 /// Rank 0 only: creates OUTPUT_DIR, refuses to clobber inputs or (without

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod comm;
+pub mod convert;
 pub mod copy;
 pub mod dcp;
 pub mod driver;

@@ -2,7 +2,9 @@
 //! and which rank writes what. Pure and deterministic, so every rank that
 //! builds it from the same inputs gets the same plan.
 
+use crate::convert::output_dtype;
 use crate::dcp::FullTensor;
+use crate::dtype::Dtype;
 use crate::header::{TensorEntry, encode_header};
 use crate::mapping::{Assignment, output_name};
 use std::collections::BTreeMap;
@@ -18,6 +20,8 @@ pub const WORK_ITEM_BYTES: u64 = 64 << 20;
 pub struct OutputEntry {
     /// Index into [`Plan::tensors`].
     pub tensor: usize,
+    /// The dtype written: the tensor's own, or the `--dtype` target.
+    pub dtype: Dtype,
     /// Byte range within the output file's data section.
     pub bytes: Range<u64>,
 }
@@ -84,13 +88,15 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Lays out the output files and assigns file `index` to rank
-    /// `index % world_size` (the design card's schedule).
+    /// Lays out the output files, converting floating-point tensors to
+    /// `cast` if given, and assigns file `index` to rank `index % world_size`
+    /// (the design card's schedule).
     pub fn new(
         shards: Vec<PathBuf>,
         tensors: Vec<FullTensor>,
         assignment: Assignment,
         world_size: usize,
+        cast: Option<Dtype>,
     ) -> Plan {
         let mut members: BTreeMap<u32, Vec<usize>> = (1..=assignment.file_count)
             .map(|i| (i, Vec::new()))
@@ -104,25 +110,25 @@ impl Plan {
             .map(|(index, mut members)| {
                 // Largest elements first, then by name: every tensor then
                 // starts aligned to its element size, as safetensors' writer does.
+                let dtype_of = |t: usize| output_dtype(tensors[t].dtype, cast);
                 members.sort_by(|&a, &b| {
-                    let (a, b) = (&tensors[a], &tensors[b]);
-                    b.dtype
-                        .size()
-                        .cmp(&a.dtype.size())
-                        .then_with(|| a.name.cmp(&b.name))
+                    (dtype_of(b).size().cmp(&dtype_of(a).size()))
+                        .then_with(|| tensors[a].name.cmp(&tensors[b].name))
                 });
                 let mut offset = 0u64;
                 let mut entries = Vec::with_capacity(members.len());
                 let mut header_entries = Vec::with_capacity(members.len());
                 for tensor in members {
-                    let len = tensors[tensor].byte_len();
+                    let dtype = dtype_of(tensor);
+                    let len = tensors[tensor].element_count() * dtype.size();
                     entries.push(OutputEntry {
                         tensor,
+                        dtype,
                         bytes: offset..offset + len,
                     });
                     header_entries.push(TensorEntry {
                         name: tensors[tensor].name.clone(),
-                        dtype: tensors[tensor].dtype,
+                        dtype,
                         shape: tensors[tensor].shape.clone(),
                         begin: offset,
                         end: offset + len,
@@ -191,7 +197,6 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::Dtype;
     use crate::header::parse_header;
 
     fn tensor(name: &str, dtype: Dtype, shape: &[u64]) -> FullTensor {
@@ -216,7 +221,7 @@ mod tests {
             file_count: 1,
             missing: vec![],
         };
-        let plan = Plan::new(vec![], tensors, assignment, 1);
+        let plan = Plan::new(vec![], tensors, assignment, 1, None);
         let file = &plan.files[0];
         let order: Vec<&str> = file
             .entries
@@ -245,7 +250,7 @@ mod tests {
             file_count: 3,
             missing: vec![],
         };
-        let plan = Plan::new(vec![], tensors, assignment, 2);
+        let plan = Plan::new(vec![], tensors, assignment, 2, None);
         let owners: Vec<usize> = plan.files.iter().map(|f| f.owner).collect();
         assert_eq!(owners, [1, 0, 1]);
         assert!(plan.files[1].is_empty());

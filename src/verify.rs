@@ -2,8 +2,10 @@
 //! byte with the shard pieces. Used by `--verify` (after writing, before the
 //! files get their final names) and `--verify-only` (an existing output).
 
+use crate::convert::{can_convert, convert};
 use crate::copy::{ShardFiles, TensorCopy, WINDOW_BYTES};
 use crate::driver::INDEX_NAME;
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::header::read_header;
 use crate::plan::Plan;
@@ -20,8 +22,9 @@ pub struct Target {
     pub path: PathBuf,
     /// Name shown in messages.
     pub name: String,
-    /// (index into `plan.tensors`, absolute offset of its first byte).
-    pub tensors: Vec<(usize, u64)>,
+    /// (index into `plan.tensors`, absolute offset of its first byte, the
+    /// dtype it was written in).
+    pub tensors: Vec<(usize, u64, Dtype)>,
 }
 
 /// The files `rank` just wrote, at their temporary paths.
@@ -37,7 +40,7 @@ pub fn written_targets(plan: &Plan, rank: usize, temp_paths: &[PathBuf]) -> Vec<
                 tensors: file
                     .entries
                     .iter()
-                    .map(|e| (e.tensor, file.data_start() + e.bytes.start))
+                    .map(|e| (e.tensor, file.data_start() + e.bytes.start, e.dtype))
                     .collect(),
             }
         })
@@ -83,20 +86,29 @@ pub fn existing_targets(
             )),
         }
     }
-    for name in by_name.keys() {
-        if !weight_map.contains_key(*name) {
-            problems.push(format!("'{name}' is in the shards but not in {INDEX_NAME}"));
+    // Index-wide checks once, on rank 0: every shard tensor listed, and
+    // total_size equal to the tensor bytes the output files' headers hold.
+    if rank == 0 {
+        for name in by_name.keys() {
+            if !weight_map.contains_key(*name) {
+                problems.push(format!("'{name}' is in the shards but not in {INDEX_NAME}"));
+            }
         }
-    }
-    let expected_total = plan.total_bytes();
-    match index
-        .pointer("/metadata/total_size")
-        .and_then(|v| v.as_u64())
-    {
-        Some(total) if total == expected_total => {}
-        other => problems.push(format!(
-            "{INDEX_NAME}: total_size is {other:?}, the shards hold {expected_total} bytes"
-        )),
+        let mut held = 0u64;
+        for file in files.keys() {
+            if let Ok(header) = read_header(&out_dir.join(file)) {
+                held += header.tensors.iter().map(|t| t.end - t.begin).sum::<u64>();
+            }
+        }
+        match index
+            .pointer("/metadata/total_size")
+            .and_then(|v| v.as_u64())
+        {
+            Some(total) if total == held => {}
+            other => problems.push(format!(
+                "{INDEX_NAME}: total_size is {other:?}, but its files hold {held} bytes of tensors"
+            )),
+        }
     }
     let mut targets = Vec::new();
     for (i, (file, names)) in files.iter().enumerate() {
@@ -132,14 +144,15 @@ pub fn existing_targets(
                 continue;
             };
             let tensor = &plan.tensors[t];
-            if entry.dtype != tensor.dtype || entry.shape != tensor.shape {
+            let dtype_ok = can_convert(tensor.dtype, entry.dtype);
+            if !dtype_ok || entry.shape != tensor.shape {
                 problems.push(format!(
                     "{file}: '{}' is {} {:?}, the shards say {} {:?}",
                     entry.name, entry.dtype, entry.shape, tensor.dtype, tensor.shape
                 ));
                 continue;
             }
-            tensors.push((t, header.data_start + entry.begin));
+            tensors.push((t, header.data_start + entry.begin, entry.dtype));
         }
         for name in listed {
             if !header.tensors.iter().any(|e| e.name == name) {
@@ -160,42 +173,58 @@ pub fn existing_targets(
 /// Compares every tensor byte of `targets` with the shards, in parallel.
 /// Returns one line per mismatching tensor; I/O failures are errors.
 pub fn compare(plan: &Plan, targets: &[Target]) -> Result<Vec<String>> {
-    let jobs: Vec<(&Target, usize, u64)> = targets
+    let jobs: Vec<(&Target, usize, u64, Dtype)> = targets
         .iter()
-        .flat_map(|t| t.tensors.iter().map(move |&(tensor, at)| (t, tensor, at)))
+        .flat_map(|t| {
+            t.tensors
+                .iter()
+                .map(move |&(tensor, at, dtype)| (t, tensor, at, dtype))
+        })
         .collect();
     let results: Vec<Option<String>> = jobs
         .par_iter()
-        .map(|&(target, tensor, at)| compare_tensor(plan, target, tensor, at))
+        .map(|&(target, tensor, at, dtype)| compare_tensor(plan, target, tensor, at, dtype))
         .collect::<Result<_>>()?;
     Ok(results.into_iter().flatten().collect())
 }
 
-fn compare_tensor(plan: &Plan, target: &Target, t: usize, at: u64) -> Result<Option<String>> {
+/// Compares one written tensor, window by window, with the bytes its pieces
+/// give (converted to `dtype` when it was exported in another type).
+fn compare_tensor(
+    plan: &Plan,
+    target: &Target,
+    t: usize,
+    at: u64,
+    dtype: Dtype,
+) -> Result<Option<String>> {
     let tensor = &plan.tensors[t];
-    let len = tensor.byte_len();
+    let (from, to) = (tensor.dtype.size(), dtype.size());
+    let elements = tensor.element_count();
     let file = File::open(&target.path).map_err(|e| Error::io("open", &target.path, e))?;
     let copy = TensorCopy::new(tensor);
     let mut inputs = ShardFiles::new(&plan.shards);
-    let window = WINDOW_BYTES.min(len) as usize;
-    let (mut expected, mut actual) = (vec![0u8; window], vec![0u8; window]);
-    let mut start = 0;
-    while start < len {
-        let end = (start + WINDOW_BYTES).min(len);
-        let n = (end - start) as usize;
-        let (expected, actual) = (&mut expected[..n], &mut actual[..n]);
-        copy.assemble(start..end, &mut inputs, expected)?;
-        file.read_exact_at(actual, at + start)
+    let per_window = WINDOW_BYTES / from.max(to);
+    let (mut source, mut expected, mut actual) = (Vec::new(), Vec::new(), Vec::new());
+    let mut element = 0;
+    while element < elements {
+        let stop = (element + per_window).min(elements);
+        let count = (stop - element) as usize;
+        source.resize(count * from as usize, 0);
+        copy.assemble(element * from..stop * from, &mut inputs, &mut source)?;
+        expected.resize(count * to as usize, 0);
+        convert(tensor.dtype, dtype, &source, &mut expected);
+        actual.resize(expected.len(), 0);
+        file.read_exact_at(&mut actual, at + element * to)
             .map_err(|e| Error::io("read back", &target.path, e))?;
         if let Some(i) = expected.iter().zip(actual.iter()).position(|(a, b)| a != b) {
             return Ok(Some(format!(
                 "'{}' in {}: first difference at byte {} of the tensor",
                 tensor.name,
                 target.name,
-                start + i as u64
+                element * to + i as u64
             )));
         }
-        start = end;
+        element = stop;
     }
     Ok(None)
 }

@@ -6,6 +6,7 @@ use st_consolidate_mpi::comm::{
     Communicator, MpiWorld, SingleProcess, check_world, launcher_tasks,
 };
 use st_consolidate_mpi::driver::{Config, run};
+use st_consolidate_mpi::dtype::Dtype;
 use st_consolidate_mpi::mapping::{MappingSource, Unmapped, parse_size};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -96,6 +97,11 @@ struct Cli {
     #[arg(long, value_name = "FILE.json")]
     report: Option<PathBuf>,
 
+    /// Convert every floating-point tensor (F16, BF16, F32, F64) to this type, rounding to
+    /// nearest even exactly as PyTorch's tensor.to(dtype); integer, bool and fp8 tensors stay.
+    #[arg(long, value_enum)]
+    dtype: Option<ExportDtype>,
+
     /// Remove PREFIX from the start of every tensor name in the output (repeatable; the first
     /// matching prefix is removed). Mapping files are matched against the stripped names.
     #[arg(long, value_name = "PREFIX")]
@@ -127,6 +133,25 @@ impl Cli {
             report: self.report,
             strip_prefixes: self.strip_prefix,
             command_line: std::env::args().collect(),
+            dtype: self.dtype.map(ExportDtype::dtype),
+        }
+    }
+}
+
+/// The `--dtype` choices.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ExportDtype {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl ExportDtype {
+    fn dtype(self) -> Dtype {
+        match self {
+            ExportDtype::Bf16 => Dtype::BF16,
+            ExportDtype::F16 => Dtype::F16,
+            ExportDtype::F32 => Dtype::F32,
         }
     }
 }

@@ -1,0 +1,108 @@
+//! `--dtype` export end to end: every floating-point tensor converted,
+//! everything else untouched, headers, sizes and the index following.
+//! (The conversion itself is checked bit for bit against PyTorch in
+//! src/convert.rs.)
+
+mod common;
+use common::*;
+use st_consolidate_mpi::convert::{convert, output_dtype};
+use st_consolidate_mpi::dtype::Dtype;
+use st_consolidate_mpi::header::read_header;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// name -> (dtype, shape, bytes) of every tensor in a consolidated folder.
+fn tensors(dir: &Path) -> BTreeMap<String, (Dtype, Vec<u64>, Vec<u8>)> {
+    let mut all = BTreeMap::new();
+    for name in names(dir).iter().filter(|n| n.ends_with(".safetensors")) {
+        let path = dir.join(name);
+        let header = read_header(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        for t in header.tensors {
+            let data = bytes
+                [(header.data_start + t.begin) as usize..(header.data_start + t.end) as usize]
+                .to_vec();
+            all.insert(t.name, (t.dtype, t.shape, data));
+        }
+    }
+    all
+}
+
+#[test]
+fn floats_are_converted_and_everything_else_is_kept() {
+    // The zoo has every dtype; 4 source ranks give column and mesh pieces.
+    let ckpt = tempfile::tempdir().unwrap();
+    make_shards(
+        ckpt.path(),
+        &["--layout", "zoo", "--ranks", "4", "--seed", "5"],
+    );
+    let mapping = ckpt.path().join("mapping.json");
+    let plain = tempfile::tempdir().unwrap();
+    consolidate_ok(
+        2,
+        &["--mapping", s(&mapping), s(ckpt.path()), s(plain.path())],
+    );
+    let source = tensors(plain.path());
+    for (flag, target) in [
+        ("bf16", Dtype::BF16),
+        ("f16", Dtype::F16),
+        ("f32", Dtype::F32),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        consolidate_ok(
+            3,
+            &[
+                "--dtype",
+                flag,
+                "--verify",
+                "--mapping",
+                s(&mapping),
+                s(ckpt.path()),
+                s(out.path()),
+            ],
+        );
+        // output_tensors checks the index, total_size and alignment.
+        let _ = output_tensors(out.path());
+        let got = tensors(out.path());
+        assert_eq!(got.len(), source.len());
+        for (name, (dtype, shape, bytes)) in &source {
+            let want_dtype = output_dtype(*dtype, Some(target));
+            let mut want =
+                vec![0u8; bytes.len() / dtype.size() as usize * want_dtype.size() as usize];
+            convert(*dtype, want_dtype, bytes, &mut want);
+            let (got_dtype, got_shape, got_bytes) = &got[name];
+            assert_eq!((got_dtype, got_shape), (&want_dtype, shape), "{name}");
+            assert!(got_bytes == &want, "{name} --dtype {flag}");
+            if !matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) {
+                assert_eq!(got_bytes, bytes, "{name} must be untouched");
+            }
+        }
+        // --verify-only understands an exported output.
+        consolidate_ok(2, &["--verify-only", s(ckpt.path()), s(out.path())]);
+    }
+}
+
+#[test]
+fn a_bf16_export_of_the_torch_fixture_halves_f32_and_f64() {
+    let input = torch_fixture();
+    let out = tempfile::tempdir().unwrap();
+    consolidate_ok(
+        2,
+        &[
+            "--dtype",
+            "bf16",
+            "--mapping",
+            s(&input.join("mapping.json")),
+            s(&input),
+            s(out.path()),
+        ],
+    );
+    let got = tensors(out.path());
+    assert!(got.values().all(|(dtype, _, _)| *dtype == Dtype::BF16));
+    let conv = &got["model.layers.0.conv.bias"]; // F64 [6, 5, 7, 9] in the shards
+    assert_eq!(conv.2.len(), 6 * 5 * 7 * 9 * 2);
+}
