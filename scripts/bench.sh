@@ -81,6 +81,35 @@ print(f"| {layout} | {size/1e9:.2f} | {base:.2f} | {one:.2f} | {one/base:.2f} | 
 PY
     rm -rf "$ckpt" "$work/out"
 done
+# --dtype: f32 master weights exported as bf16, against the same
+# consolidation without conversion and the baseline.
+ckpt=$work/ckpt-f32
+rm -rf "$ckpt" "$work/out"
+"$make" "$ckpt" --layout mixed --ranks 8 --files 4 --layers "$(( (layers + 1) / 2 ))" \
+    --hidden "$hidden" --vocab "$vocab" --dtype f32 --seed 2 2>/dev/null
+bytes=$(cat "$ckpt"/shard-*.safetensors | wc -c)
+: > "$work/t.base"; : > "$work/t.plain"; : > "$work/t.cast"
+for run in $(seq "$runs"); do
+    rm -rf "$work/out"; mkdir -p "$work/out"; sync
+    timed "$work/t.base" sh -c "cat $ckpt/shard-*.safetensors > $work/out/cat.bin && sync $work/out/cat.bin"
+    rm -rf "$work/out"; sync
+    timed "$work/t.plain" "$bin" -q --mapping "$ckpt/mapping.json" "$ckpt" "$work/out"
+    rm -rf "$work/out"; sync
+    timed "$work/t.cast" "$bin" -q --dtype bf16 --mapping "$ckpt/mapping.json" "$ckpt" "$work/out"
+done
+"$bin" -q --verify-only "$ckpt" "$work/out"
+python3 - "$bytes" "$work" >> "$results" <<'PY'
+import statistics, sys
+size, work = int(sys.argv[1]), sys.argv[2]
+med = lambda name: statistics.median(float(x) for x in open(f"{work}/t.{name}"))
+base, plain, cast = med("base"), med("plain"), med("cast")
+print()
+print("| --dtype | GB in | baseline s | 1 rank, f32 kept s | 1 rank, --dtype bf16 s | bf16 / kept | bf16 / baseline |")
+print("|---|---|---|---|---|---|---|")
+print(f"| f32 → bf16 | {size/1e9:.2f} | {base:.2f} | {plain:.2f} | {cast:.2f} | {cast/plain:.2f} | {cast/base:.2f} |")
+PY
+rm -rf "$ckpt" "$work/out"
+
 echo "medians of $runs runs; $(nproc) cores; $(uname -sr)" >> "$results"
 target/release/examples/coverage_bench >> "$results"
 cat "$results"

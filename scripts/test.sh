@@ -31,6 +31,9 @@ mpirun -n 3 target/release/st-consolidate-mpi -q --mapping "$zoo/in/mapping.json
 echo "== launchers: Slurm (sbatch, srun pmix/pmi2), MPICH, 64 ranks"
 scripts/test-launchers.sh | tee -a "$log"
 
+echo "== transformers round trip (PyTorch writer, AutoModelForCausalLM, --dtype vs torch casts)"
+scripts/test-transformers.sh | tee -a "$log"
+
 echo "== benchmark smoke (20 MB, 1 run; real numbers come from scripts/bench.sh)"
 BENCH_DIR=$(mktemp -d) scripts/bench.sh 0.02 1 | grep -E "^\| (mixed|tp) "
 
@@ -38,5 +41,5 @@ echo "== fuzz the header parser (cargo fuzz, 20 s)"
 scripts/fuzz.sh 20
 
 # One closing line for the whole run, summed over every test binary.
-awk '/^test result:/ { p += $4; f += $6 } /^launchers:/ { p += $2; f += $4 }
+awk '/^test result:/ { p += $4; f += $6 } /^(launchers|transformers):/ { p += $2; f += $4 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
