@@ -15,13 +15,14 @@ use crate::error::{Error, Result};
 use crate::input::read_checkpoint;
 use crate::mapping::{MappingSource, Unmapped, assign};
 use crate::names::strip_prefixes;
-use crate::output::{PendingFile, remove_stale_temps, sync_dir, write_atomically};
-use crate::plan::Plan;
+use crate::output::{PendingFile, remove_stale_temps, sync_dir, temp_name, write_atomically};
+use crate::plan::{Plan, Schedule};
 use crate::progress::{Counters, FinishOnDrop, watch};
 use crate::report::{RankReport, RunReport};
 use crate::verify::{compare, existing_targets, written_targets};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -68,6 +69,8 @@ pub struct Config {
     pub command_line: Vec<String>,
     /// Convert floating-point tensors to this dtype (`--dtype`).
     pub dtype: Option<Dtype>,
+    /// How output bytes are split among ranks.
+    pub schedule: Schedule,
 }
 
 /// What a finished run did.
@@ -151,11 +154,15 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         plan.files.len()
     ));
 
+    // Owners create and size their files before anyone writes to them
+    // (under the balanced schedule, other ranks write into them too).
+    let created = pool.install(|| create_files(config, &plan, rank));
+    let created = agree(comm, created)?;
     let counters = Counters::default();
     let written = std::thread::scope(|scope| {
         let worker = scope.spawn(|| {
             let _finish = FinishOnDrop(&counters);
-            pool.install(|| write_files(config, &plan, rank, &counters.copied))
+            pool.install(|| copy_and_sync(config, &plan, rank, &created, &counters.copied))
         });
         if config.progress_secs > 0.0 && !config.quiet {
             let interval = Duration::from_secs_f64(config.progress_secs);
@@ -168,7 +175,8 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
             ))
         })
     });
-    let (pending, timing) = agree(comm, written)?;
+    let timing = agree(comm, written)?;
+    let pending: Vec<PendingFile> = created.into_values().collect();
     if config.verbose {
         let bytes = plan.bytes_per_rank()[rank];
         eprintln!(
@@ -326,13 +334,9 @@ pub fn make_plan(config: &Config, world_size: usize) -> Result<Plan> {
         .collect();
     let assignment = assign(&sizes, &config.mapping, config.unmapped)?;
     let shards = checkpoint.shards.into_iter().map(|s| s.path).collect();
-    Ok(Plan::new(
-        shards,
-        tensors,
-        assignment,
-        world_size,
-        config.dtype,
-    ))
+    let mut plan = Plan::new(shards, tensors, assignment, world_size, config.dtype);
+    plan.schedule = config.schedule;
+    Ok(plan)
 }
 
 /// Rank 0 only: creates OUTPUT_DIR, refuses to clobber inputs or (without
@@ -396,39 +400,72 @@ struct WriteTiming {
     sync: f64,
 }
 
-/// Writes this rank's files under temporary names and syncs them.
-fn write_files(
-    config: &Config,
-    plan: &Plan,
-    rank: usize,
-    copied: &AtomicU64,
-) -> Result<(Vec<PendingFile>, WriteTiming)> {
-    let started = Instant::now();
-    let mine = plan.files_of(rank);
-    let mut pending: BTreeMap<usize, PendingFile> = BTreeMap::new();
-    for &f in &mine {
+/// Creates this rank's files under temporary names, sized, with their
+/// headers, after checking their replicated pieces.
+fn create_files(config: &Config, plan: &Plan, rank: usize) -> Result<BTreeMap<usize, PendingFile>> {
+    let mut created = BTreeMap::new();
+    for f in plan.files_of(rank) {
         let file = &plan.files[f];
         let out = PendingFile::create(&config.output, &file.name, file.len())?;
         std::os::unix::fs::FileExt::write_all_at(out.file(), &file.header, 0)
             .map_err(|e| Error::io("write", out.temp_path(), e))?;
         check_replicas(plan, f)?;
-        pending.insert(f, out);
+        created.insert(f, out);
     }
-    plan.work_items(rank).par_iter().try_for_each(|item| {
-        let out = &pending[&item.file];
-        copy_item(plan, item, out.file(), out.temp_path(), copied)
+    Ok(created)
+}
+
+/// Copies this rank's work items, into its own files or (balanced schedule)
+/// into ranges of files other ranks created, then syncs every file it wrote.
+fn copy_and_sync(
+    config: &Config,
+    plan: &Plan,
+    rank: usize,
+    created: &BTreeMap<usize, PendingFile>,
+    copied: &AtomicU64,
+) -> Result<WriteTiming> {
+    let started = Instant::now();
+    let items = plan.work_items(rank);
+    // Every file this rank writes to: its own, or another owner's, opened
+    // for writing in place (never created or truncated here).
+    let mut targets: BTreeMap<usize, (File, PathBuf)> = BTreeMap::new();
+    for item in &items {
+        if targets.contains_key(&item.file) {
+            continue;
+        }
+        let target = match created.get(&item.file) {
+            Some(out) => {
+                let file = out
+                    .file()
+                    .try_clone()
+                    .map_err(|e| Error::io("reopen", out.temp_path(), e))?;
+                (file, out.temp_path().to_owned())
+            }
+            None => {
+                let path = config.output.join(temp_name(&plan.files[item.file].name));
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| Error::io("open for writing", &path, e))?;
+                (file, path)
+            }
+        };
+        targets.insert(item.file, target);
+    }
+    items.par_iter().try_for_each(|item| {
+        let (file, path) = &targets[&item.file];
+        copy_item(plan, item, file, path, copied)
     })?;
-    let copied = Instant::now();
-    pending
+    let copy_done = Instant::now();
+    targets
         .values()
         .collect::<Vec<_>>()
         .par_iter()
-        .try_for_each(|out| out.sync())?;
-    let timing = WriteTiming {
-        copy: (copied - started).as_secs_f64(),
-        sync: copied.elapsed().as_secs_f64(),
-    };
-    Ok((pending.into_values().collect(), timing))
+        .try_for_each(|(file, path)| file.sync_all().map_err(|e| Error::io("sync", path, e)))?;
+    Ok(WriteTiming {
+        copy: (copy_done - started).as_secs_f64(),
+        sync: copy_done.elapsed().as_secs_f64(),
+    })
 }
 
 /// Rank 0 only: checks that every planned file was reported written exactly

@@ -8,6 +8,7 @@ use st_consolidate_mpi::comm::{
 use st_consolidate_mpi::driver::{Config, run};
 use st_consolidate_mpi::dtype::Dtype;
 use st_consolidate_mpi::mapping::{MappingSource, Unmapped, parse_size};
+use st_consolidate_mpi::plan::Schedule;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -97,6 +98,13 @@ struct Cli {
     #[arg(long, value_name = "FILE.json")]
     report: Option<PathBuf>,
 
+    /// How output bytes are split among ranks: modulo (file i written whole by rank
+    /// i % ranks; one writer per file, safe on every filesystem, NFS included) or balanced
+    /// (equal contiguous byte blocks; several ranks write disjoint ranges of one file, which
+    /// local filesystems, Lustre and GPFS handle, NFS without care may not).
+    #[arg(long, value_enum, default_value_t = Schedule::Modulo)]
+    schedule: Schedule,
+
     /// Convert every floating-point tensor (F16, BF16, F32, F64) to this type, rounding to
     /// nearest even exactly as PyTorch's tensor.to(dtype); integer, bool and fp8 tensors stay.
     #[arg(long, value_enum)]
@@ -134,6 +142,7 @@ impl Cli {
             strip_prefixes: self.strip_prefix,
             command_line: std::env::args().collect(),
             dtype: self.dtype.map(ExportDtype::dtype),
+            schedule: self.schedule,
         }
     }
 }
