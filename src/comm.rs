@@ -25,6 +25,9 @@ pub trait Communicator {
     /// Collective: rank 0 receives every rank's bytes, in rank order; the
     /// others receive `None`. Payloads must stay below 2 GiB.
     fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>>;
+    /// Collective: every rank receives every rank's bytes, in rank order.
+    /// Payloads must stay below 2 GiB in total.
+    fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>>;
     /// Collective: element-wise sums over all ranks, by a non-blocking
     /// all-reduce on a communicator of its own (so it never mixes with the
     /// other collectives), polled until done. Used for progress while
@@ -80,6 +83,9 @@ impl Communicator for SingleProcess {
     }
     fn sum_nonblocking(&self, values: [u64; 2]) -> [u64; 2] {
         values
+    }
+    fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
+        vec![bytes.to_vec()]
     }
 }
 
@@ -158,6 +164,24 @@ impl Communicator for MpiWorld {
         sums
     }
 
+    fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
+        let count = mpi::Count::try_from(bytes.len()).unwrap_or(mpi::Count::MAX);
+        let bytes = &bytes[..usize::try_from(count).unwrap_or(0)];
+        let mut counts = vec![0 as mpi::Count; self.size()];
+        self.world.all_gather_into(&count, &mut counts[..]);
+        let displs = displacements(&counts);
+        let total: usize = counts
+            .iter()
+            .map(|&n| usize::try_from(n).unwrap_or(0))
+            .sum();
+        let mut buffer = vec![0u8; total];
+        {
+            let mut partition = PartitionMut::new(&mut buffer[..], &counts[..], &displs[..]);
+            self.world.all_gather_varcount_into(bytes, &mut partition);
+        }
+        split(&buffer, &counts)
+    }
+
     fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
         let root = self.world.process_at_rank(0);
         let count = mpi::Count::try_from(bytes.len()).unwrap_or(mpi::Count::MAX);
@@ -169,14 +193,7 @@ impl Communicator for MpiWorld {
         }
         let mut counts = vec![0 as mpi::Count; self.size()];
         root.gather_into_root(&count, &mut counts[..]);
-        let displs: Vec<mpi::Count> = counts
-            .iter()
-            .scan(0, |acc, &n| {
-                let start = *acc;
-                *acc += n;
-                Some(start)
-            })
-            .collect();
+        let displs = displacements(&counts);
         let total: usize = counts
             .iter()
             .map(|&n| usize::try_from(n).unwrap_or(0))
@@ -186,15 +203,32 @@ impl Communicator for MpiWorld {
             let mut partition = PartitionMut::new(&mut buffer[..], &counts[..], &displs[..]);
             root.gather_varcount_into_root(bytes, &mut partition);
         }
-        let mut parts = Vec::with_capacity(counts.len());
-        let mut offset = 0;
-        for &n in &counts {
-            let n = usize::try_from(n).unwrap_or(0);
-            parts.push(buffer[offset..offset + n].to_vec());
-            offset += n;
-        }
-        Some(parts)
+        Some(split(&buffer, &counts))
     }
+}
+
+/// Where each rank's part starts in a variable-count receive buffer.
+fn displacements(counts: &[mpi::Count]) -> Vec<mpi::Count> {
+    counts
+        .iter()
+        .scan(0, |acc, &n| {
+            let start = *acc;
+            *acc += n;
+            Some(start)
+        })
+        .collect()
+}
+
+/// Cuts a variable-count receive buffer into each rank's part.
+fn split(buffer: &[u8], counts: &[mpi::Count]) -> Vec<Vec<u8>> {
+    let mut parts = Vec::with_capacity(counts.len());
+    let mut offset = 0;
+    for &n in counts {
+        let n = usize::try_from(n).unwrap_or(0);
+        parts.push(buffer[offset..offset + n].to_vec());
+        offset += n;
+    }
+    parts
 }
 
 #[cfg(test)]

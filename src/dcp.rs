@@ -12,7 +12,7 @@ use std::path::PathBuf;
 pub const SHARDING_INFO_KEY: &str = "DCP_SHARDING_INFO";
 
 /// One input shard file and its parsed header.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Shard {
     /// Path of the shard file.
     pub path: PathBuf,

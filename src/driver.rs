@@ -12,7 +12,7 @@ use crate::copy::{check_replicas, copy_item};
 use crate::dcp::index_pieces;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::input::read_checkpoint;
+use crate::input::{HeaderReading, ParsedShard, assemble, list_shard_files, read_shards};
 use crate::mapping::{MappingSource, Unmapped, assign};
 use crate::names::strip_prefixes;
 use crate::output::{PendingFile, remove_stale_temps, sync_dir, temp_name, write_atomically};
@@ -46,6 +46,8 @@ pub struct Config {
     pub threads: Option<usize>,
     /// Print the plan and write nothing.
     pub dry_run: bool,
+    /// Plan for this many ranks instead of the job's (with `dry_run`).
+    pub plan_ranks: Option<usize>,
     /// Replace existing consolidated outputs.
     pub overwrite: bool,
     /// Read every written byte back and compare it with the shards before
@@ -71,6 +73,8 @@ pub struct Config {
     pub dtype: Option<Dtype>,
     /// How output bytes are split among ranks.
     pub schedule: Schedule,
+    /// Whether every rank reads every header, or each reads a share.
+    pub headers: HeaderReading,
 }
 
 /// What a finished run did.
@@ -106,7 +110,9 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
             )
         })?;
 
-    let plan = agree(comm, pool.install(|| make_plan(config, size)))?;
+    let plan_ranks = config.plan_ranks.filter(|_| config.dry_run).unwrap_or(size);
+    let (parsed, headers_read) = read_headers(config, comm, &pool)?;
+    let plan = agree(comm, pool.install(|| make_plan(config, plan_ranks, parsed)))?;
     for name in &plan.missing {
         say(&format!(
             "warning: '{name}' is in the mapping but in no shard; it is left out"
@@ -211,7 +217,7 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         bytes: plan.bytes_per_rank()[rank],
         seconds: started.elapsed().as_secs_f64(),
         threads,
-        header_files_read: plan.shards.len(),
+        header_files_read: headers_read,
     };
     let payload = serde_json::to_vec(&mine).unwrap_or_default();
     let published = match comm.gather(&payload) {
@@ -320,9 +326,62 @@ fn agree<T>(comm: &dyn Communicator, result: Result<T>) -> Result<T> {
     }
 }
 
-/// Reads every header and builds the plan (identical on every rank).
-pub fn make_plan(config: &Config, world_size: usize) -> Result<Plan> {
-    let checkpoint = read_checkpoint(&config.input, config.allow_missing_shard_files)?;
+/// Collective: the parsed headers of every shard file, on every rank, and
+/// how many of them this rank read itself. With `--headers all` each rank
+/// reads them all; with `shared` each reads every size-th file and the ranks
+/// exchange what they validated.
+fn read_headers(
+    config: &Config,
+    comm: &dyn Communicator,
+    pool: &rayon::ThreadPool,
+) -> Result<(Vec<ParsedShard>, usize)> {
+    let files = agree(comm, list_shard_files(&config.input))?;
+    let (rank, size) = (comm.rank(), comm.size());
+    if config.headers == HeaderReading::All || size == 1 {
+        let parsed = agree(comm, pool.install(|| read_shards(&files)))?;
+        return Ok((parsed, files.len()));
+    }
+    let mine: Vec<PathBuf> = files.iter().skip(rank).step_by(size).cloned().collect();
+    let encoded = pool.install(|| read_shards(&mine)).and_then(|parsed| {
+        serde_json::to_vec(&parsed).map_err(|e| {
+            Error::usage(
+                format!("cannot encode the headers read on rank {rank}: {e}"),
+                "shard paths must be valid UTF-8 for --headers shared; use --headers all",
+            )
+        })
+    });
+    let encoded = agree(comm, encoded)?;
+    let parts = comm.all_gather(&encoded);
+    let garbled = |what: String| {
+        Error::usage(
+            what,
+            "all ranks must run the same st-consolidate-mpi binary",
+        )
+    };
+    let decoded: Result<Vec<Vec<ParsedShard>>> = parts
+        .iter()
+        .map(|bytes| {
+            serde_json::from_slice(bytes)
+                .map_err(|e| garbled(format!("unreadable header summary: {e}")))
+        })
+        .collect();
+    // File i was read by rank i % size, as its (i / size)-th file.
+    let ordered = decoded.and_then(|per_rank| {
+        let mut per_rank: Vec<_> = per_rank.into_iter().map(Vec::into_iter).collect();
+        (0..files.len())
+            .map(|i| {
+                per_rank[i % size]
+                    .next()
+                    .ok_or_else(|| garbled("a rank sent fewer headers than it read".into()))
+            })
+            .collect::<Result<Vec<_>>>()
+    });
+    Ok((agree(comm, ordered)?, mine.len()))
+}
+
+/// Builds the plan from every shard's parsed header (identical on every rank).
+pub fn make_plan(config: &Config, world_size: usize, parsed: Vec<ParsedShard>) -> Result<Plan> {
+    let checkpoint = assemble(&config.input, parsed, config.allow_missing_shard_files)?;
     let mut tensors = index_pieces(&checkpoint.shards, &checkpoint.infos)?;
     strip_prefixes(&mut tensors, &config.strip_prefixes)?;
     let sizes: Vec<(&str, u64)> = tensors
@@ -534,19 +593,79 @@ pub fn describe(plan: &Plan) -> String {
             file.owner
         ));
     }
-    let per_rank = plan.bytes_per_rank();
-    let max = per_rank.iter().copied().max().unwrap_or(0);
-    let mean = plan.total_bytes() as f64 / plan.world_size.max(1) as f64;
-    let idle = per_rank.iter().filter(|&&b| b == 0).count();
-    out.push_str("bytes per rank:");
-    for (rank, bytes) in per_rank.iter().enumerate() {
-        out.push_str(&format!(" {rank}={bytes}"));
-    }
     out.push_str(&format!(
-        "\nmax/mean {:.3}, idle ranks {idle}\n",
-        if mean > 0.0 { max as f64 / mean } else { 1.0 }
+        "{:<10} {:>9} {:>16} {:>16} {:>11}{}\n",
+        "schedule",
+        "max/mean",
+        "max bytes/rank",
+        "mean bytes/rank",
+        "idle ranks",
+        if plan.world_size <= 16 {
+            "   bytes per rank"
+        } else {
+            ""
+        }
     ));
+    for schedule in [Schedule::Modulo, Schedule::Balanced] {
+        let mut variant = plan.clone();
+        variant.schedule = schedule;
+        let balance = Balance::of(&variant);
+        out.push_str(&format!(
+            "{:<10} {:>9.3} {:>16} {:>16.0} {:>11}",
+            format!("{schedule:?}").to_lowercase(),
+            balance.max_over_mean,
+            balance.max,
+            balance.mean,
+            balance.idle
+        ));
+        if plan.world_size <= 16 {
+            out.push_str("   ");
+            out.push_str(
+                &balance
+                    .per_rank
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+        if schedule == plan.schedule {
+            out.push_str("   (selected)");
+        }
+        out.push('\n');
+    }
     out
+}
+
+/// How evenly a plan spreads bytes over its ranks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Balance {
+    /// Tensor bytes per rank.
+    pub per_rank: Vec<u64>,
+    /// The busiest rank's bytes.
+    pub max: u64,
+    /// Mean bytes per rank.
+    pub mean: f64,
+    /// max / mean (1.0 is perfect).
+    pub max_over_mean: f64,
+    /// Ranks with nothing to write.
+    pub idle: usize,
+}
+
+impl Balance {
+    /// The balance of `plan` under its schedule.
+    pub fn of(plan: &Plan) -> Balance {
+        let per_rank = plan.bytes_per_rank();
+        let max = per_rank.iter().copied().max().unwrap_or(0);
+        let mean = plan.total_bytes() as f64 / plan.world_size.max(1) as f64;
+        Balance {
+            max,
+            mean,
+            max_over_mean: if mean > 0.0 { max as f64 / mean } else { 1.0 },
+            idle: per_rank.iter().filter(|&&b| b == 0).count(),
+            per_rank,
+        }
+    }
 }
 
 /// Formats a byte count for people.

@@ -3,7 +3,9 @@
 use std::fmt;
 
 /// A safetensors dtype that can be consolidated (every type of whole bytes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[allow(missing_docs, non_camel_case_types)]
 pub enum Dtype {
     BOOL,

@@ -16,7 +16,7 @@ use std::path::Path;
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
 
 /// One tensor entry of a safetensors header.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TensorEntry {
     /// The tensor's name.
     pub name: String,
@@ -31,7 +31,7 @@ pub struct TensorEntry {
 }
 
 /// A parsed and validated safetensors header.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Header {
     /// Tensor entries, in data order.
     pub tensors: Vec<TensorEntry>,

@@ -5,11 +5,12 @@ use crate::error::{Error, Result};
 use crate::header::read_header;
 use crate::mapping::parse_output_name;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Per-tensor piece offsets of one shard.
-type ShardingInfo = HashMap<String, Vec<u64>>;
+pub type ShardingInfo = HashMap<String, Vec<u64>>;
 
 /// The checkpoint as read from disk.
 #[derive(Debug)]
@@ -50,31 +51,73 @@ pub fn find_shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Reads and validates every shard header in `dir`, in parallel. Unless
-/// `allow_missing`, also checks that no shard file of the set is missing.
-pub fn read_checkpoint(dir: &Path, allow_missing: bool) -> Result<Checkpoint> {
+/// Who reads the shard headers (`--headers`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HeaderReading {
+    /// Every rank reads every header (the design card's way).
+    #[default]
+    All,
+    /// Each rank reads 1/size of the headers and the ranks exchange a
+    /// validated summary: each header is read once per job, not once per
+    /// rank (no metadata storm on Lustre).
+    Shared,
+}
+
+/// One shard file as read: its validated header and decoded sharding info
+/// (`None` when the file carries no DCP metadata). Small enough to send to
+/// other ranks (`--headers shared`): the raw metadata is dropped once decoded.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ParsedShard {
+    /// The file and its header.
+    pub shard: Shard,
+    /// Per-tensor piece offsets.
+    pub info: Option<ShardingInfo>,
+}
+
+/// The shard files of INPUT_DIR, in sorted order.
+pub fn list_shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
         return Err(Error::usage(
             format!("INPUT_DIR {} is not a directory", dir.display()),
             "pass the folder holding the shard-*.safetensors files",
         ));
     }
-    let files = find_shard_files(dir)?;
-    let parsed: Vec<(Shard, Option<ShardingInfo>)> = files
-        .into_par_iter()
+    find_shard_files(dir)
+}
+
+/// Reads and validates the headers of `paths`, in parallel.
+pub fn read_shards(paths: &[PathBuf]) -> Result<Vec<ParsedShard>> {
+    paths
+        .par_iter()
         .map(|path| {
-            let header = read_header(&path)?;
-            let shard = Shard { path, header };
+            let header = read_header(path)?;
+            let mut shard = Shard {
+                path: path.clone(),
+                header,
+            };
             let info = sharding_info(&shard)?;
-            Ok((shard, info))
+            shard.header.metadata.clear();
+            Ok(ParsedShard { shard, info })
         })
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+/// Reads and validates every shard header in `dir`. Unless
+/// `allow_missing`, also checks that no shard file of the set is missing.
+pub fn read_checkpoint(dir: &Path, allow_missing: bool) -> Result<Checkpoint> {
+    let parsed = read_shards(&list_shard_files(dir)?)?;
+    assemble(dir, parsed, allow_missing)
+}
+
+/// Builds the checkpoint from the parsed files of `dir` (in listing order),
+/// skipping earlier consolidated outputs and refusing other non-shards.
+pub fn assemble(dir: &Path, parsed: Vec<ParsedShard>, allow_missing: bool) -> Result<Checkpoint> {
     let mut checkpoint = Checkpoint {
         shards: Vec::new(),
         infos: Vec::new(),
         skipped: Vec::new(),
     };
-    for (shard, info) in parsed {
+    for ParsedShard { shard, info } in parsed {
         match info {
             Some(info) => {
                 checkpoint.shards.push(shard);

@@ -7,6 +7,7 @@ use st_consolidate_mpi::comm::{
 };
 use st_consolidate_mpi::driver::{Config, run};
 use st_consolidate_mpi::dtype::Dtype;
+use st_consolidate_mpi::input::HeaderReading;
 use st_consolidate_mpi::mapping::{MappingSource, Unmapped, parse_size};
 use st_consolidate_mpi::plan::Schedule;
 use std::path::PathBuf;
@@ -62,6 +63,11 @@ struct Cli {
     #[arg(long)]
     dry_run: bool,
 
+    /// With --dry-run: plan for N ranks (bytes per rank, max/mean, idle ranks for both
+    /// schedules) without starting N ranks.
+    #[arg(long, value_name = "N", requires = "dry_run", value_parser = clap::value_parser!(u32).range(1..))]
+    ranks: Option<u32>,
+
     /// Replace consolidated files already in OUTPUT_DIR.
     #[arg(long)]
     overwrite: bool,
@@ -105,6 +111,12 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = Schedule::Modulo)]
     schedule: Schedule,
 
+    /// Who reads the shard headers: all (every rank reads every header) or shared (each rank
+    /// reads 1/ranks of them and the ranks exchange a validated summary, so each file is opened
+    /// once per job: use it for thousands of shards on Lustre or GPFS).
+    #[arg(long, value_enum, default_value_t = HeaderReading::All)]
+    headers: HeaderReading,
+
     /// Convert every floating-point tensor (F16, BF16, F32, F64) to this type, rounding to
     /// nearest even exactly as PyTorch's tensor.to(dtype); integer, bool and fp8 tensors stay.
     #[arg(long, value_enum)]
@@ -131,6 +143,7 @@ impl Cli {
             unmapped: self.unmapped,
             threads: self.threads.map(usize::from),
             dry_run: self.dry_run,
+            plan_ranks: self.ranks.map(|n| n as usize),
             overwrite: self.overwrite,
             verify: self.verify,
             verify_only: self.verify_only,
@@ -143,6 +156,7 @@ impl Cli {
             command_line: std::env::args().collect(),
             dtype: self.dtype.map(ExportDtype::dtype),
             schedule: self.schedule,
+            headers: self.headers,
         }
     }
 }
