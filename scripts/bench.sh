@@ -12,7 +12,8 @@
 #   and, for the scaling from parallelism alone, 1 rank with --threads 1;
 # with peak RSS per rank (/usr/bin/time, maximum resident set size).
 # Every output is checked against the manifest; a mismatch exits non-zero.
-# The table is printed and saved to target/bench/results.md.
+# The table is printed and saved to target/bench/results.md, followed by the
+# scale simulation of scripts/scale.sh (70B and 405B layouts, sparse).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gb=${1:-1}
@@ -112,4 +113,6 @@ rm -rf "$ckpt" "$work/out"
 
 echo "medians of $runs runs; $(nproc) cores; $(uname -sr)" >> "$results"
 target/release/examples/coverage_bench >> "$results"
+echo >> "$results"
+scripts/scale.sh >> "$results"
 cat "$results"

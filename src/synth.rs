@@ -86,6 +86,8 @@ pub struct ModelSize {
     pub hidden: u64,
     /// Vocabulary size.
     pub vocab: u64,
+    /// MLP intermediate size (0: twice the hidden size).
+    pub intermediate: u64,
 }
 
 /// A rows x cols factorisation of `ranks`, as square as possible.
@@ -121,7 +123,12 @@ impl Spec {
             Layout::Tp => col.clone(),
             _ => grid.clone(),
         };
-        let (h, v, inter) = (size.hidden, size.vocab, size.hidden * 2);
+        let inter = if size.intermediate == 0 {
+            size.hidden * 2
+        } else {
+            size.intermediate
+        };
+        let (h, v) = (size.hidden, size.vocab);
         let files = files.max(1);
         let layers = size.layers.max(1);
         let mut tensors = Vec::new();
@@ -190,6 +197,14 @@ impl Spec {
             Placement::Chunk(pick(&row)),
             files,
         );
+        // More files than layers: spread tensors rather than layers over the
+        // files, so that no output index is left empty.
+        if files > layers {
+            let count = tensors.len() as u64;
+            for (i, tensor) in tensors.iter_mut().enumerate() {
+                tensor.file = 1 + (i as u64 * u64::from(files) / count) as u32;
+            }
+        }
         Spec {
             ranks,
             files,

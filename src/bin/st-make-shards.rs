@@ -26,6 +26,9 @@ struct Cli {
     /// Vocabulary size.
     #[arg(long, default_value_t = 1000)]
     vocab: u64,
+    /// MLP intermediate size [default: twice the hidden size].
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    intermediate: u64,
     /// Output files in the mapping.
     #[arg(long, default_value_t = 2)]
     files: u32,
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         layers: cli.layers,
         hidden: cli.hidden,
         vocab: cli.vocab,
+        intermediate: cli.intermediate,
     };
     let spec = Spec::model(cli.layout, size, cli.ranks, cli.files, cli.dtype, cli.seed);
     match write(&spec, &cli.out_dir, cli.sparse) {
