@@ -71,6 +71,25 @@ fn progress_is_a_bar_on_a_terminal() {
         !text.contains("progress:"),
         "log lines on a terminal:\n{text}"
     );
+
+    // Under mpirun on a terminal, rank 0's stderr is a pipe to mpirun, so
+    // the job's progress arrives as log lines, once per round, from rank 0.
+    let out = tempfile::tempdir().unwrap();
+    let command = format!(
+        "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -n 4 {BIN} --progress 100 {} {}",
+        s(&input),
+        s(out.path())
+    );
+    let run = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{text}");
+    let lines = text
+        .matches("progress: 311.10 KB of 311.10 KB (100.0%)")
+        .count();
+    assert_eq!(lines, 1, "{text}");
 }
 
 #[test]
