@@ -169,17 +169,9 @@ impl Communicator for MpiWorld {
         let bytes = &bytes[..usize::try_from(count).unwrap_or(0)];
         let mut counts = vec![0 as mpi::Count; self.size()];
         self.world.all_gather_into(&count, &mut counts[..]);
-        let displs = displacements(&counts);
-        let total: usize = counts
-            .iter()
-            .map(|&n| usize::try_from(n).unwrap_or(0))
-            .sum();
-        let mut buffer = vec![0u8; total];
-        {
-            let mut partition = PartitionMut::new(&mut buffer[..], &counts[..], &displs[..]);
-            self.world.all_gather_varcount_into(bytes, &mut partition);
-        }
-        split(&buffer, &counts)
+        receive_parts(&counts, |partition| {
+            self.world.all_gather_varcount_into(bytes, partition)
+        })
     }
 
     fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
@@ -193,42 +185,40 @@ impl Communicator for MpiWorld {
         }
         let mut counts = vec![0 as mpi::Count; self.size()];
         root.gather_into_root(&count, &mut counts[..]);
-        let displs = displacements(&counts);
-        let total: usize = counts
-            .iter()
-            .map(|&n| usize::try_from(n).unwrap_or(0))
-            .sum();
-        let mut buffer = vec![0u8; total];
-        {
-            let mut partition = PartitionMut::new(&mut buffer[..], &counts[..], &displs[..]);
-            root.gather_varcount_into_root(bytes, &mut partition);
-        }
-        Some(split(&buffer, &counts))
+        Some(receive_parts(&counts, |partition| {
+            root.gather_varcount_into_root(bytes, partition)
+        }))
     }
 }
 
-/// Where each rank's part starts in a variable-count receive buffer.
-fn displacements(counts: &[mpi::Count]) -> Vec<mpi::Count> {
-    counts
+/// Runs a variable-count receive of `counts[r]` bytes from each rank r
+/// into one buffer, and cuts it into each rank's part.
+fn receive_parts(
+    counts: &[mpi::Count],
+    receive: impl FnOnce(&mut PartitionMut<'_, [u8], &[mpi::Count], Vec<mpi::Count>>),
+) -> Vec<Vec<u8>> {
+    let sizes: Vec<usize> = counts
         .iter()
-        .scan(0, |acc, &n| {
-            let start = *acc;
-            *acc += n;
+        .map(|&n| usize::try_from(n).unwrap_or(0))
+        .collect();
+    let displs: Vec<mpi::Count> = counts
+        .iter()
+        .scan(0, |next, &n| {
+            let start = *next;
+            *next += n;
             Some(start)
         })
-        .collect()
-}
-
-/// Cuts a variable-count receive buffer into each rank's part.
-fn split(buffer: &[u8], counts: &[mpi::Count]) -> Vec<Vec<u8>> {
-    let mut parts = Vec::with_capacity(counts.len());
+        .collect();
+    let mut buffer = vec![0u8; sizes.iter().sum()];
+    receive(&mut PartitionMut::new(&mut buffer[..], counts, displs));
     let mut offset = 0;
-    for &n in counts {
-        let n = usize::try_from(n).unwrap_or(0);
-        parts.push(buffer[offset..offset + n].to_vec());
-        offset += n;
-    }
-    parts
+    sizes
+        .iter()
+        .map(|&n| {
+            offset += n;
+            buffer[offset - n..offset].to_vec()
+        })
+        .collect()
 }
 
 #[cfg(test)]
