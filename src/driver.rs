@@ -1,6 +1,8 @@
 //! The flow of a run, for any communicator:
-//! read headers → plan → agree → prepare OUTPUT_DIR → agree → copy my files
-//! → agree → rename → agree → gather → rank 0 writes the index → agree.
+//! read headers → plan → agree → prepare OUTPUT_DIR (rank 0) → agree →
+//! create my files → agree → copy and sync my work items (with progress) →
+//! agree → [verify → agree] → rename my files → agree → gather reports →
+//! rank 0 writes the index and report → agree.
 //!
 //! Every phase ends in one collective where all ranks learn whether any rank
 //! failed, so a failing rank never leaves the others waiting, and only the
