@@ -252,7 +252,7 @@ fn publish(config: &Config, plan: &Plan, payloads: &[Vec<u8>]) -> Result<Option<
             })
         })
         .collect::<Result<_>>()?;
-    write_index(config, plan, &ranks)?;
+    check_written_once(plan, &ranks)?;
     let report = RunReport::new(
         plan,
         &config.input.display().to_string(),
@@ -260,20 +260,28 @@ fn publish(config: &Config, plan: &Plan, payloads: &[Vec<u8>]) -> Result<Option<
         &ranks,
         config.verify,
     );
+    // The report before the index: the index is the mark of a finished run.
     if let Some(path) = &config.report {
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let (dir, name) = split_path(path);
         let mut json = serde_json::to_vec_pretty(&report).unwrap_or_default();
         json.push(b'\n');
         write_atomically(dir, &name, &json)?;
     }
+    write_atomically(&config.output, INDEX_NAME, &index_json(plan))?;
     Ok(Some(report))
+}
+
+/// A file path's folder ("." for a bare name) and file name.
+fn split_path(path: &Path) -> (&Path, String) {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    (dir, name)
 }
 
 /// Collective: gathers every rank's mismatch lines to rank 0, which fails
@@ -424,6 +432,18 @@ fn prepare_output_dir(config: &Config, plan: &Plan) -> Result<()> {
             ));
         }
     }
+    for name in &finals {
+        let target = dir.join(name);
+        if target.exists() && !target.is_file() {
+            return Err(Error::usage(
+                format!("{} exists and is not a regular file", target.display()),
+                "move it out of OUTPUT_DIR; --overwrite replaces only files",
+            ));
+        }
+    }
+    if let Some(report) = &config.report {
+        check_report_path(config, report, &canonical_dir, &finals, &inputs)?;
+    }
     let existing: Vec<&String> = finals
         .iter()
         .filter(|name| dir.join(name).exists())
@@ -461,6 +481,39 @@ struct WriteTiming {
     sync: f64,
 }
 
+/// The `--report` file must go in an existing folder and must not replace an
+/// input (a shard, the mapping) or an output.
+fn check_report_path(
+    config: &Config,
+    report: &Path,
+    output_dir: &Path,
+    finals: &[String],
+    inputs: &[PathBuf],
+) -> Result<()> {
+    let (dir, name) = split_path(report);
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| Error::io("find the folder of --report", dir, e))?;
+    let target = dir.join(&name);
+    let mapping = match &config.mapping {
+        MappingSource::Mapping(path) | MappingSource::HfIndex(path) => path.canonicalize().ok(),
+        _ => None,
+    };
+    let clobbers = inputs.contains(&target)
+        || mapping.as_ref() == Some(&target)
+        || (dir == output_dir && finals.contains(&name));
+    if clobbers || target.is_dir() {
+        return Err(Error::usage(
+            format!(
+                "--report {} would replace an input or output",
+                report.display()
+            ),
+            "choose another file name for the report",
+        ));
+    }
+    Ok(())
+}
+
 /// Creates this rank's files under temporary names, sized, with their
 /// headers, after checking their replicated pieces.
 fn create_files(config: &Config, plan: &Plan, rank: usize) -> Result<BTreeMap<usize, PendingFile>> {
@@ -487,51 +540,53 @@ fn copy_and_sync(
 ) -> Result<WriteTiming> {
     let started = Instant::now();
     let items = plan.work_items(rank);
-    // Every file this rank writes to: its own, or another owner's, opened
-    // for writing in place (never created or truncated here).
-    let mut targets: BTreeMap<usize, (File, PathBuf)> = BTreeMap::new();
+    // Every file this rank writes to that another rank owns, opened for
+    // writing in place (never created or truncated here). Its own files are
+    // used through their open handles: no second descriptor per file.
+    let mut others: BTreeMap<usize, (File, PathBuf)> = BTreeMap::new();
     for item in &items {
-        if targets.contains_key(&item.file) {
+        if created.contains_key(&item.file) || others.contains_key(&item.file) {
             continue;
         }
-        let target = match created.get(&item.file) {
-            Some(out) => {
-                let file = out
-                    .file()
-                    .try_clone()
-                    .map_err(|e| Error::io("reopen", out.temp_path(), e))?;
-                (file, out.temp_path().to_owned())
-            }
-            None => {
-                let path = config.output.join(temp_name(&plan.files[item.file].name));
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| Error::io("open for writing", &path, e))?;
-                (file, path)
-            }
-        };
-        targets.insert(item.file, target);
+        let path = config.output.join(temp_name(&plan.files[item.file].name));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("open for writing", &path, e))?;
+        others.insert(item.file, (file, path));
     }
+    let target = |f: usize| -> (&File, &Path) {
+        match created.get(&f) {
+            Some(out) => (out.file(), out.temp_path()),
+            None => (&others[&f].0, others[&f].1.as_path()),
+        }
+    };
     items.par_iter().try_for_each(|item| {
-        let (file, path) = &targets[&item.file];
+        let (file, path) = target(item.file);
         copy_item(plan, item, file, path, copied)
     })?;
     let copy_done = Instant::now();
-    targets
-        .values()
-        .collect::<Vec<_>>()
-        .par_iter()
-        .try_for_each(|(file, path)| file.sync_all().map_err(|e| Error::io("sync", path, e)))?;
+    // Its own files (even those with no data: their header is written) and
+    // every range it wrote into another's.
+    let mut written: Vec<usize> = created
+        .keys()
+        .copied()
+        .chain(others.keys().copied())
+        .collect();
+    written.sort_unstable();
+    written.par_iter().try_for_each(|&f| {
+        let (file, path) = target(f);
+        file.sync_all().map_err(|e| Error::io("sync", path, e))
+    })?;
     Ok(WriteTiming {
         copy: (copy_done - started).as_secs_f64(),
         sync: copy_done.elapsed().as_secs_f64(),
     })
 }
 
-/// Rank 0 only: checks that every planned file was reported written exactly
-/// once, then writes the index atomically.
-fn write_index(config: &Config, plan: &Plan, ranks: &[RankReport]) -> Result<()> {
+/// Rank 0 only: checks that every planned file was reported written by
+/// exactly one rank.
+fn check_written_once(plan: &Plan, ranks: &[RankReport]) -> Result<()> {
     let mut written: BTreeMap<u32, usize> = BTreeMap::new();
     for index in ranks.iter().flat_map(|r| &r.files) {
         *written.entry(*index).or_default() += 1;
@@ -548,7 +603,7 @@ fn write_index(config: &Config, plan: &Plan, ranks: &[RankReport]) -> Result<()>
             ));
         }
     }
-    write_atomically(&config.output, INDEX_NAME, &index_json(plan))
+    Ok(())
 }
 
 /// The Hugging Face index: total tensor bytes and the file of each tensor.

@@ -168,6 +168,9 @@ fn io_hint(err: &std::io::Error) -> &'static str {
             "check permissions: the input must be readable and OUTPUT_DIR writable"
         }
         Some(Errno::NOENT) => "check that the path exists and is visible from every node",
+        Some(Errno::MFILE | Errno::NFILE) => {
+            "too many open files: raise `ulimit -n`, use fewer output files, or run more ranks"
+        }
         _ => "check the path and the filesystem, then rerun",
     }
 }

@@ -6,6 +6,10 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+/// The most output files: names carry the index in five digits
+/// (`model-IIIII-of-NNNNN`), and every index up to the largest is written.
+pub const MAX_FILES: u32 = 99_999;
+
 /// Where the tensor-to-file assignment comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MappingSource {
@@ -40,8 +44,27 @@ pub struct Assignment {
     pub missing: Vec<String>,
 }
 
-/// Assigns each `(name, bytes)` tensor an output file index.
+/// Assigns each `(name, bytes)` tensor an output file index, refusing
+/// more than [`MAX_FILES`] output files.
 pub fn assign(
+    tensors: &[(&str, u64)],
+    source: &MappingSource,
+    unmapped: Unmapped,
+) -> Result<Assignment> {
+    let assignment = assign_unchecked(tensors, source, unmapped)?;
+    if assignment.file_count > MAX_FILES {
+        return Err(Error::usage(
+            format!(
+                "the mapping asks for {} output files; file names allow at most {MAX_FILES}",
+                assignment.file_count
+            ),
+            "use fewer output files (a larger --max-shard-size, or smaller indices in the mapping)",
+        ));
+    }
+    Ok(assignment)
+}
+
+fn assign_unchecked(
     tensors: &[(&str, u64)],
     source: &MappingSource,
     unmapped: Unmapped,
@@ -135,12 +158,12 @@ pub fn read_mapping(path: &Path) -> Result<BTreeMap<String, u32>> {
         .map(|(name, value)| {
             match value
                 .as_u64()
-                .filter(|&i| i >= 1)
+                .filter(|i| (1..=u64::from(MAX_FILES)).contains(i))
                 .and_then(|i| u32::try_from(i).ok())
             {
                 Some(index) => Ok((name, index)),
                 None => Err(bad(format!(
-                    "'{name}' maps to {value}, not a positive integer"
+                    "'{name}' maps to {value}, not an integer from 1 to {MAX_FILES}"
                 ))),
             }
         })
@@ -275,6 +298,7 @@ mod tests {
             r#"{"a": 0}"#,
             r#"{"a": "1"}"#,
             r#"{"a": -1}"#,
+            r#"{"a": 100000}"#,
             r#"[1]"#,
             "{",
         ] {
@@ -294,6 +318,17 @@ mod tests {
             json_file(r#"{"weight_map": {"a": "zeta.safetensors", "b": "alpha.safetensors"}}"#);
         let map = read_hf_index(file.path()).unwrap();
         assert_eq!((map["a"], map["b"]), (2, 1));
+    }
+
+    #[test]
+    fn too_many_output_files_are_refused() {
+        let index = json_file(r#"{"weight_map": {"a": "model-100000-of-100000.safetensors"}}"#);
+        let source = MappingSource::HfIndex(index.path().into());
+        assert!(assign(&[("a", 1)], &source, Unmapped::Error).is_err());
+        let tensors: Vec<(String, u64)> = (0..100_000).map(|i| (format!("t{i}"), 1)).collect();
+        let tensors: Vec<(&str, u64)> = tensors.iter().map(|(n, b)| (n.as_str(), *b)).collect();
+        let err = assign(&tensors, &MappingSource::MaxShardSize(1), Unmapped::Error).unwrap_err();
+        assert!(err.to_string().contains("at most 99999"), "{err}");
     }
 
     #[test]

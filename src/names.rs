@@ -21,9 +21,13 @@ pub fn strip_prefixes(tensors: &mut [FullTensor], prefixes: &[String]) -> Result
         {
             tensor.name = rest.to_string();
         }
-        if tensor.name.is_empty() {
+        // "__metadata__" is the header's metadata key, not a tensor name.
+        if tensor.name.is_empty() || tensor.name == "__metadata__" {
             return Err(Error::usage(
-                format!("--strip-prefix leaves tensor '{original}' with an empty name"),
+                format!(
+                    "--strip-prefix leaves tensor '{original}' named '{}', which safetensors cannot hold",
+                    tensor.name
+                ),
                 "use a shorter prefix",
             ));
         }
@@ -64,6 +68,14 @@ mod tests {
         strip_prefixes(&mut list, &["_orig_mod.".into(), "model.".into()]).unwrap();
         let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["b", "c", "model.a"]);
+    }
+
+    #[test]
+    fn names_safetensors_cannot_hold_are_refused() {
+        for name in ["m.", "m.__metadata__"] {
+            let mut list = tensors(&[name]);
+            assert!(strip_prefixes(&mut list, &["m.".into()]).is_err(), "{name}");
+        }
     }
 
     #[test]

@@ -256,16 +256,23 @@ impl Plan {
         self.files.iter().map(OutputFile::data_len).sum()
     }
 
-    /// Tensor data bytes each rank writes under the plan's schedule.
+    /// Tensor data bytes each rank writes under the plan's schedule
+    /// (linear in ranks and files, so previews of many ranks stay fast).
     pub fn bytes_per_rank(&self) -> Vec<u64> {
-        (0..self.world_size)
-            .map(|rank| {
-                self.work_items(rank)
-                    .iter()
-                    .map(|i| i.bytes.end - i.bytes.start)
-                    .sum()
-            })
-            .collect()
+        match self.schedule {
+            Schedule::Modulo => {
+                let mut bytes = vec![0; self.world_size];
+                for file in &self.files {
+                    bytes[file.owner] += file.data_len();
+                }
+                bytes
+            }
+            Schedule::Balanced => self
+                .balanced_bounds(&self.stream_starts())
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .collect(),
+        }
     }
 }
 
@@ -386,7 +393,10 @@ mod schedule_tests {
                 cursor[item.file] = item.bytes.end;
             }
             prop_assert_eq!(cursor, sizes.clone());
-            prop_assert_eq!(plan.bytes_per_rank().iter().sum::<u64>(), sizes.iter().sum::<u64>());
+            let per_rank: Vec<u64> = (0..ranks)
+                .map(|r| plan.work_items(r).iter().map(|i| i.bytes.end - i.bytes.start).sum())
+                .collect();
+            prop_assert_eq!(plan.bytes_per_rank(), per_rank);
         }
     }
 

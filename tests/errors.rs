@@ -382,3 +382,85 @@ fn a_full_disk_is_reported_and_cleaned_up() {
     );
     assert_eq!(names(&out), Vec::<String>::new());
 }
+
+#[test]
+fn bad_report_paths_and_blocked_outputs_are_refused_before_writing() {
+    let input = copy_fixture();
+    let mapping = input.path().join("mapping.json");
+    let out = tempfile::tempdir().unwrap();
+    let missing_dir = out.path().join("no/such/dir/report.json");
+    let args = [
+        "--report",
+        s(&missing_dir),
+        "--mapping",
+        s(&mapping),
+        s(input.path()),
+        s(out.path()),
+    ];
+    assert_fails(
+        2,
+        &args,
+        input.path(),
+        out.path(),
+        &["--report", "no/such/dir"],
+    );
+    let args = [
+        "--report",
+        s(&mapping),
+        "--mapping",
+        s(&mapping),
+        s(input.path()),
+        s(out.path()),
+    ];
+    assert_fails(
+        2,
+        &args,
+        input.path(),
+        out.path(),
+        &["would replace an input or output"],
+    );
+    // A directory where an output should go: refused before any rename.
+    std::fs::create_dir(out.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let args = [
+        "--overwrite",
+        "--mapping",
+        s(&mapping),
+        s(input.path()),
+        s(out.path()),
+    ];
+    let text = consolidate(3, &args);
+    assert_eq!(text.status.code(), Some(1));
+    assert!(
+        stderr(&text).contains("is not a regular file"),
+        "{}",
+        stderr(&text)
+    );
+    assert_eq!(names(out.path()), ["model-00002-of-00002.safetensors"]);
+}
+
+#[test]
+fn a_low_open_file_limit_is_raised_for_many_outputs() {
+    // 543 output files, each held open by its owner, under a soft limit of
+    // 64 descriptors.
+    let ckpt = tempfile::tempdir().unwrap();
+    make_shards(
+        ckpt.path(),
+        &[
+            "--layout", "mixed", "--ranks", "2", "--layers", "60", "--hidden", "16", "--vocab",
+            "50",
+        ],
+    );
+    let out = tempfile::tempdir().unwrap();
+    let command = format!(
+        "ulimit -Sn 64 && {BIN} -q --max-shard-size 1B {} {}",
+        s(ckpt.path()),
+        s(out.path())
+    );
+    let run = std::process::Command::new("sh")
+        .args(["-c", &command])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_matches_manifest(out.path(), &ckpt.path().join("manifest.json"));
+    assert_eq!(names(out.path()).len(), 544, "543 files and the index");
+}

@@ -65,7 +65,7 @@ struct Cli {
 
     /// With --dry-run: plan for N ranks (bytes per rank, max/mean, idle ranks for both
     /// schedules) without starting N ranks.
-    #[arg(long, value_name = "N", requires = "dry_run", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", requires = "dry_run", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     ranks: Option<u32>,
 
     /// Replace consolidated files already in OUTPUT_DIR.
@@ -179,11 +179,26 @@ impl ExportDtype {
     }
 }
 
+/// A rank holds one descriptor per output file it owns for the whole run;
+/// thousands of small files must not hit a soft limit of 1024 while the
+/// hard limit allows more.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+}
+
 /// A non-negative number of seconds.
 fn parse_seconds(text: &str) -> Result<f64, String> {
+    const DAY: f64 = 86_400.0;
     match text.parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs >= 0.0 => Ok(secs),
-        _ => Err(format!("'{text}' is not a number of seconds (0 or more)")),
+        Ok(secs) if (0.0..=DAY).contains(&secs) => Ok(secs),
+        _ => Err(format!(
+            "'{text}' is not a number of seconds from 0 to 86400 (a day)"
+        )),
     }
 }
 
@@ -224,6 +239,7 @@ fn main() -> ExitCode {
         }
     };
     let config = cli.config();
+    raise_open_file_limit();
     // MPI finalizes when `world` drops at the end of main.
     let world = if under_launcher() {
         MpiWorld::init()
