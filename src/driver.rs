@@ -59,6 +59,8 @@ pub struct Config {
     pub verify_only: bool,
     /// Accept a shard file set with (rank, index) files missing.
     pub allow_missing_shard_files: bool,
+    /// How many ranks saved the checkpoint, if the user knows.
+    pub source_ranks: Option<u32>,
     /// Print only errors.
     pub quiet: bool,
     /// Also print per-rank detail.
@@ -115,6 +117,7 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     let plan_ranks = config.plan_ranks.filter(|_| config.dry_run).unwrap_or(size);
     let (parsed, headers_read) = read_headers(config, comm, &pool)?;
     let plan = agree(comm, pool.install(|| make_plan(config, plan_ranks, parsed)))?;
+    agree(comm, same_plan_everywhere(comm, &plan))?;
     for name in &plan.missing {
         say(&format!(
             "warning: '{name}' is in the mapping but in no shard; it is left out"
@@ -284,6 +287,23 @@ fn split_path(path: &Path) -> (&Path, String) {
     (dir, name)
 }
 
+/// Collective: every rank checks that all ranks built the same plan. Ranks
+/// on different nodes list and read INPUT_DIR on their own; a stale
+/// listing or a copy still in progress would otherwise have them write
+/// different layouts into the same files.
+fn same_plan_everywhere(comm: &dyn Communicator, plan: &Plan) -> Result<()> {
+    let digests = comm.all_gather(&plan.fingerprint());
+    match digests.iter().position(|d| d != &digests[0]) {
+        None => Ok(()),
+        Some(rank) => Err(Error::usage(
+            format!(
+                "rank {rank} built a different plan from rank 0: the ranks see different shard files or headers"
+            ),
+            "make sure every node sees the same, complete INPUT_DIR (wait for copies to finish; on NFS, check attribute caching) and runs the same command",
+        )),
+    }
+}
+
 /// Collective: gathers every rank's mismatch lines to rank 0, which fails
 /// with all of them if there are any.
 fn collect_mismatches(comm: &dyn Communicator, mine: &[String]) -> Result<()> {
@@ -391,7 +411,12 @@ fn read_headers(
 
 /// Builds the plan from every shard's parsed header (identical on every rank).
 pub fn make_plan(config: &Config, world_size: usize, parsed: Vec<ParsedShard>) -> Result<Plan> {
-    let checkpoint = assemble(&config.input, parsed, config.allow_missing_shard_files)?;
+    let checkpoint = assemble(
+        &config.input,
+        parsed,
+        config.allow_missing_shard_files,
+        config.source_ranks,
+    )?;
     let mut tensors = index_pieces(&checkpoint.shards, &checkpoint.infos)?;
     strip_prefixes(&mut tensors, &config.strip_prefixes)?;
     let sizes: Vec<(&str, u64)> = tensors

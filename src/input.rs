@@ -102,16 +102,27 @@ pub fn read_shards(paths: &[PathBuf]) -> Result<Vec<ParsedShard>> {
         .collect()
 }
 
-/// Reads and validates every shard header in `dir`. Unless
-/// `allow_missing`, also checks that no shard file of the set is missing.
-pub fn read_checkpoint(dir: &Path, allow_missing: bool) -> Result<Checkpoint> {
+/// Reads and validates every shard header in `dir`, and checks the shard
+/// file set (see [`assemble`]).
+pub fn read_checkpoint(
+    dir: &Path,
+    allow_missing: bool,
+    source_ranks: Option<u32>,
+) -> Result<Checkpoint> {
     let parsed = read_shards(&list_shard_files(dir)?)?;
-    assemble(dir, parsed, allow_missing)
+    assemble(dir, parsed, allow_missing, source_ranks)
 }
 
 /// Builds the checkpoint from the parsed files of `dir` (in listing order),
 /// skipping earlier consolidated outputs and refusing other non-shards.
-pub fn assemble(dir: &Path, parsed: Vec<ParsedShard>, allow_missing: bool) -> Result<Checkpoint> {
+/// Checks that no (rank, index) file is missing (with `allow_missing`, only
+/// that no whole rank is), up to `source_ranks` ranks if given.
+pub fn assemble(
+    dir: &Path,
+    parsed: Vec<ParsedShard>,
+    allow_missing: bool,
+    source_ranks: Option<u32>,
+) -> Result<Checkpoint> {
     let mut checkpoint = Checkpoint {
         shards: Vec::new(),
         infos: Vec::new(),
@@ -128,9 +139,7 @@ pub fn assemble(dir: &Path, parsed: Vec<ParsedShard>, allow_missing: bool) -> Re
             None => return Err(Error::NotDcpShard { path: shard.path }),
         }
     }
-    if !allow_missing {
-        check_file_set(&checkpoint.shards)?;
-    }
+    check_file_set(&checkpoint.shards, source_ranks, allow_missing)?;
     if checkpoint.shards.is_empty() {
         return Err(Error::usage(
             format!(
@@ -157,34 +166,64 @@ pub fn parse_shard_name(name: &str) -> Option<(u32, u32, u32)> {
 /// every rank. A missing file cannot always be seen in the pieces: losing
 /// the rank that holds a tensor's end silently shrinks the tensor. So when
 /// every file follows the naming scheme, the set must be complete: ranks
-/// 1..=R, indices 1..=N, every pair present.
-fn check_file_set(shards: &[Shard]) -> Result<()> {
+/// 1..=R, indices 1..=N, every pair present. R is the highest rank seen,
+/// unless `--source-ranks` says how many ranks saved the checkpoint: only
+/// that catches the loss of every file of the highest rank.
+fn check_file_set(
+    shards: &[Shard],
+    expected_ranks: Option<u32>,
+    allow_missing: bool,
+) -> Result<()> {
     let names: Option<Vec<(u32, u32, u32)>> = shards
         .iter()
         .map(|s| parse_shard_name(&s.path.file_name()?.to_string_lossy()))
         .collect();
-    let Some(names) = names else {
+    if allow_missing && expected_ranks.is_none() {
         return Ok(());
+    }
+    let (Some(names), Some(first)) = (names, shards.first()) else {
+        return match expected_ranks {
+            Some(_) if !shards.is_empty() => Err(Error::usage(
+                "--source-ranks needs shard files named shard-RRRRR-model-IIIII-of-NNNNN.safetensors",
+                "drop --source-ranks for checkpoints named otherwise",
+            )),
+            _ => Ok(()),
+        };
     };
-    let Some(count) = names.first().map(|n| n.2) else {
-        return Ok(());
-    };
+    let count = names[0].2;
     if let Some(other) = names.iter().find(|n| n.2 != count) {
         return Err(Error::usage(
             format!(
-                "shard files disagree on the number of output files: -of-{count:05} and -of-{:05}",
+                "shard files disagree on the number of output files: {} says -of-{count:05}, another -of-{:05}",
+                first.path.display(),
                 other.2
             ),
             "INPUT_DIR mixes two checkpoints; keep one checkpoint's files only",
         ));
     }
-    let ranks = names.iter().map(|n| n.0).max().unwrap_or(0);
+    let highest = names.iter().map(|n| n.0).max().unwrap_or(0);
+    let ranks = expected_ranks.unwrap_or(highest);
+    if highest > ranks {
+        return Err(Error::usage(
+            format!("shard files come from rank {highest}, but --source-ranks is {ranks}"),
+            "pass the number of ranks that saved the checkpoint, or remove files of other saves",
+        ));
+    }
     let present: std::collections::HashSet<(u32, u32)> = names.iter().map(|n| (n.0, n.1)).collect();
-    let missing: Vec<String> = (1..=ranks)
-        .flat_map(|r| (1..=count).map(move |i| (r, i)))
-        .filter(|pair| !present.contains(pair))
-        .map(|(r, i)| format!("shard-{r:05}-model-{i:05}-of-{count:05}.safetensors"))
-        .collect();
+    let has_rank = |r: u32| (1..=count).any(|i| present.contains(&(r, i)));
+    let missing: Vec<String> = if allow_missing {
+        // Only whole ranks, up to --source-ranks, must be there.
+        (1..=ranks)
+            .filter(|&r| !has_rank(r))
+            .map(|r| format!("shard-{r:05}-model-*-of-{count:05}.safetensors"))
+            .collect()
+    } else {
+        (1..=ranks)
+            .flat_map(|r| (1..=count).map(move |i| (r, i)))
+            .filter(|pair| !present.contains(pair))
+            .map(|(r, i)| format!("shard-{r:05}-model-{i:05}-of-{count:05}.safetensors"))
+            .collect()
+    };
     if missing.is_empty() {
         return Ok(());
     }

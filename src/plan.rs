@@ -251,6 +251,25 @@ impl Plan {
             .collect()
     }
 
+    /// A digest of everything the ranks must agree on: inputs, output
+    /// layout and headers, owners and schedule.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for path in &self.shards {
+            hash.update(path.as_os_str().as_encoded_bytes());
+            hash.update([0]);
+        }
+        for file in &self.files {
+            hash.update(file.name.as_bytes());
+            hash.update(&file.header);
+            hash.update((file.owner as u64).to_le_bytes());
+        }
+        hash.update((self.world_size as u64).to_le_bytes());
+        hash.update([self.schedule as u8]);
+        hash.finalize().into()
+    }
+
     /// Total tensor bytes across all output files.
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(OutputFile::data_len).sum()

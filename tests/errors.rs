@@ -197,7 +197,7 @@ fn pieces_must_agree_and_not_overlap() {
 #[test]
 fn bad_mappings_are_refused() {
     for (text, needle) in [
-        ("{\"a\": 0}", "not a positive integer"),
+        ("{\"a\": 0}", "not an integer from 1 to 99999"),
         ("[1]", "not a JSON object"),
         ("{", "not valid JSON"),
     ] {
@@ -463,4 +463,85 @@ fn a_low_open_file_limit_is_raised_for_many_outputs() {
     assert!(run.status.success(), "{}", stderr(&run));
     assert_matches_manifest(out.path(), &ckpt.path().join("manifest.json"));
     assert_eq!(names(out.path()).len(), 544, "543 files and the index");
+}
+
+#[test]
+fn source_ranks_catches_a_lost_highest_rank() {
+    // Every file of rank 4 gone: the pieces of ranks 1-3 still tile a
+    // smaller tensor, which only the expected rank count can reveal.
+    let ckpt = tempfile::tempdir().unwrap();
+    make_shards(
+        ckpt.path(),
+        &["--layout", "fsdp", "--ranks", "4", "--files", "2"],
+    );
+    for i in 1..=2 {
+        std::fs::remove_file(
+            ckpt.path()
+                .join(format!("shard-00004-model-0000{i}-of-00002.safetensors")),
+        )
+        .unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let args = ["--source-ranks", "4", s(ckpt.path()), s(out.path())];
+    assert_fails(
+        2,
+        &args,
+        ckpt.path(),
+        out.path(),
+        &[
+            "2 shard file(s) missing",
+            "shard-00004-model-00001-of-00002",
+        ],
+    );
+    // With 3 the set is complete (the tensors are then 3/4 of their size:
+    // the user said so).
+    let ok_out = tempfile::tempdir().unwrap();
+    let args = ["--source-ranks", "3", s(ckpt.path()), s(ok_out.path())];
+    consolidate_ok(1, &args);
+    let args = ["--source-ranks", "2", s(ckpt.path()), s(out.path())];
+    assert_fails(
+        1,
+        &args,
+        ckpt.path(),
+        out.path(),
+        &["come from rank 3, but --source-ranks is 2"],
+    );
+}
+
+#[test]
+fn ranks_that_see_different_inputs_are_stopped() {
+    // MPMD launch: rank 1 gets another mapping, so its plan differs.
+    let input = torch_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other.json");
+    std::fs::write(&other, r#"{"lm_head.weight": 1, "model.norm.weight": 2}"#).unwrap();
+    let out = dir.path().join("out");
+    let run = std::process::Command::new("mpirun")
+        .args([
+            "--oversubscribe",
+            "-n",
+            "1",
+            BIN,
+            s(&input),
+            s(&out),
+            ":",
+            "-n",
+            "1",
+            BIN,
+            "--unmapped",
+            "last",
+        ])
+        .args(["--mapping", s(&other), s(&input), s(&out)])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    let text = stderr(&run);
+    assert_eq!(run.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("rank 1 built a different plan from rank 0"),
+        "{text}"
+    );
+    assert_eq!(text.matches("error:").count(), 1, "{text}");
+    assert!(!out.join("model.safetensors.index.json").exists());
 }

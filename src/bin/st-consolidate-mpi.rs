@@ -87,6 +87,12 @@ struct Cli {
     #[arg(long)]
     allow_missing_shard_files: bool,
 
+    /// How many ranks saved the checkpoint: every shard-RRRRR for R in 1..=N must be present.
+    /// Without it the highest rank seen is taken, which cannot notice that all files of the
+    /// highest rank are gone (their tensors would come out shorter).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    source_ranks: Option<u32>,
+
     /// Print only errors.
     #[arg(short, long, conflicts_with = "verbose")]
     quiet: bool,
@@ -148,6 +154,7 @@ impl Cli {
             verify: self.verify,
             verify_only: self.verify_only,
             allow_missing_shard_files: self.allow_missing_shard_files,
+            source_ranks: self.source_ranks,
             quiet: self.quiet,
             verbose: self.verbose,
             progress_secs: self.progress,
