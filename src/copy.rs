@@ -177,6 +177,14 @@ impl<'a> TensorCopy<'a> {
                     |(side, e)| match side {
                         Side::Read => self.fail("read", &paths[location.shard], e),
                         Side::Write => self.fail("write", out_path, e),
+                        Side::Either => {
+                            let both = format!(
+                                "{} into {}",
+                                paths[location.shard].display(),
+                                out_path.display()
+                            );
+                            self.fail("copy", Path::new(&both), e)
+                        }
                     },
                 )?;
             }
@@ -257,8 +265,12 @@ impl<'a> TensorCopy<'a> {
 /// Which file an I/O error came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Side {
+    /// The shard being read.
     Read,
+    /// The output being written.
     Write,
+    /// Either: an in-kernel copy failed without saying which.
+    Either,
 }
 
 /// Copies `len` bytes from `input` at `src` to `output` at `dst`, in the
@@ -296,7 +308,8 @@ fn copy_range(
             Err(e @ (Errno::NOSPC | Errno::DQUOT | Errno::FBIG)) => {
                 return Err((Side::Write, e.into()));
             }
-            Err(e) => return Err((Side::Read, e.into())),
+            // An in-kernel copy does not say which side failed.
+            Err(e) => return Err((Side::Either, e.into())),
         }
     }
     copy_through_buffer(input, src, output, dst, len)

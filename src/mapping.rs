@@ -69,6 +69,10 @@ fn assign_unchecked(
     source: &MappingSource,
     unmapped: Unmapped,
 ) -> Result<Assignment> {
+    let mapping_path = match source {
+        MappingSource::Mapping(path) | MappingSource::HfIndex(path) => path.clone(),
+        _ => PathBuf::new(),
+    };
     let by_name = match source {
         MappingSource::SingleFile => {
             return Ok(Assignment {
@@ -95,6 +99,7 @@ fn assign_unchecked(
         .collect();
     if !unmapped_names.is_empty() && unmapped == Unmapped::Error {
         return Err(Error::Unmapped {
+            mapping: mapping_path,
             names: unmapped_names,
         });
     }
