@@ -104,6 +104,8 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     let threads = config
         .threads
         .unwrap_or_else(|| default_threads(comm.ranks_on_node()));
+    // Agreed on like every other phase: one node refusing threads must not
+    // leave the other ranks waiting at the next collective.
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -112,7 +114,8 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
                 format!("cannot start {threads} threads: {e}"),
                 "pass a smaller --threads",
             )
-        })?;
+        });
+    let pool = agree(comm, pool)?;
 
     let plan_ranks = config.plan_ranks.filter(|_| config.dry_run).unwrap_or(size);
     let (parsed, headers_read) = read_headers(config, comm, &pool)?;
