@@ -41,13 +41,20 @@ fn finals(dir: &Path) -> Vec<String> {
 #[test]
 fn a_killed_run_leaves_no_final_file_and_a_rerun_succeeds() {
     // About 1 GB of column-sharded tensors: a couple of seconds of copying.
+    // Under both schedules: with `balanced`, both ranks write into each file.
     let ckpt = tempfile::tempdir().unwrap();
     let args = [
         "--layout", "tp", "--ranks", "8", "--files", "4", "--layers", "9", "--hidden", "2048",
         "--vocab", "32000",
     ];
     make_shards(ckpt.path(), &args);
-    let mapping = ckpt.path().join("mapping.json");
+    for schedule in ["modulo", "balanced"] {
+        kill_and_rerun(ckpt.path(), schedule);
+    }
+}
+
+fn kill_and_rerun(ckpt: &Path, schedule: &str) {
+    let mapping = ckpt.join("mapping.json");
     let out = tempfile::tempdir().unwrap();
     let mut launcher = Command::new("mpirun")
         .args([
@@ -55,11 +62,13 @@ fn a_killed_run_leaves_no_final_file_and_a_rerun_succeeds() {
             "2",
             BIN,
             "-q",
+            "--schedule",
+            schedule,
             "--threads",
             "1",
             "--mapping",
             s(&mapping),
-            s(ckpt.path()),
+            s(ckpt),
             s(out.path()),
         ])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
@@ -96,7 +105,7 @@ fn a_killed_run_leaves_no_final_file_and_a_rerun_succeeds() {
     assert_eq!(
         finals(out.path()),
         Vec::<String>::new(),
-        "no final-named file or index"
+        "{schedule}: no final-named file or index"
     );
 
     // The rerun removes the stale temporaries and succeeds, verified.
@@ -104,9 +113,11 @@ fn a_killed_run_leaves_no_final_file_and_a_rerun_succeeds() {
         2,
         &[
             "--verify",
+            "--schedule",
+            schedule,
             "--mapping",
             s(&mapping),
-            s(ckpt.path()),
+            s(ckpt),
             s(out.path()),
         ],
     );
@@ -115,5 +126,5 @@ fn a_killed_run_leaves_no_final_file_and_a_rerun_succeeds() {
         "{:?}",
         names(out.path())
     );
-    assert_matches_manifest(out.path(), &ckpt.path().join("manifest.json"));
+    assert_matches_manifest(out.path(), &ckpt.join("manifest.json"));
 }
