@@ -5,15 +5,14 @@ use st_consolidate_mpi::dcp::{Location, Piece, check_coverage};
 use std::time::Instant;
 
 fn piece(offsets: &[u64], shape: &[u64]) -> Piece {
-    Piece {
-        location: Location {
+    Piece::new(
+        Location {
             shard: 0,
             offset: 0,
         },
-        offsets: offsets.to_vec(),
-        shape: shape.to_vec(),
-        replicas: vec![],
-    }
+        offsets,
+        shape,
+    )
 }
 
 fn main() {

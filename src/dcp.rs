@@ -43,6 +43,19 @@ pub struct Piece {
     pub replicas: Vec<Location>,
 }
 
+impl Piece {
+    /// A piece at `location` covering the block at `offsets` of `shape`,
+    /// with no replicas yet.
+    pub fn new(location: Location, offsets: &[u64], shape: &[u64]) -> Piece {
+        Piece {
+            location,
+            offsets: offsets.to_vec(),
+            shape: shape.to_vec(),
+            replicas: Vec::new(),
+        }
+    }
+}
+
 /// A full tensor reassembled from its pieces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FullTensor {
@@ -142,15 +155,11 @@ pub fn index_pieces(
     let mut grouped: BTreeMap<&str, (Dtype, usize, Vec<Piece>)> = BTreeMap::new();
     for (shard_index, (shard, info)) in shards.iter().zip(infos).enumerate() {
         for tensor in &shard.header.tensors {
-            let piece = Piece {
-                location: Location {
-                    shard: shard_index,
-                    offset: shard.header.data_start + tensor.begin,
-                },
-                offsets: info[&tensor.name].clone(),
-                shape: tensor.shape.clone(),
-                replicas: Vec::new(),
+            let location = Location {
+                shard: shard_index,
+                offset: shard.header.data_start + tensor.begin,
             };
+            let piece = Piece::new(location, &info[&tensor.name], &tensor.shape);
             let (dtype, first, pieces) =
                 grouped
                     .entry(&tensor.name)
@@ -400,15 +409,14 @@ mod tests {
     use super::*;
 
     fn piece(offsets: &[u64], shape: &[u64]) -> Piece {
-        Piece {
-            location: Location {
+        Piece::new(
+            Location {
                 shard: 0,
                 offset: 0,
             },
-            offsets: offsets.to_vec(),
-            shape: shape.to_vec(),
-            replicas: vec![],
-        }
+            offsets,
+            shape,
+        )
     }
 
     #[test]

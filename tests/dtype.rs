@@ -11,10 +11,6 @@ use st_consolidate_mpi::header::read_header;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// name -> (dtype, shape, bytes) of every tensor in a consolidated folder.
 fn tensors(dir: &Path) -> BTreeMap<String, (Dtype, Vec<u64>, Vec<u8>)> {
     let mut all = BTreeMap::new();

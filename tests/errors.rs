@@ -7,10 +7,6 @@ use common::*;
 use serde_json::json;
 use std::path::Path;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 const SHARD_1A: &str = "shard-00001-model-00001-of-00002.safetensors";
 const SHARD_2A: &str = "shard-00002-model-00001-of-00002.safetensors";
 

@@ -7,10 +7,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Direct children of `pid`, from /proc.
 fn children(pid: u32) -> Vec<u32> {
     let mut kids = Vec::new();

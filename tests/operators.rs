@@ -3,11 +3,6 @@
 
 mod common;
 use common::*;
-use std::path::Path;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn progress_is_reported_once_for_the_whole_job_in_a_log() {

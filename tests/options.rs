@@ -4,10 +4,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 #[test]
 fn hf_index_gives_the_same_files_as_the_mapping() {
     let input = torch_fixture();

@@ -4,22 +4,6 @@
 
 mod common;
 use common::*;
-use std::path::Path;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// (max/mean, idle ranks) of each schedule from a --dry-run.
-fn balance(text: &str, schedule: &str) -> (f64, usize) {
-    let row: Vec<&str> = text
-        .lines()
-        .find(|l| l.starts_with(schedule))
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    (row[1].parse().unwrap(), row[4].parse().unwrap())
-}
 
 #[test]
 fn a_70b_layout_balances_on_64_ranks() {

@@ -5,10 +5,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
     snapshot(dir)
         .into_iter()
@@ -244,17 +240,9 @@ fn dry_run_previews_any_number_of_ranks() {
     );
     let text = String::from_utf8_lossy(&run.stdout);
     assert!(text.contains("4 output files on 64 rank(s)"), "{text}");
-    let row = |name: &str| -> Vec<String> {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .unwrap()
-            .split_whitespace()
-            .map(String::from)
-            .collect()
-    };
-    let (modulo, balanced) = (row("modulo"), row("balanced"));
-    assert_eq!(modulo[4], "60", "modulo leaves 60 of 64 ranks idle: {text}");
-    assert_eq!(balanced[4], "0", "{text}");
-    let ratio: f64 = balanced[1].parse().unwrap();
+    let (_, modulo_idle) = balance(&text, "modulo");
+    let (ratio, balanced_idle) = balance(&text, "balanced");
+    assert_eq!(modulo_idle, 60, "modulo leaves 60 of 64 ranks idle: {text}");
+    assert_eq!(balanced_idle, 0, "{text}");
     assert!(ratio <= 1.05, "balanced max/mean {ratio}");
 }

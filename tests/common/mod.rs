@@ -13,6 +13,22 @@ use std::process::{Command, Output};
 pub const BIN: &str = env!("CARGO_BIN_EXE_st-consolidate-mpi");
 pub const MAKE_SHARDS: &str = env!("CARGO_BIN_EXE_st-make-shards");
 
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// (max/mean, idle ranks) of a schedule's row in --dry-run output.
+pub fn balance(text: &str, schedule: &str) -> (f64, usize) {
+    let row: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with(schedule))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    (row[1].parse().unwrap(), row[4].parse().unwrap())
+}
+
 /// The PyTorch-written fixture, copied from shared/fixtures.
 pub fn torch_fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch-dcp-w2")
