@@ -72,9 +72,6 @@ pub fn copy_item(
 ) -> Result<()> {
     let file = &plan.files[item.file];
     let mut inputs = ShardFiles::new(&plan.shards);
-    // Allocated (and zeroed) once per work item; every window is then
-    // overwritten completely, because the pieces tile the tensor.
-    let mut window = Vec::new();
     for entry in &file.entries {
         let lo = entry.bytes.start.max(item.bytes.start);
         let hi = entry.bytes.end.min(item.bytes.end);
@@ -86,8 +83,11 @@ pub fn copy_item(
         // Where this tensor's byte 0 lands in the output file.
         let out_base = file.data_start() + entry.bytes.start;
         let local = lo - entry.bytes.start..hi - entry.bytes.start;
-        if entry.dtype != tensor.dtype {
-            job.copy_converted(
+        if entry.dtype == tensor.dtype && job.is_direct() {
+            job.copy_direct(local.clone(), &mut inputs, out, out_path, out_base)?;
+            copied.fetch_add(local.end - local.start, Ordering::Relaxed);
+        } else {
+            job.copy_windows(
                 entry.dtype,
                 local,
                 &mut inputs,
@@ -96,23 +96,6 @@ pub fn copy_item(
                 out_base,
                 copied,
             )?;
-        } else if job.is_direct() {
-            job.copy_direct(local.clone(), &mut inputs, out, out_path, out_base)?;
-            copied.fetch_add(local.end - local.start, Ordering::Relaxed);
-        } else {
-            let mut start = local.start;
-            while start < local.end {
-                let end = (start + WINDOW_BYTES).min(local.end);
-                let len = (end - start) as usize;
-                if window.len() < len {
-                    window.resize(len, 0);
-                }
-                job.assemble(start..end, &mut inputs, &mut window[..len])?;
-                out.write_all_at(&window[..len], out_base + start)
-                    .map_err(|e| job.fail("write", out_path, e))?;
-                copied.fetch_add(end - start, Ordering::Relaxed);
-                start = end;
-            }
         }
     }
     Ok(())
@@ -193,10 +176,10 @@ impl<'a> TensorCopy<'a> {
     }
 
     /// Writes the tensor's output bytes `range` (relative to the tensor's
-    /// start, in `to` elements) converted from the source dtype: a streaming
-    /// pass of bounded windows, assembled then converted.
+    /// start, in `to` elements) window by window: gathered from the pieces,
+    /// and converted on the way when `to` is not the source dtype.
     #[allow(clippy::too_many_arguments)]
-    fn copy_converted(
+    fn copy_windows(
         &self,
         to: Dtype,
         range: Range<u64>,
@@ -206,24 +189,48 @@ impl<'a> TensorCopy<'a> {
         out_base: u64,
         copied: &AtomicU64,
     ) -> Result<()> {
-        let (from, out_size) = (self.tensor.dtype, to.size());
-        let per_window = WINDOW_BYTES / from.size().max(out_size);
-        let (mut source, mut converted) = (Vec::new(), Vec::new());
-        let (first, end) = (range.start / out_size, range.end / out_size);
-        let mut element = first;
+        let size = to.size();
+        let (mut scratch, mut window) = (Vec::new(), Vec::new());
+        let (mut element, end) = (range.start / size, range.end / size);
         while element < end {
-            let stop = (element + per_window).min(end);
-            let count = (stop - element) as usize;
-            source.resize(count * from.size() as usize, 0);
-            converted.resize(count * out_size as usize, 0);
-            let src_range = element * from.size()..stop * from.size();
-            self.assemble(src_range, inputs, &mut source)?;
-            convert(from, to, &source, &mut converted);
-            out.write_all_at(&converted, out_base + element * out_size)
+            let stop = (element + self.window_elements(to)).min(end);
+            self.assemble_as(to, element..stop, inputs, &mut scratch, &mut window)?;
+            out.write_all_at(&window, out_base + element * size)
                 .map_err(|e| self.fail("write", out_path, e))?;
-            copied.fetch_add(converted.len() as u64, Ordering::Relaxed);
+            copied.fetch_add(window.len() as u64, Ordering::Relaxed);
             element = stop;
         }
+        Ok(())
+    }
+
+    /// Elements per window when producing `to`: the source bytes and the
+    /// output bytes of a window each stay within [`WINDOW_BYTES`].
+    pub fn window_elements(&self, to: Dtype) -> u64 {
+        WINDOW_BYTES / self.tensor.dtype.size().max(to.size())
+    }
+
+    /// Sets `out` to elements `elements` of the tensor as `to`: gathered
+    /// straight into `out`, or into `scratch` and converted when `to` is not
+    /// the source dtype. Buffers keep their capacity between calls, and
+    /// every byte is overwritten because the pieces tile the tensor.
+    pub fn assemble_as(
+        &self,
+        to: Dtype,
+        elements: Range<u64>,
+        inputs: &mut ShardFiles,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let from = self.tensor.dtype;
+        let count = (elements.end - elements.start) as usize;
+        let source = elements.start * from.size()..elements.end * from.size();
+        out.resize(count * to.size() as usize, 0);
+        if to == from {
+            return self.assemble(source, inputs, out);
+        }
+        scratch.resize(count * from.size() as usize, 0);
+        self.assemble(source, inputs, scratch)?;
+        convert(from, to, scratch, out);
         Ok(())
     }
 

@@ -768,8 +768,3 @@ pub fn human_bytes(bytes: u64) -> String {
         format!("{value:.2} {}", UNITS[unit])
     }
 }
-
-/// The output directory's final index path.
-pub fn index_path(dir: &Path) -> PathBuf {
-    dir.join(INDEX_NAME)
-}

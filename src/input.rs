@@ -102,17 +102,6 @@ pub fn read_shards(paths: &[PathBuf]) -> Result<Vec<ParsedShard>> {
         .collect()
 }
 
-/// Reads and validates every shard header in `dir`, and checks the shard
-/// file set (see [`assemble`]).
-pub fn read_checkpoint(
-    dir: &Path,
-    allow_missing: bool,
-    source_ranks: Option<u32>,
-) -> Result<Checkpoint> {
-    let parsed = read_shards(&list_shard_files(dir)?)?;
-    assemble(dir, parsed, allow_missing, source_ranks)
-}
-
 /// Builds the checkpoint from the parsed files of `dir` (in listing order),
 /// skipping earlier consolidated outputs and refusing other non-shards.
 /// Checks that no (rank, index) file is missing (with `allow_missing`, only

@@ -2,8 +2,8 @@
 //! byte with the shard pieces. Used by `--verify` (after writing, before the
 //! files get their final names) and `--verify-only` (an existing output).
 
-use crate::convert::{can_convert, convert};
-use crate::copy::{ShardFiles, TensorCopy, WINDOW_BYTES};
+use crate::convert::can_convert;
+use crate::copy::{ShardFiles, TensorCopy};
 use crate::driver::INDEX_NAME;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -198,30 +198,31 @@ fn compare_tensor(
     dtype: Dtype,
 ) -> Result<Option<String>> {
     let tensor = &plan.tensors[t];
-    let (from, to) = (tensor.dtype.size(), dtype.size());
+    let size = dtype.size();
     let elements = tensor.element_count();
     let file = File::open(&target.path).map_err(|e| Error::io("open", &target.path, e))?;
     let copy = TensorCopy::new(tensor);
     let mut inputs = ShardFiles::new(&plan.shards);
-    let per_window = WINDOW_BYTES / from.max(to);
-    let (mut source, mut expected, mut actual) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut scratch, mut expected, mut actual) = (Vec::new(), Vec::new(), Vec::new());
     let mut element = 0;
     while element < elements {
-        let stop = (element + per_window).min(elements);
-        let count = (stop - element) as usize;
-        source.resize(count * from as usize, 0);
-        copy.assemble(element * from..stop * from, &mut inputs, &mut source)?;
-        expected.resize(count * to as usize, 0);
-        convert(tensor.dtype, dtype, &source, &mut expected);
+        let stop = (element + copy.window_elements(dtype)).min(elements);
+        copy.assemble_as(
+            dtype,
+            element..stop,
+            &mut inputs,
+            &mut scratch,
+            &mut expected,
+        )?;
         actual.resize(expected.len(), 0);
-        file.read_exact_at(&mut actual, at + element * to)
+        file.read_exact_at(&mut actual, at + element * size)
             .map_err(|e| Error::io("read back", &target.path, e))?;
         if let Some(i) = expected.iter().zip(actual.iter()).position(|(a, b)| a != b) {
             return Ok(Some(format!(
                 "'{}' in {}: first difference at byte {} of the tensor",
                 tensor.name,
                 target.name,
-                element * to + i as u64
+                element * size + i as u64
             )));
         }
         element = stop;
