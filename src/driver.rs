@@ -14,10 +14,13 @@ use crate::copy::{check_replicas, copy_item};
 use crate::dcp::index_pieces;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::identity::{self, FileIdentity};
 use crate::input::{HeaderReading, ParsedShard, assemble, list_shard_files, read_shards};
+use crate::lock::{Holder, OutputLock, host_name, read_token};
+use crate::mapping::parse_output_name;
 use crate::mapping::{MappingSource, Unmapped, assign};
 use crate::names::strip_prefixes;
-use crate::output::{PendingFile, remove_stale_temps, sync_dir, temp_name, write_atomically};
+use crate::output::{PendingFile, remove_stale_temps, sync_dir, temp_name};
 use crate::plan::{Plan, Schedule};
 use crate::progress::{Counters, FinishOnDrop, watch};
 use crate::report::{RankReport, RunReport};
@@ -154,12 +157,21 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         });
     }
 
-    let prepared = if rank == 0 {
-        prepare_output_dir(config, &plan)
+    // Rank 0 locks OUTPUT_DIR for the whole run before touching it; every
+    // rank then proves it sees that same folder.
+    let inputs = if rank == 0 {
+        identity::record(&plan.shards).map(Some)
     } else {
-        Ok(())
+        Ok(None)
     };
-    agree(comm, prepared)?;
+    let inputs = agree(comm, inputs)?;
+    let lock = if rank == 0 {
+        prepare_output_dir(config, &plan).map(Some)
+    } else {
+        Ok(None)
+    };
+    let lock = agree(comm, lock)?;
+    agree(comm, same_output_dir(comm, &config.output, lock.as_ref()))?;
     say(&format!(
         "consolidating {} tensors ({}) from {} shard files into {} files on {size} rank(s) x {threads} thread(s)",
         plan.tensors.len(),
@@ -209,12 +221,6 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         agree(comm, collect_mismatches(comm, &mismatches))?;
         say("verified: every written byte equals the shards");
     }
-    let committed = pending
-        .into_iter()
-        .try_for_each(|file| file.commit().map(drop))
-        .and_then(|()| sync_dir(&config.output));
-    agree(comm, committed)?;
-
     let mine = RankReport {
         rank,
         files: plan
@@ -228,14 +234,36 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         header_files_read: headers_read,
     };
     let payload = serde_json::to_vec(&mine).unwrap_or_default();
-    let published = match comm.gather(&payload) {
-        Some(reports) => publish(config, &plan, &reports),
+    // Publishing: everything is written and synced under temporary names
+    // first (rank 0: report and index), then only renames remain, with the
+    // index last. A failure before the renames leaves OUTPUT_DIR as it was.
+    let staged = match comm.gather(&payload) {
+        Some(reports) => {
+            stage_index_and_report(config, &plan, &reports, inputs.as_deref()).map(Some)
+        }
         None => Ok(None),
     };
-    let report = agree(comm, published)?;
-    if let Some(report) = report {
+    let staged = agree(comm, staged)?;
+    // An old index goes before any model file is replaced, so that a crash
+    // part-way never leaves an index describing a mix of old and new files.
+    let retired = match &staged {
+        Some(_) => retire_old_index(&config.output),
+        None => Ok(()),
+    };
+    agree(comm, retired)?;
+    let committed = pending
+        .into_iter()
+        .try_for_each(|file| file.commit().map(drop))
+        .and_then(|()| sync_dir(&config.output));
+    agree(comm, committed)?;
+    let finished = match staged {
+        Some(staged) => staged.commit(config, &plan).map(Some),
+        None => Ok(None),
+    };
+    if let Some(report) = agree(comm, finished)? {
         say(&report.human(&config.output.display().to_string()));
     }
+    drop(lock);
     Ok(Summary {
         files: plan.files.len(),
         bytes: plan.total_bytes(),
@@ -243,9 +271,37 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     })
 }
 
-/// Rank 0 only: reads every rank's report, writes the index (checking each
-/// planned file was written exactly once) and, if asked, the JSON report.
-fn publish(config: &Config, plan: &Plan, payloads: &[Vec<u8>]) -> Result<Option<RunReport>> {
+/// Rank 0's part of publishing, written and synced but not yet in place.
+struct Staged {
+    report: RunReport,
+    report_file: Option<PendingFile>,
+    index_file: PendingFile,
+}
+
+impl Staged {
+    /// Puts the report and then the index in place, and removes files of an
+    /// older output set that the new index does not list (`--overwrite`).
+    fn commit(self, config: &Config, plan: &Plan) -> Result<RunReport> {
+        if let Some(report_file) = self.report_file {
+            let path = report_file.commit()?;
+            sync_dir(split_path(&path).0)?;
+        }
+        self.index_file.commit()?;
+        sync_dir(&config.output)?;
+        remove_older_outputs(&config.output, plan)?;
+        Ok(self.report)
+    }
+}
+
+/// Rank 0 only: reads every rank's report, checks each planned file was
+/// written exactly once and no input changed, and writes the JSON report
+/// (if asked) and the index under temporary names.
+fn stage_index_and_report(
+    config: &Config,
+    plan: &Plan,
+    payloads: &[Vec<u8>],
+    inputs: Option<&[FileIdentity]>,
+) -> Result<Staged> {
     let ranks: Vec<RankReport> = payloads
         .iter()
         .enumerate()
@@ -259,6 +315,9 @@ fn publish(config: &Config, plan: &Plan, payloads: &[Vec<u8>]) -> Result<Option<
         })
         .collect::<Result<_>>()?;
     check_written_once(plan, &ranks)?;
+    if let Some(inputs) = inputs {
+        identity::check_unchanged(&plan.shards, inputs)?;
+    }
     let report = RunReport::new(
         plan,
         &config.input.display().to_string(),
@@ -266,15 +325,21 @@ fn publish(config: &Config, plan: &Plan, payloads: &[Vec<u8>]) -> Result<Option<
         &ranks,
         config.verify,
     );
-    // The report before the index: the index is the mark of a finished run.
-    if let Some(path) = &config.report {
-        let (dir, name) = split_path(path);
-        let mut json = serde_json::to_vec_pretty(&report).unwrap_or_default();
-        json.push(b'\n');
-        write_atomically(dir, &name, &json)?;
-    }
-    write_atomically(&config.output, INDEX_NAME, &index_json(plan))?;
-    Ok(Some(report))
+    let report_file = match &config.report {
+        Some(path) => {
+            let (dir, name) = split_path(path);
+            let mut json = serde_json::to_vec_pretty(&report).unwrap_or_default();
+            json.push(b'\n');
+            Some(PendingFile::with_contents(dir, &name, &json)?)
+        }
+        None => None,
+    };
+    let index_file = PendingFile::with_contents(&config.output, INDEX_NAME, &index_json(plan))?;
+    Ok(Staged {
+        report,
+        report_file,
+        index_file,
+    })
 }
 
 /// A file path's folder ("." for a bare name) and file name.
@@ -314,10 +379,17 @@ fn collect_mismatches(comm: &dyn Communicator, mine: &[String]) -> Result<()> {
     let Some(all) = comm.gather(&payload) else {
         return Ok(());
     };
-    let mismatches: Vec<String> = all
-        .iter()
-        .flat_map(|bytes| serde_json::from_slice::<Vec<String>>(bytes).unwrap_or_default())
-        .collect();
+    let mut mismatches = Vec::new();
+    for (rank, bytes) in all.iter().enumerate() {
+        // An unreadable list must never pass for an empty one.
+        let lines: Vec<String> = serde_json::from_slice(bytes).map_err(|e| {
+            Error::usage(
+                format!("rank {rank} sent an unreadable verification result: {e}"),
+                "all ranks must run the same st-consolidate-mpi binary; the output was not published",
+            )
+        })?;
+        mismatches.extend(lines);
+    }
     if mismatches.is_empty() {
         Ok(())
     } else {
@@ -436,11 +508,15 @@ pub fn make_plan(config: &Config, world_size: usize, parsed: Vec<ParsedShard>) -
     Ok(plan)
 }
 
-/// Rank 0 only: creates OUTPUT_DIR, refuses to clobber inputs or (without
-/// `--overwrite`) earlier outputs, and removes temporaries of killed runs.
-fn prepare_output_dir(config: &Config, plan: &Plan) -> Result<()> {
+/// Rank 0 only: creates OUTPUT_DIR and locks it for this run, refuses to
+/// clobber inputs or (without `--overwrite`) earlier outputs, and removes
+/// temporaries of killed runs. Nothing already there is replaced or removed
+/// here: `--overwrite` takes effect only when the new output is published.
+fn prepare_output_dir(config: &Config, plan: &Plan) -> Result<OutputLock> {
     let dir = &config.output;
     std::fs::create_dir_all(dir).map_err(|e| Error::io("create OUTPUT_DIR", dir, e))?;
+    // Before anything else in the folder: another run may be writing there.
+    let lock = OutputLock::acquire(dir, &Holder::me())?;
     let mut finals: Vec<String> = plan.files.iter().map(|f| f.name.clone()).collect();
     finals.push(INDEX_NAME.to_string());
     let inputs: Vec<PathBuf> = plan
@@ -460,9 +536,12 @@ fn prepare_output_dir(config: &Config, plan: &Plan) -> Result<()> {
             ));
         }
     }
-    for name in &finals {
+    // lstat: a symlink at a final name, even a dangling one, is an existing
+    // output (a rename replaces the link, never what it points to).
+    let existing = existing_outputs(dir, plan)?;
+    for name in &existing {
         let target = dir.join(name);
-        if target.exists() && !target.is_file() {
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
             return Err(Error::usage(
                 format!("{} exists and is not a regular file", target.display()),
                 "move it out of OUTPUT_DIR; --overwrite replaces only files",
@@ -472,34 +551,124 @@ fn prepare_output_dir(config: &Config, plan: &Plan) -> Result<()> {
     if let Some(report) = &config.report {
         check_report_path(config, report, &canonical_dir, &finals, &inputs)?;
     }
-    let existing: Vec<&String> = finals
-        .iter()
-        .filter(|name| dir.join(name).exists())
-        .collect();
     if !existing.is_empty() && !config.overwrite {
         return Err(Error::usage(
             format!(
                 "OUTPUT_DIR {} already holds {}",
                 dir.display(),
-                existing
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                existing.join(", ")
             ),
-            "pass --overwrite to replace them, or choose another OUTPUT_DIR",
+            "pass --overwrite to replace them (they stay until the new output is complete), or choose another OUTPUT_DIR",
         ));
-    }
-    // An old index must not describe a mix of old and new files if this run
-    // dies part-way, so it goes first.
-    let index = dir.join(INDEX_NAME);
-    if index.exists() {
-        std::fs::remove_file(&index).map_err(|e| Error::io("remove old", &index, e))?;
     }
     remove_stale_temps(dir)?;
     // Prove OUTPUT_DIR is writable before any rank starts copying.
     drop(PendingFile::create(dir, ".write-probe", 0)?);
+    Ok(lock)
+}
+
+/// The consolidated outputs already in `dir`: this plan's final names and
+/// any other `model-IIIII-of-NNNNN.safetensors` (an older set of another
+/// size), by `lstat`, so symlinks count whatever they point to.
+fn existing_outputs(dir: &Path, plan: &Plan) -> Result<Vec<String>> {
+    let mut names: Vec<String> = plan
+        .files
+        .iter()
+        .map(|f| f.name.clone())
+        .chain([INDEX_NAME.to_string()])
+        .filter(|name| std::fs::symlink_metadata(dir.join(name)).is_ok())
+        .collect();
+    for older in older_outputs(dir, plan)? {
+        names.push(older);
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Collective: every rank reads the lock token rank 0 wrote in OUTPUT_DIR
+/// and all compare, so that a node-local OUTPUT_DIR (each node writing into
+/// a folder of its own under the same path) is refused before any byte is
+/// written. The ranks and hosts that do not see rank 0's folder are named.
+fn same_output_dir(comm: &dyn Communicator, dir: &Path, lock: Option<&OutputLock>) -> Result<()> {
+    let seen = match lock {
+        Some(lock) => lock.token().to_vec(),
+        None => read_token_patiently(dir),
+    };
+    let mine = serde_json::to_vec(&(host_name(), seen)).unwrap_or_default();
+    let all = comm.all_gather(&mine);
+    let decoded: Vec<(String, Vec<u8>)> = all
+        .iter()
+        .map(|bytes| serde_json::from_slice(bytes).unwrap_or_default())
+        .collect();
+    let expected = &decoded[0].1;
+    let blind: Vec<String> = decoded
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, token))| token != expected || token.is_empty())
+        .map(|(rank, (host, _))| format!("rank {rank} on {host}"))
+        .collect();
+    if blind.is_empty() {
+        return Ok(());
+    }
+    Err(Error::usage(
+        format!(
+            "OUTPUT_DIR {} is not the same folder on every rank: {} do(es) not see the folder rank 0 on {} prepared",
+            dir.display(),
+            blind.join(", "),
+            decoded[0].0
+        ),
+        "OUTPUT_DIR must be on a filesystem shared by every node (not node-local scratch such as /tmp); nothing was written",
+    ))
+}
+
+/// The lock token in `dir`, waiting briefly for it to appear, since a shared
+/// filesystem may show a new file on other nodes a moment later. Empty if it
+/// never does.
+fn read_token_patiently(dir: &Path) -> Vec<u8> {
+    for attempt in 0..10 {
+        match read_token(dir) {
+            Ok(token) => return token,
+            Err(_) if attempt < 9 => std::thread::sleep(Duration::from_millis(200)),
+            Err(_) => {}
+        }
+    }
+    Vec::new()
+}
+
+/// Rank 0, at publish: removes the index of an earlier output (`--overwrite`).
+fn retire_old_index(dir: &Path) -> Result<()> {
+    let index = dir.join(INDEX_NAME);
+    match std::fs::remove_file(&index) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io("remove the old", &index, e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Rank 0, after the new index is in place: removes the files of an older
+/// output set that the new index does not list (`--overwrite` only gets
+/// here with such files present).
+fn remove_older_outputs(dir: &Path, plan: &Plan) -> Result<()> {
+    for name in older_outputs(dir, plan)? {
+        let path = dir.join(&name);
+        std::fs::remove_file(&path).map_err(|e| Error::io("remove the older output", &path, e))?;
+    }
     Ok(())
+}
+
+/// `model-IIIII-of-NNNNN.safetensors` entries in `dir` that are not in `plan`.
+fn older_outputs(dir: &Path, plan: &Plan) -> Result<Vec<String>> {
+    let mut older = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
+        let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if parse_output_name(&name).is_some() && !plan.files.iter().any(|f| f.name == name) {
+            older.push(name);
+        }
+    }
+    older.sort();
+    Ok(older)
 }
 
 /// Seconds spent in the phases of [`write_files`].

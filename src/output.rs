@@ -97,15 +97,22 @@ impl Drop for PendingFile {
     }
 }
 
+impl PendingFile {
+    /// A pending `dir/name` holding `bytes`, synced: only the rename is left.
+    pub fn with_contents(dir: &Path, name: &str, bytes: &[u8]) -> Result<PendingFile> {
+        let pending = PendingFile::create(dir, name, 0)?;
+        (&pending.file)
+            .write_all(bytes)
+            .map_err(|e| Error::io("write", &pending.temp_path, e))?;
+        pending.sync()?;
+        Ok(pending)
+    }
+}
+
 /// Writes `bytes` to `dir/name` atomically: temporary file, sync, rename,
 /// directory sync.
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    let pending = PendingFile::create(dir, name, 0)?;
-    (&pending.file)
-        .write_all(bytes)
-        .map_err(|e| Error::io("write", &pending.temp_path, e))?;
-    pending.sync()?;
-    pending.commit()?;
+    PendingFile::with_contents(dir, name, bytes)?.commit()?;
     sync_dir(dir)
 }
 
