@@ -10,8 +10,12 @@
 # without libclang, and an MPI launcher without the headers the build needs.
 # The mpi crate finds OpenMPI through `mpicc -show`; Debian keeps mpicc
 # pointing at OpenMPI when MPICH is installed beside it.
+#
+# SETUP_ROOT (default: /) and SETUP_DRY_RUN=1 let scripts/test-setup.sh check
+# the detection against a fake file tree: it then prints what it would install.
 set -euo pipefail
 
+root=${SETUP_ROOT:-}
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 
@@ -21,7 +25,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 # resource headers (stddef.h), which come with libclang-dev.
 has_libclang() {
     local dir lib
-    for dir in /usr/lib/llvm-*/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/lib ${LIBCLANG_PATH:-}; do
+    for dir in "$root"/usr/lib/llvm-*/lib "$root"/usr/lib/x86_64-linux-gnu "$root"/usr/lib64 "$root"/usr/local/lib ${LIBCLANG_PATH:-}; do
         for lib in "$dir"/libclang.so "$dir"/libclang-*.so "$dir"/libclang.so.* "$dir"/libclang-*.so.*; do
             case "${lib##*/}" in libclang-cpp*) continue ;; esac
             [ -e "$lib" ] && return 0
@@ -29,11 +33,11 @@ has_libclang() {
     done
     return 1
 }
-has_clang_headers() { compgen -G '/usr/lib/llvm-*/lib/clang/*/include/stddef.h' >/dev/null; }
+has_clang_headers() { compgen -G "$root/usr/lib/llvm-*/lib/clang/*/include/stddef.h" >/dev/null; }
 
 # mpi.h and the wrapper compiler come from different packages.
-has_openmpi_dev() { have mpicc.openmpi && compgen -G '/usr/lib/*/openmpi/include/mpi.h' >/dev/null; }
-has_mpich_dev() { have mpicc.mpich && compgen -G '/usr/include/*/mpich/mpi.h' >/dev/null; }
+has_openmpi_dev() { have mpicc.openmpi && compgen -G "$root/usr/lib/*/openmpi/include/mpi.h" >/dev/null; }
+has_mpich_dev() { have mpicc.mpich && compgen -G "$root/usr/include/*/mpich/mpi.h" >/dev/null; }
 
 has_openmpi_dev || need+=(libopenmpi-dev)
 have mpirun.openmpi || need+=(openmpi-bin)
@@ -47,6 +51,10 @@ if [ "${1:-}" = "--all" ]; then
     python3 -c "import venv, ensurepip" 2>/dev/null || need+=(python3-venv)
 fi
 
+if [ "${SETUP_DRY_RUN:-0}" = 1 ]; then
+    echo "would install: ${need[*]}"
+    exit 0
+fi
 if ((${#need[@]})); then
     echo "setup: installing ${need[*]}" >&2
     SUDO=""

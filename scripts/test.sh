@@ -5,15 +5,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --all
 source scripts/env.sh
+setup_log=$(mktemp)
 
+echo "== setup.sh detection (fake trees: libclang-cpp alone is not libclang)"
+scripts/test-setup.sh | tee "$setup_log"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --release -- -D warnings
 echo "== cargo test"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-cargo test --release 2>&1 | tee "$log"
+trap 'rm -f "$log" "$setup_log"' EXIT
+cat "$setup_log" >>"$log"
+cargo test --release 2>&1 | tee -a "$log"
 echo "== demo"
 scripts/demo.sh >"$log.demo" 2>&1 || { cat "$log.demo"; exit 1; }
 
@@ -24,7 +28,7 @@ venv=target/pyenv
     "$venv/bin/pip" install -q "safetensors==0.8.0" numpy
 "$venv/bin/python" scripts/check_manifest.py target/demo-output tests/fixtures/torch-dcp-w2/manifest.json
 zoo=$(mktemp -d)
-trap 'rm -rf "$log" "$log.demo" "$zoo"' EXIT
+trap 'rm -rf "$log" "$log.demo" "$zoo" "$setup_log"' EXIT
 target/release/st-make-shards "$zoo/in" --layout zoo --ranks 8 --seed 8
 mpirun -n 3 target/release/st-consolidate-mpi -q --mapping "$zoo/in/mapping.json" "$zoo/in" "$zoo/out"
 "$venv/bin/python" scripts/check_manifest.py "$zoo/out" "$zoo/in/manifest.json"
@@ -41,5 +45,5 @@ echo "== fuzz the header parser (cargo fuzz, 20 s)"
 scripts/fuzz.sh 20
 
 # One closing line for the whole run, summed over every test binary.
-awk '/^test result:/ { p += $4; f += $6 } /^(launchers|transformers):/ { p += $2; f += $4 }
+awk '/^test result:/ { p += $4; f += $6 } /^(launchers|transformers|setup):/ { p += $2; f += $4 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
