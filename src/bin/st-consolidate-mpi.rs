@@ -124,7 +124,7 @@ struct Cli {
     headers: HeaderReading,
 
     /// Convert every floating-point tensor (F16, BF16, F32, F64) to this type, rounding to
-    /// nearest even exactly as PyTorch's tensor.to(dtype); integer, bool and fp8 tensors stay.
+    /// nearest even exactly as PyTorch's tensor.to(dtype); integer, bool, fp8 and complex tensors stay.
     #[arg(long, value_enum)]
     dtype: Option<ExportDtype>,
 
