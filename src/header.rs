@@ -542,7 +542,10 @@ mod tests {
             ))
         );
         let json = r#"{"__metadata__":{},"__metadata__":{}}"#;
-        assert!(is_file_fault(header(json, 0), "appears twice"));
+        assert_eq!(
+            header(json, 0),
+            Err(Fault::File("\"__metadata__\" appears twice".into()))
+        );
     }
 
     #[test]
