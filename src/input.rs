@@ -306,7 +306,10 @@ mod tests {
         // Not named like a shard, or hidden: not looked at.
         std::os::unix::fs::symlink("gone", dir.path().join("notes.txt")).unwrap();
         std::os::unix::fs::symlink("gone", dir.path().join(".hidden.safetensors")).unwrap();
-        assert_eq!(find_shard_files(dir.path()).unwrap(), [real.clone()]);
+        assert_eq!(
+            find_shard_files(dir.path()).unwrap(),
+            std::slice::from_ref(&real)
+        );
         // A link to a file is followed.
         let linked = dir
             .path()

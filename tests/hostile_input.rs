@@ -250,7 +250,7 @@ fn control_characters_in_names_are_escaped_in_the_one_message() {
     let input = copy_fixture();
     let stray = "stray\n\x1b[31m.safetensors";
     std::fs::write(
-        input.path().join(&stray),
+        input.path().join(stray),
         b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ",
     )
     .unwrap();
