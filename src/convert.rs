@@ -221,5 +221,12 @@ mod tests {
             Dtype::F8_E4M3
         );
         assert_eq!(output_dtype(Dtype::F64, None), Dtype::F64);
+        // Complex and the FNUZ fp8 types are copied as they are.
+        for kept in [Dtype::C64, Dtype::F8_E4M3FNUZ, Dtype::F8_E5M2FNUZ] {
+            for target in TARGETS {
+                assert_eq!(output_dtype(kept, Some(target)), kept);
+                assert!(!can_convert(kept, target));
+            }
+        }
     }
 }

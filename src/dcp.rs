@@ -3,7 +3,7 @@
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::header::{Header, byte_len, element_count};
+use crate::header::{Header, JsonError, byte_len, element_count, parse_unique_json};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -93,8 +93,10 @@ pub fn sharding_info(shard: &Shard) -> Result<Option<HashMap<String, Vec<u64>>>>
         path: shard.path.clone(),
         reason: format!("{SHARDING_INFO_KEY}: {reason}"),
     };
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let value = parse_unique_json(text).map_err(|e| match e {
+        JsonError::Syntax(e) => bad(format!("not valid JSON: {e}")),
+        JsonError::Duplicate(dup) => bad(dup.to_string()),
+    })?;
     let Value::Object(entries) = value else {
         return Err(bad("not a JSON object".into()));
     };
@@ -417,6 +419,38 @@ mod tests {
             offsets,
             shape,
         )
+    }
+
+    fn shard_with_info(info: &str) -> Shard {
+        let json = r#"{"__metadata__":{"DCP_SHARDING_INFO":"@@"},"w":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#
+            .replace("@@", &info.replace('"', "\\\""));
+        let header =
+            crate::header::parse_header(json.as_bytes(), 8 + json.len() as u64 + 2).unwrap();
+        Shard {
+            path: PathBuf::from("shard-00001-model-00001-of-00001.safetensors"),
+            header,
+        }
+    }
+
+    #[test]
+    fn sharding_info_naming_a_tensor_twice_is_refused() {
+        let good = shard_with_info(r#"{"w":{"saved_offsets":[4]}}"#);
+        assert_eq!(sharding_info(&good).unwrap().unwrap()["w"], [4]);
+        // serde_json alone keeps the last entry: the piece would silently move.
+        let twice = shard_with_info(r#"{"w":{"saved_offsets":[0]},"w":{"saved_offsets":[4]}}"#);
+        let err = sharding_info(&twice).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "shard-00001-model-00001-of-00001.safetensors: invalid safetensors file: DCP_SHARDING_INFO: the key 'w' appears twice\n"
+            ),
+            "{err}"
+        );
+        let field = shard_with_info(r#"{"w":{"saved_offsets":[0],"saved_offsets":[4]}}"#);
+        let err = sharding_info(&field).unwrap_err().to_string();
+        assert!(
+            err.contains("the key 'saved_offsets' appears twice inside 'w'"),
+            "{err}"
+        );
     }
 
     #[test]

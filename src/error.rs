@@ -5,7 +5,8 @@
 //! operator looking at a Slurm log, not the author of the checkpoint.
 
 use rustix::io::Errno;
-use std::path::PathBuf;
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
 
 /// Result alias used throughout the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -14,7 +15,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A filesystem operation failed.
-    #[error("cannot {action} {path}: {source}\n  hint: {}", io_hint(source))]
+    #[error("cannot {action} {}: {}\n  hint: {}", shown_path(path), shown(&source.to_string()), io_hint(source))]
     Io {
         /// What we were doing, as a verb phrase ("read", "create", ...).
         action: &'static str,
@@ -26,7 +27,9 @@ pub enum Error {
 
     /// A shard file is not a well-formed safetensors file.
     #[error(
-        "{path}: invalid safetensors file: {reason}\n  hint: the file may be truncated or corrupt; re-copy it from the checkpoint or re-save it"
+        "{}: invalid safetensors file: {}\n  hint: the file may be truncated or corrupt; re-copy it from the checkpoint or re-save it",
+        shown_path(path),
+        shown(reason)
     )]
     BadFile {
         /// The shard file.
@@ -36,7 +39,12 @@ pub enum Error {
     },
 
     /// A tensor entry inside a shard file is malformed.
-    #[error("{path}: tensor '{tensor}': {reason}\n  hint: {hint}")]
+    #[error(
+        "{}: tensor '{}': {}\n  hint: {hint}",
+        shown_path(path),
+        shown(tensor),
+        shown(reason)
+    )]
     BadTensor {
         /// The shard file holding the tensor.
         path: PathBuf,
@@ -50,7 +58,10 @@ pub enum Error {
 
     /// Reading a shard or writing an output failed while copying a tensor.
     #[error(
-        "tensor '{tensor}': cannot {action} {path}: {source}\n  hint: {}",
+        "tensor '{}': cannot {action} {}: {}\n  hint: {}",
+        shown(tensor),
+        shown_path(path),
+        shown(&source.to_string()),
         io_hint(source)
     )]
     Copy {
@@ -66,7 +77,8 @@ pub enum Error {
 
     /// A safetensors file that carries no DCP sharding metadata.
     #[error(
-        "{path}: not a DCP shard (its __metadata__ has no DCP_SHARDING_INFO)\n  hint: INPUT_DIR must hold only the per-rank shard files written by PyTorch's HuggingFaceStorageWriter(save_distributed=True); move other .safetensors files elsewhere"
+        "{}: not a DCP shard (its __metadata__ has no DCP_SHARDING_INFO)\n  hint: INPUT_DIR must hold only the per-rank shard files written by PyTorch's HuggingFaceStorageWriter(save_distributed=True); move other .safetensors files elsewhere",
+        shown_path(path)
     )]
     NotDcpShard {
         /// The file.
@@ -74,7 +86,7 @@ pub enum Error {
     },
 
     /// The pieces of a tensor do not fit together into one full tensor.
-    #[error("tensor '{tensor}': {reason}\n  hint: {hint}")]
+    #[error("tensor '{}': {}\n  hint: {hint}", shown(tensor), shown(reason))]
     Inconsistent {
         /// The tensor's name.
         tensor: String,
@@ -85,7 +97,7 @@ pub enum Error {
     },
 
     /// The mapping of tensors to output files is unusable.
-    #[error("{path}: {reason}\n  hint: {hint}")]
+    #[error("{}: {}\n  hint: {hint}", shown_path(path), shown(reason))]
     Mapping {
         /// The mapping or index file.
         path: PathBuf,
@@ -96,7 +108,7 @@ pub enum Error {
     },
 
     /// Tensors present in the shards have no output file in the mapping.
-    #[error("{} tensor(s) in the shards are not in the mapping {}: {}\n  hint: add them to the mapping (names are matched after --strip-prefix), or pass --unmapped last to put them in the last output file", names.len(), mapping.display(), list_names(names))]
+    #[error("{} tensor(s) in the shards are not in the mapping {}: {}\n  hint: add them to the mapping (names are matched after --strip-prefix), or pass --unmapped last to put them in the last output file", names.len(), shown_path(mapping), list_names(names))]
     Unmapped {
         /// The mapping or index file.
         mapping: PathBuf,
@@ -105,7 +117,7 @@ pub enum Error {
     },
 
     /// The command line or the directories do not allow a run.
-    #[error("{reason}\n  hint: {hint}")]
+    #[error("{}\n  hint: {}", shown(reason), shown(hint))]
     Usage {
         /// What is wrong.
         reason: String,
@@ -182,11 +194,88 @@ fn list_names(names: &[String]) -> String {
     let mut text = names
         .iter()
         .take(SHOWN)
-        .map(String::as_str)
+        .map(|name| shown(name))
         .collect::<Vec<_>>()
         .join(", ");
     if names.len() > SHOWN {
         text.push_str(&format!(" ... and {} more", names.len() - SHOWN));
     }
     text
+}
+
+/// `text` as it may appear inside a one-line message: control characters
+/// (newlines, ESC of ANSI colour codes, ...) and the Unicode controls that
+/// reorder or break displayed text are escaped as `escape_debug` does
+/// (`\n`, `\u{1b}`), everything else is kept. Names and paths come from the
+/// input files; printed raw, one of them could split the one error message
+/// into several lines or recolour the terminal.
+pub fn shown(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if needs_escape(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A path as [`shown`] shows text (lossy for non-UTF-8 bytes).
+pub fn shown_path(path: &Path) -> String {
+    shown(&path.to_string_lossy()).into_owned()
+}
+
+/// Control characters, line and paragraph separators, and the
+/// bidirectional marks, embeddings, overrides and isolates.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{061C}' | '\u{200E}' | '\u{200F}'
+        )
+        || ('\u{202A}'..='\u{202E}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_plain_names_kept() {
+        assert!(matches!(shown("model.layers.0.w"), Cow::Borrowed(_)));
+        assert_eq!(
+            shown("a\nb\x1b[31mc\td\u{7f}"),
+            "a\\nb\\u{1b}[31mc\\td\\u{7f}"
+        );
+        assert_eq!(shown("x\u{202E}y\u{2028}z"), "x\\u{202e}y\\u{2028}z");
+        // Not control characters: kept as they are.
+        assert_eq!(shown("é中\\n\""), "é中\\n\"");
+    }
+
+    #[test]
+    fn messages_stay_on_their_two_lines() {
+        let err = Error::BadTensor {
+            path: PathBuf::from("dir/shard\n-1.safetensors"),
+            tensor: "w\n\x1b[31mred".into(),
+            reason: "dtype \"Q\r\" unknown".into(),
+            hint: "re-save it",
+        };
+        let text = err.to_string();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(!text.contains('\x1b') && !text.contains('\r'), "{text}");
+        assert!(text.contains("tensor 'w\\n\\u{1b}[31mred'"), "{text}");
+        assert!(text.starts_with("dir/shard\\n-1.safetensors: "), "{text}");
+        let err = Error::Unmapped {
+            mapping: PathBuf::from("m.json"),
+            names: vec!["a\nb".into(), "c".into()],
+        };
+        assert_eq!(err.to_string().lines().count(), 2, "{err}");
+        let err = Error::usage("bad \u{1b}name\n", "hint\nmore".to_string());
+        assert_eq!(err.to_string().lines().count(), 2, "{err}");
+    }
 }

@@ -24,21 +24,33 @@ pub struct Checkpoint {
     pub skipped: Vec<PathBuf>,
 }
 
-/// Lists the `*.safetensors` files of `dir` (not recursive). If there are
-/// none but a `sharded/` subfolder exists, as PyTorch's writer lays it out
-/// with `enable_consolidation=True`, lists that instead.
+/// Lists the `*.safetensors` files of `dir` (not recursive; hidden names
+/// are not shards). If there are none but a `sharded/` subfolder exists, as
+/// PyTorch's writer lays it out with `enable_consolidation=True`, lists that
+/// instead. An entry named like a shard that is not a readable regular file
+/// (a dangling symlink, a folder) is an error, never skipped: skipping every
+/// file of the highest rank would make the checkpoint look smaller and
+/// shorten every tensor without a trace.
 pub fn find_shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let list = |dir: &Path| -> Result<Vec<PathBuf>> {
         let mut files = Vec::new();
+        let mut unusable = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
             let path = entry.map_err(|e| Error::io("list", dir, e))?.path();
             let is_shard = path.extension().is_some_and(|ext| ext == "safetensors")
                 && !path
                     .file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-            if is_shard && path.is_file() {
-                files.push(path);
+            if !is_shard {
+                continue;
             }
+            match not_a_regular_file(&path) {
+                None => files.push(path),
+                Some(why) => unusable.push((path, why)),
+            }
+        }
+        if !unusable.is_empty() {
+            return Err(unusable_entries(unusable));
         }
         files.sort();
         Ok(files)
@@ -49,6 +61,46 @@ pub fn find_shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return list(&sharded);
     }
     Ok(files)
+}
+
+/// Why `path` (named like a shard) cannot be read as one, if it cannot.
+fn not_a_regular_file(path: &Path) -> Option<String> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => None,
+        Ok(meta) if meta.is_dir() => Some("is a directory".into()),
+        Ok(_) => Some("is not a regular file (a device, pipe or socket)".into()),
+        Err(e) => Some(match std::fs::read_link(path) {
+            Ok(target) => format!(
+                "is a symbolic link to {}, which cannot be opened ({e})",
+                target.display()
+            ),
+            Err(_) => format!("cannot be examined ({e})"),
+        }),
+    }
+}
+
+/// One error naming every unusable shard-named entry (the first few).
+fn unusable_entries(mut unusable: Vec<(PathBuf, String)>) -> Error {
+    const SHOWN: usize = 8;
+    unusable.sort();
+    let mut listed: Vec<String> = unusable
+        .iter()
+        .take(SHOWN)
+        .map(|(path, why)| format!("{} {why}", path.display()))
+        .collect();
+    if unusable.len() > SHOWN {
+        listed.push(format!("... and {} more", unusable.len() - SHOWN));
+    }
+    Error::usage(
+        format!(
+            "{} entr{} named like a shard file cannot be read as one: {}",
+            unusable.len(),
+            if unusable.len() == 1 { "y" } else { "ies" },
+            listed.join("; ")
+        ),
+        "every *.safetensors entry of INPUT_DIR must be a readable shard file: restore the file a \
+         link points to (or copy the checkpoint with `cp -rL`), or move the entry out of INPUT_DIR",
+    )
 }
 
 /// Who reads the shard headers (`--headers`).
@@ -243,6 +295,47 @@ fn is_output_name(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_named_entries_that_are_not_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir
+            .path()
+            .join("shard-00001-model-00001-of-00001.safetensors");
+        std::fs::write(&real, b"x").unwrap();
+        // Not named like a shard, or hidden: not looked at.
+        std::os::unix::fs::symlink("gone", dir.path().join("notes.txt")).unwrap();
+        std::os::unix::fs::symlink("gone", dir.path().join(".hidden.safetensors")).unwrap();
+        assert_eq!(
+            find_shard_files(dir.path()).unwrap(),
+            std::slice::from_ref(&real)
+        );
+        // A link to a file is followed.
+        let linked = dir
+            .path()
+            .join("shard-00002-model-00001-of-00001.safetensors");
+        std::os::unix::fs::symlink(&real, &linked).unwrap();
+        assert_eq!(find_shard_files(dir.path()).unwrap(), [real, linked]);
+
+        let dangling = dir
+            .path()
+            .join("shard-00003-model-00001-of-00001.safetensors");
+        std::os::unix::fs::symlink("/nonexistent/x.safetensors", &dangling).unwrap();
+        std::fs::create_dir(
+            dir.path()
+                .join("shard-00004-model-00001-of-00001.safetensors"),
+        )
+        .unwrap();
+        let err = find_shard_files(dir.path()).unwrap_err().to_string();
+        let expected = format!(
+            "2 entries named like a shard file cannot be read as one: {} is a symbolic link to \
+             /nonexistent/x.safetensors, which cannot be opened (No such file or directory (os error 2)); \
+             {}/shard-00004-model-00001-of-00001.safetensors is a directory\n  hint: ",
+            dangling.display(),
+            dir.path().display()
+        );
+        assert!(err.starts_with(&expected), "{err}");
+    }
 
     #[test]
     fn shard_names_parse() {

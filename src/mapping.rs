@@ -2,6 +2,7 @@
 //! `--max-shard-size`, or a single file.
 
 use crate::error::{Error, Result};
+use crate::header::{JsonError, parse_unique_json};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -139,12 +140,21 @@ fn fill_by_size(tensors: &[(&str, u64)], limit: u64) -> Assignment {
     }
 }
 
+/// Reads a --mapping or --hf-index file. A tensor listed twice is refused:
+/// which of its two indices was meant cannot be known.
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Mapping {
-        path: path.to_owned(),
-        reason: format!("not valid JSON: {e}"),
-        hint: "fix the file, or pass a different --mapping/--hf-index",
+    parse_unique_json(&text).map_err(|e| match e {
+        JsonError::Syntax(e) => Error::Mapping {
+            path: path.to_owned(),
+            reason: format!("not valid JSON: {e}"),
+            hint: "fix the file, or pass a different --mapping/--hf-index",
+        },
+        JsonError::Duplicate(dup) => Error::Mapping {
+            path: path.to_owned(),
+            reason: dup.to_string(),
+            hint: "list every tensor once: remove the entry that is wrong, or pass a different --mapping/--hf-index",
+        },
     })
 }
 
@@ -292,24 +302,53 @@ mod tests {
         let file = json_file(r#"{"a": 1, "b": 2}"#);
         let source = MappingSource::Mapping(file.path().into());
         let err = assign(&[("a", 1), ("x", 1)], &source, Unmapped::Error).unwrap_err();
-        assert!(err.to_string().contains("x"), "{err}");
+        assert!(
+            matches!(&err, Error::Unmapped { names, .. } if names == &["x"]),
+            "{err:?}"
+        );
+        let listed = format!("not in the mapping {}: x\n  hint:", file.path().display());
+        assert!(err.to_string().contains(&listed), "{err}");
         let got = assign(&[("a", 1), ("x", 1)], &source, Unmapped::Last).unwrap();
         assert_eq!(got.file_of, vec![1, 2]);
     }
 
     #[test]
     fn malformed_mappings_are_refused() {
-        for text in [
-            r#"{"a": 0}"#,
-            r#"{"a": "1"}"#,
-            r#"{"a": -1}"#,
-            r#"{"a": 100000}"#,
-            r#"[1]"#,
-            "{",
+        for (text, reason) in [
+            (r#"{"a": 0}"#, "'a' maps to 0, not an integer from 1"),
+            (r#"{"a": "1"}"#, "'a' maps to \"1\", not an integer"),
+            (r#"{"a": -1}"#, "'a' maps to -1, not an integer"),
+            (r#"{"a": 100000}"#, "'a' maps to 100000, not an integer"),
+            (r#"[1]"#, "not a JSON object"),
+            ("{", "not valid JSON"),
         ] {
             let file = json_file(text);
-            assert!(read_mapping(file.path()).is_err(), "{text}");
+            let err = read_mapping(file.path()).unwrap_err().to_string();
+            assert!(err.contains(reason), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn a_tensor_listed_twice_is_refused() {
+        // serde_json alone keeps the last: "a" would silently go to file 2.
+        let file = json_file(r#"{"a": 1, "b": 1, "a": 2}"#);
+        let err = read_mapping(file.path()).unwrap_err().to_string();
+        let expected = format!(
+            "{}: the key 'a' appears twice\n  hint: list every tensor once",
+            file.path().display()
+        );
+        assert!(err.starts_with(&expected), "{err}");
+        let index = json_file(
+            r#"{"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "a": "model-00002-of-00002.safetensors"}}"#,
+        );
+        let err = read_hf_index(index.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("the key 'a' appears twice inside 'weight_map'"),
+            "{err}"
+        );
+        let index = json_file(r#"{"weight_map": {}, "weight_map": {"a": "x.safetensors"}}"#);
+        let err = read_hf_index(index.path()).unwrap_err().to_string();
+        assert!(err.contains("the key 'weight_map' appears twice"), "{err}");
     }
 
     #[test]
@@ -329,7 +368,12 @@ mod tests {
     fn too_many_output_files_are_refused() {
         let index = json_file(r#"{"weight_map": {"a": "model-100000-of-100000.safetensors"}}"#);
         let source = MappingSource::HfIndex(index.path().into());
-        assert!(assign(&[("a", 1)], &source, Unmapped::Error).is_err());
+        let err = assign(&[("a", 1)], &source, Unmapped::Error).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("asks for 100000 output files; file names allow at most 99999"),
+            "{err}"
+        );
         let tensors: Vec<(String, u64)> = (0..100_000).map(|i| (format!("t{i}"), 1)).collect();
         let tensors: Vec<(&str, u64)> = tensors.iter().map(|(n, b)| (n.as_str(), *b)).collect();
         let err = assign(&tensors, &MappingSource::MaxShardSize(1), Unmapped::Error).unwrap_err();

@@ -5,7 +5,8 @@
 use crate::convert::output_dtype;
 use crate::dcp::FullTensor;
 use crate::dtype::Dtype;
-use crate::header::{TensorEntry, encode_header};
+use crate::error::{Error, Result};
+use crate::header::{MAX_HEADER_LEN, TensorEntry, encode_header};
 use crate::mapping::{Assignment, output_name};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -109,9 +110,28 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// [`Plan::new`], refusing any output file whose header safetensors
+    /// readers would not accept ([`check_header_len`]): the way to build the
+    /// plan of a run, before anything is written.
+    pub fn build(
+        shards: Vec<PathBuf>,
+        tensors: Vec<FullTensor>,
+        assignment: Assignment,
+        world_size: usize,
+        cast: Option<Dtype>,
+    ) -> Result<Plan> {
+        let plan = Plan::new(shards, tensors, assignment, world_size, cast);
+        for file in &plan.files {
+            let json_len = file.header.len() as u64 - 8;
+            check_header_len(&file.name, file.entries.len(), json_len)?;
+        }
+        Ok(plan)
+    }
+
     /// Lays out the output files, converting floating-point tensors to
     /// `cast` if given, and assigns file `index` to rank `index % world_size`
-    /// (the design card's schedule).
+    /// (the design card's schedule). Does not check header sizes: runs use
+    /// [`Plan::build`].
     pub fn new(
         shards: Vec<PathBuf>,
         tensors: Vec<FullTensor>,
@@ -295,10 +315,73 @@ impl Plan {
     }
 }
 
+/// Refuses an output file whose JSON header (`json_len` bytes, padding
+/// included) exceeds [`MAX_HEADER_LEN`], the limit of the safetensors
+/// library and of this tool's own reader: such a file would be written in
+/// full and then be unreadable. Millions of tiny tensors in one file get
+/// there (about 60 bytes of header per tensor).
+pub fn check_header_len(file: &str, tensors: usize, json_len: u64) -> Result<()> {
+    if json_len <= MAX_HEADER_LEN {
+        return Ok(());
+    }
+    Err(Error::usage(
+        format!(
+            "{file} would hold {tensors} tensors with a {json_len}-byte header, over the \
+             {MAX_HEADER_LEN}-byte limit of safetensors readers"
+        ),
+        "spread the tensors over more output files: pass --max-shard-size (smaller than now, if given), \
+         or a --mapping/--hf-index with more files",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::header::parse_header;
+
+    #[test]
+    fn headers_up_to_the_limit_pass_and_longer_ones_are_refused() {
+        let name = "model-00001-of-00001.safetensors";
+        assert!(check_header_len(name, 3, MAX_HEADER_LEN).is_ok());
+        let err = check_header_len(name, 1_600_000, MAX_HEADER_LEN + 8)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "model-00001-of-00001.safetensors would hold 1600000 tensors with a 100000008-byte \
+             header, over the 100000000-byte limit of safetensors readers\n  hint: spread the \
+             tensors over more output files: pass --max-shard-size (smaller than now, if given), \
+             or a --mapping/--hf-index with more files"
+        );
+    }
+
+    #[test]
+    fn a_plan_with_an_oversized_header_is_refused_and_others_pass() {
+        // Two tensors whose names alone fill the header past the limit.
+        let long = |c: char| c.to_string().repeat(MAX_HEADER_LEN as usize / 2);
+        let tensors = vec![
+            tensor(&long('a'), Dtype::U8, &[1]),
+            tensor(&long('b'), Dtype::U8, &[1]),
+            tensor("small", Dtype::U8, &[1]),
+        ];
+        let assignment = |file_of: Vec<u32>| Assignment {
+            file_count: *file_of.iter().max().unwrap(),
+            file_of,
+            missing: vec![],
+        };
+        let err = Plan::build(vec![], tensors.clone(), assignment(vec![1, 1, 2]), 1, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("model-00001-of-00002.safetensors would hold 2 tensors with a 1000001"),
+            "{}",
+            &err[..200]
+        );
+        // One long name per file fits.
+        let plan = Plan::build(vec![], tensors, assignment(vec![1, 2, 2]), 1, None).unwrap();
+        assert!(plan.files[0].header.len() as u64 - 8 <= MAX_HEADER_LEN);
+        assert!(plan.files[1].header.len() as u64 - 8 > MAX_HEADER_LEN / 2);
+    }
 
     fn tensor(name: &str, dtype: Dtype, shape: &[u64]) -> FullTensor {
         FullTensor {

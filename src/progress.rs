@@ -120,7 +120,7 @@ pub fn line(done: u64, total: u64, elapsed: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::SingleProcess;
+    use std::sync::Mutex;
 
     #[test]
     fn lines_show_bytes_percent_rate_and_time_left() {
@@ -131,22 +131,90 @@ mod tests {
         );
     }
 
+    /// A world of two ranks: this one and a peer that reports `peer_bytes`
+    /// and is still copying for its first `peer_busy_rounds` rounds. Every
+    /// sum the loop receives is recorded.
+    struct TwoRanks {
+        peer_bytes: u64,
+        peer_busy_rounds: usize,
+        rounds: Mutex<Vec<[u64; 2]>>,
+    }
+
+    impl TwoRanks {
+        fn new(peer_bytes: u64, peer_busy_rounds: usize) -> TwoRanks {
+            TwoRanks {
+                peer_bytes,
+                peer_busy_rounds,
+                rounds: Mutex::new(Vec::new()),
+            }
+        }
+
+        fn rounds(&self) -> Vec<[u64; 2]> {
+            self.rounds.lock().unwrap().clone()
+        }
+    }
+
+    impl Communicator for TwoRanks {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn size(&self) -> usize {
+            2
+        }
+        fn ranks_on_node(&self) -> usize {
+            2
+        }
+        fn lowest_failed(&self, failed: bool) -> Option<usize> {
+            failed.then_some(0)
+        }
+        fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
+            Some(vec![bytes.to_vec(), Vec::new()])
+        }
+        fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
+            vec![bytes.to_vec(), Vec::new()]
+        }
+        fn sum_nonblocking(&self, [bytes, copying]: [u64; 2]) -> [u64; 2] {
+            let mut rounds = self.rounds.lock().unwrap();
+            let peer_copying = u64::from(rounds.len() < self.peer_busy_rounds);
+            let sum = [bytes + self.peer_bytes, copying + peer_copying];
+            rounds.push(sum);
+            sum
+        }
+    }
+
     #[test]
-    fn the_loop_ends_once_copying_has_finished() {
+    fn rounds_run_while_copying_and_the_last_one_reports_everything() {
+        let world = TwoRanks::new(0, 0);
         let counters = Counters::default();
         std::thread::scope(|s| {
             s.spawn(|| {
                 let _finish = FinishOnDrop(&counters);
+                counters.copied.store(10, Ordering::Relaxed);
+                // Finish only once the loop has run a round while copying.
+                while world.rounds().is_empty() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 counters.copied.store(42, Ordering::Relaxed);
             });
-            watch(
-                &SingleProcess,
-                Duration::from_millis(10),
-                42,
-                &counters,
-                false,
-            );
+            watch(&world, Duration::from_millis(10), 42, &counters, false);
         });
-        assert!(counters.finished.load(Ordering::Acquire));
+        let rounds = world.rounds();
+        let (last, before) = rounds.split_last().unwrap();
+        assert_eq!(*last, [42, 0], "{rounds:?}");
+        assert!(!before.is_empty(), "{rounds:?}");
+        assert!(before.iter().all(|r| r[1] == 1), "{rounds:?}");
+    }
+
+    #[test]
+    fn a_rank_that_finished_keeps_joining_rounds_until_every_rank_has() {
+        // This rank is done before the loop starts; the peer copies for three
+        // more rounds. Leaving after the first round would leave the peer
+        // waiting in a collective.
+        let world = TwoRanks::new(100, 3);
+        let counters = Counters::default();
+        counters.copied.store(5, Ordering::Relaxed);
+        counters.finished.store(true, Ordering::Release);
+        watch(&world, Duration::from_secs(3600), 105, &counters, false);
+        assert_eq!(world.rounds(), [[105, 1], [105, 1], [105, 1], [105, 0]]);
     }
 }

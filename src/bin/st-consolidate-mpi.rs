@@ -55,8 +55,8 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = Unmapped::Error)]
     unmapped: Unmapped,
 
-    /// Copy threads per rank [default: cores on the node / ranks on the node].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    /// Copy threads per rank, at most 1024 [default: cores on the node / ranks on the node].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=MAX_THREADS))]
     threads: Option<u16>,
 
     /// Print the plan (files, tensors, bytes, owning rank, bytes per rank) and write nothing.
@@ -102,7 +102,7 @@ struct Cli {
     verbose: bool,
 
     /// Seconds between progress reports for the whole job (rank 0: a live bar on a terminal,
-    /// one log line per interval otherwise); 0 turns progress off.
+    /// one log line per interval otherwise); 0 turns progress off, otherwise at least 0.1.
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_seconds)]
     progress: f64,
 
@@ -124,7 +124,7 @@ struct Cli {
     headers: HeaderReading,
 
     /// Convert every floating-point tensor (F16, BF16, F32, F64) to this type, rounding to
-    /// nearest even exactly as PyTorch's tensor.to(dtype); integer, bool and fp8 tensors stay.
+    /// nearest even exactly as PyTorch's tensor.to(dtype); integer, bool, fp8 and complex tensors stay.
     #[arg(long, value_enum)]
     dtype: Option<ExportDtype>,
 
@@ -198,13 +198,23 @@ fn raise_open_file_limit() {
     }
 }
 
-/// A non-negative number of seconds.
+/// More copy threads per rank than any node has cores for: each is a real
+/// thread with its own stack, and tens of thousands of them exhaust the
+/// process's memory maps or thread limit instead of copying faster.
+const MAX_THREADS: i64 = 1024;
+
+/// The shortest progress interval: every round is a collective over all
+/// ranks and, in a log, a line; ten a second is already more than anyone
+/// reads, and a nanosecond would print a line per microsecond of copying.
+const MIN_PROGRESS_SECS: f64 = 0.1;
+
+/// `--progress`: 0 (off), or seconds from [`MIN_PROGRESS_SECS`] to a day.
 fn parse_seconds(text: &str) -> Result<f64, String> {
     const DAY: f64 = 86_400.0;
     match text.parse::<f64>() {
-        Ok(secs) if (0.0..=DAY).contains(&secs) => Ok(secs),
+        Ok(secs) if secs == 0.0 || (MIN_PROGRESS_SECS..=DAY).contains(&secs) => Ok(secs),
         _ => Err(format!(
-            "'{text}' is not a number of seconds from 0 to 86400 (a day)"
+            "'{text}' is neither 0 (no progress) nor a number of seconds from {MIN_PROGRESS_SECS} to 86400 (a day)"
         )),
     }
 }
