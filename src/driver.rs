@@ -13,7 +13,7 @@ use crate::convert::output_dtype;
 use crate::copy::{check_replicas, copy_item};
 use crate::dcp::index_pieces;
 use crate::dtype::Dtype;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, shown};
 use crate::identity::{self, FileIdentity};
 use crate::input::{HeaderReading, ParsedShard, assemble, list_shard_files, read_shards};
 use crate::lock::{Holder, OutputLock, host_name, read_token};
@@ -126,7 +126,8 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     agree(comm, same_plan_everywhere(comm, &plan))?;
     for name in &plan.missing {
         say(&format!(
-            "warning: '{name}' is in the mapping but in no shard; it is left out"
+            "warning: '{}' is in the mapping but in no shard; it is left out",
+            shown(name)
         ));
     }
     if config.dry_run {
@@ -503,7 +504,7 @@ pub fn make_plan(config: &Config, world_size: usize, parsed: Vec<ParsedShard>) -
         .collect();
     let assignment = assign(&sizes, &config.mapping, config.unmapped)?;
     let shards = checkpoint.shards.into_iter().map(|s| s.path).collect();
-    let mut plan = Plan::new(shards, tensors, assignment, world_size, config.dtype);
+    let mut plan = Plan::build(shards, tensors, assignment, world_size, config.dtype)?;
     plan.schedule = config.schedule;
     Ok(plan)
 }

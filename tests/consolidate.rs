@@ -54,7 +54,7 @@ fn torch_fixture_runs_without_a_launcher() {
 
 #[test]
 fn every_dtype_and_awkward_shape_on_many_source_ranks() {
-    // The zoo: all 16 dtypes (integer, bool and fp8 included), 0-D, 4-D and
+    // The zoo: all 19 dtypes (integer, bool and fp8 included), 0-D, 4-D and
     // 6-D tensors, empty tensors, empty pieces, uneven chunks, 2-D meshes and
     // replicas saved by several ranks.
     for source_ranks in ["1", "3", "4", "16"] {

@@ -51,7 +51,7 @@ fn progress_is_a_bar_on_a_terminal() {
     // `script` gives the process a pseudo-terminal.
     let input = torch_fixture();
     let out = tempfile::tempdir().unwrap();
-    let command = format!("{BIN} --progress 0.01 {} {}", s(&input), s(out.path()));
+    let command = format!("{BIN} --progress 0.1 {} {}", s(&input), s(out.path()));
     let run = std::process::Command::new("script")
         .args(["-qec", &command, "/dev/null"])
         .output()
