@@ -169,14 +169,18 @@ pub fn host_name() -> String {
         .unwrap_or_else(|_| "unknown-host".to_string())
 }
 
-/// A process's start time since boot, in clock ticks, or `None` if there
-/// is no such process.
+/// A live process's start time since boot, in clock ticks, or `None` if
+/// there is no such process or it has exited (a zombie not yet reaped).
 fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: fields
-    // after the last ')' are plain numbers; start time is field 22.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    // after the last ')' are the state (field 3), then plain numbers; start
+    // time is field 22.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if matches!(fields.next()?, "Z" | "X") {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` for Unix time `secs` (days-to-civil conversion,

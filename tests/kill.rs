@@ -27,6 +27,16 @@ fn children(pid: u32) -> Vec<u32> {
     kids
 }
 
+/// Whether `pid` is a process that has not exited (zombies have).
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !matches!(
+            stat[stat.rfind(')').unwrap() + 2..].chars().next(),
+            Some('Z' | 'X')
+        )
+    })
+}
+
 fn finals(dir: &Path) -> Vec<String> {
     names(dir)
         .into_iter()
@@ -96,8 +106,16 @@ fn kill_and_rerun(ckpt: &Path, schedule: &str) {
         .unwrap();
     let status = launcher.wait().unwrap();
     assert!(!status.success(), "the run must have been cut short");
-    // Give any surviving rank time to be reaped by the launcher's teardown.
-    std::thread::sleep(Duration::from_millis(500));
+    // Wait for the surviving rank to be gone: while it lives it rightly
+    // holds OUTPUT_DIR, and a rerun would be refused.
+    let started = Instant::now();
+    while ranks.iter().any(|&pid| is_running(pid)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a rank outlived its launcher"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(
         finals(out.path()),
         Vec::<String>::new(),
