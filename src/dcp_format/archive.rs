@@ -11,7 +11,7 @@ use super::torch_types::{torch_dtype, typed_storage_dtype};
 use crate::dtype::Dtype;
 use crate::header::{byte_len, element_count};
 use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use zip::read::{ArchiveOffset, Config};
 use zip::{CompressionMethod, ZipArchive};
@@ -76,16 +76,16 @@ pub fn locate_chunk_data(file: &File, file_len: u64, chunk: &ChunkRequest) -> Re
             CORRUPT,
         );
     }
-    let window = Window {
-        file,
-        start: chunk.offset,
-        len: chunk.length,
-        pos: 0,
-    };
+    let window = Window::new(file, chunk.offset, chunk.length).or_else(|err| {
+        refuse(
+            format!("cannot read the chunk's archive at {range}: {err}"),
+            CORRUPT,
+        )
+    })?;
     let config = Config {
         archive_offset: ArchiveOffset::Known(0),
     };
-    let mut zip = ZipArchive::with_config(config, BufReader::new(window)).or_else(|err| {
+    let mut zip = ZipArchive::with_config(config, window).or_else(|err| {
         refuse(
             format!("the chunk at {range} is not a torch.save zip archive ({err})"),
             CORRUPT,
@@ -437,11 +437,41 @@ fn is_contiguous(size: &[i64], stride: &[i64]) -> bool {
 
 /// A read-only view of `[start, start + len)` of a file, with positions
 /// relative to `start`; reads use `pread`, so no shared file cursor moves.
+///
+/// A torch.save archive is small headers, the tensor's bytes, then the
+/// central directory: the zip reader only ever looks at the first and last
+/// few KiB. Both are read once up front, so locating a chunk costs two reads
+/// whatever the zip reader's access pattern, and never reads tensor data.
 struct Window<'f> {
     file: &'f File,
     start: u64,
     len: u64,
     pos: u64,
+    head: Vec<u8>,
+    /// The last `tail.len()` bytes of the window.
+    tail: Vec<u8>,
+}
+
+/// How much of each end of an archive is read up front.
+const END_CACHE: u64 = 4096;
+
+impl<'f> Window<'f> {
+    fn new(file: &'f File, start: u64, len: u64) -> io::Result<Window<'f>> {
+        let head_len = len.min(END_CACHE);
+        let tail_len = (len - head_len).min(END_CACHE);
+        let mut head = vec![0; head_len as usize];
+        file.read_exact_at(&mut head, start)?;
+        let mut tail = vec![0; tail_len as usize];
+        file.read_exact_at(&mut tail, start + len - tail_len)?;
+        Ok(Window {
+            file,
+            start,
+            len,
+            pos: 0,
+            head,
+            tail,
+        })
+    }
 }
 
 impl Read for Window<'_> {
@@ -451,7 +481,25 @@ impl Read for Window<'_> {
         if want == 0 {
             return Ok(0);
         }
-        let read = self.file.read_at(&mut buf[..want], self.start + self.pos)?;
+        let head_len = self.head.len() as u64;
+        let tail_start = self.len - self.tail.len() as u64;
+        // Short reads are allowed: a read that crosses out of a cached end
+        // returns the cached part, and the caller asks again.
+        let read = if self.pos < head_len {
+            let from = &self.head[self.pos as usize..];
+            let n = want.min(from.len());
+            buf[..n].copy_from_slice(&from[..n]);
+            n
+        } else if self.pos >= tail_start {
+            let from = &self.tail[(self.pos - tail_start) as usize..];
+            let n = want.min(from.len());
+            buf[..n].copy_from_slice(&from[..n]);
+            n
+        } else {
+            let until_tail = usize::try_from(tail_start - self.pos).unwrap_or(usize::MAX);
+            let n = want.min(until_tail);
+            self.file.read_at(&mut buf[..n], self.start + self.pos)?
+        };
         self.pos += read as u64;
         Ok(read)
     }
@@ -532,12 +580,7 @@ M\xf5\x01K@\x86q\x06K@K\x01\x86q\x07\x89ccollections\x0aOrderedDict\x0aq\x08)Rq\
     fn window_reads_stay_inside_the_range() {
         let mut file = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut file, b"0123456789").unwrap();
-        let mut window = Window {
-            file: &file,
-            start: 3,
-            len: 4,
-            pos: 0,
-        };
+        let mut window = Window::new(&file, 3, 4).unwrap();
         let mut text = String::new();
         window.read_to_string(&mut text).unwrap();
         assert_eq!(text, "3456");
@@ -546,5 +589,39 @@ M\xf5\x01K@\x86q\x06K@K\x01\x86q\x07\x89ccollections\x0aOrderedDict\x0aq\x08)Rq\
         let mut rest = Vec::new();
         window.read_to_end(&mut rest).unwrap();
         assert_eq!(rest, b"6");
+    }
+
+    #[test]
+    fn window_reads_across_cached_ends_and_the_middle() {
+        let bytes: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &bytes).unwrap();
+        let (start, len) = (100usize, 15_000usize);
+        let expected = &bytes[start..start + len];
+        let mut window = Window::new(&file, start as u64, len as u64).unwrap();
+        let mut all = Vec::new();
+        window.read_to_end(&mut all).unwrap();
+        assert_eq!(all, expected);
+        // Spans that start in the head, the middle or the tail and cross
+        // into the next region.
+        for (from, count) in [
+            (4000, 200),
+            (4096, 10),
+            (10_800, 300),
+            (10_904, 96),
+            (14_990, 10),
+        ] {
+            window.seek(SeekFrom::Start(from)).unwrap();
+            let mut got = vec![0; count];
+            window.read_exact(&mut got).unwrap();
+            assert_eq!(
+                got,
+                &expected[from as usize..from as usize + count],
+                "{from}"
+            );
+        }
+        let mut past = [0u8; 1];
+        window.seek(SeekFrom::Start(len as u64)).unwrap();
+        assert_eq!(window.read(&mut past).unwrap(), 0);
     }
 }
