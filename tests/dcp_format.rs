@@ -6,11 +6,13 @@
 use proptest::prelude::*;
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
+use st_consolidate_mpi::dcp_format::archive::{ChunkRequest, locate_chunk_data};
 use st_consolidate_mpi::dcp_format::metadata::parse_metadata;
 use st_consolidate_mpi::dcp_format::pickle::{self, Limits};
 use st_consolidate_mpi::dcp_format::{
     DcpCheckpoint, DcpTensor, read_dcp_checkpoint, read_dcp_checkpoint_with,
 };
+use st_consolidate_mpi::dtype::Dtype;
 use st_consolidate_mpi::{Error, dcp};
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -281,6 +283,52 @@ fn a_compressed_zip_entry_is_refused() {
     ] {
         assert!(err.contains(needle), "{needle} not in {err}");
     }
+}
+
+#[test]
+fn a_zip64_chunk_archive_is_located() {
+    // model.norm.weight[0:2] of the w2 fixture, rewritten with ZIP64 local
+    // headers after 100 bytes of other data (tests/fixtures/torch-dcpfs-zip64/make.py).
+    let dir = fixture("torch-dcpfs-w2/checkpoint");
+    let checkpoint = read_dcp_checkpoint(&dir).unwrap();
+    let norm = checkpoint
+        .tensors
+        .iter()
+        .find(|t| t.name == "model.norm.weight")
+        .unwrap();
+    let piece = norm.pieces.iter().find(|p| p.offsets == [0]).unwrap();
+    let mut expected = [0u8; 4];
+    fs::File::open(dir.join(&piece.file))
+        .unwrap()
+        .read_exact_at(&mut expected, piece.data_offset)
+        .unwrap();
+
+    let path = fixture("torch-dcpfs-zip64/chunk.bin");
+    let bytes = fs::read(&path).unwrap();
+    let name = b"archive/data/0";
+    let header = (0..bytes.len() - 30)
+        .find(|&i| bytes[i..i + 4] == *b"PK\x03\x04" && bytes[i + 30..].starts_with(name))
+        .unwrap();
+    let extra = header + 30 + name.len();
+    assert_eq!(bytes[extra..extra + 2], [1, 0], "no ZIP64 extra field");
+
+    let file = fs::File::open(&path).unwrap();
+    let len = bytes.len() as u64;
+    let request = ChunkRequest {
+        dtype: Dtype::BF16,
+        sizes: &[2],
+        offset: 100,
+        length: len - 100,
+    };
+    let at = locate_chunk_data(&file, len, &request).unwrap();
+    assert_eq!(bytes[at as usize..at as usize + 4], expected);
+    // The same archive does not hold an F32 chunk.
+    let wrong = ChunkRequest {
+        dtype: Dtype::F32,
+        ..request
+    };
+    let refusal = locate_chunk_data(&file, len, &wrong).unwrap_err();
+    assert!(refusal.reason.contains("torch.bfloat16"), "{refusal:?}");
 }
 
 #[test]
