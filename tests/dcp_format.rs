@@ -285,6 +285,55 @@ fn a_compressed_zip_entry_is_refused() {
     }
 }
 
+/// CRC-32 as zip computes it.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn a_big_endian_chunk_is_refused() {
+    let dir = copy_checkpoint("torch-dcpfs-w2/checkpoint");
+    let path = dir.path().join("__0_0.distcp");
+    let mut bytes = fs::read(&path).unwrap();
+    // The first chunk's archive starts the file, so its offsets are the
+    // file's. Rewrite its byteorder entry as "big", with a matching size and
+    // CRC in the central directory record the reader trusts.
+    let name = b"archive/byteorder";
+    let record = (0..bytes.len() - 46)
+        .find(|&i| bytes[i..i + 4] == *b"PK\x01\x02" && bytes[i + 46..].starts_with(name))
+        .unwrap();
+    let field = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let local = field(record + 42);
+    let local_extra = u16::from_le_bytes([bytes[local + 28], bytes[local + 29]]) as usize;
+    let data = local + 30 + name.len() + local_extra;
+    assert_eq!(&bytes[data..data + 6], b"little");
+    bytes[data..data + 3].copy_from_slice(b"big");
+    bytes[record + 16..record + 20].copy_from_slice(&crc32(b"big").to_le_bytes());
+    bytes[record + 20..record + 24].copy_from_slice(&3u32.to_le_bytes());
+    bytes[record + 24..record + 28].copy_from_slice(&3u32.to_le_bytes());
+    fs::write(&path, bytes).unwrap();
+    let err = message(read_dcp_checkpoint(dir.path()).unwrap_err());
+    for needle in [
+        "model.embed_tokens.weight",
+        "__0_0.distcp",
+        "byte order \"big\"",
+        "little-endian",
+    ] {
+        assert!(err.contains(needle), "{needle} not in {err}");
+    }
+}
+
 #[test]
 fn a_zip64_chunk_archive_is_located() {
     // model.norm.weight[0:2] of the w2 fixture, rewritten with ZIP64 local

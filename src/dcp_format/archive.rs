@@ -76,39 +76,11 @@ pub fn locate_chunk_data(file: &File, file_len: u64, chunk: &ChunkRequest) -> Re
             CORRUPT,
         );
     }
-    let window = Window::new(file, chunk.offset, chunk.length).or_else(|err| {
-        refuse(
-            format!("cannot read the chunk's archive at {range}: {err}"),
-            CORRUPT,
-        )
-    })?;
-    let config = Config {
-        archive_offset: ArchiveOffset::Known(0),
-    };
-    let mut zip = ZipArchive::with_config(config, window).or_else(|err| {
-        refuse(
-            format!("the chunk at {range} is not a torch.save zip archive ({err})"),
-            CORRUPT,
-        )
-    })?;
+    let mut zip = open_archive(file, chunk, &range)?;
     let entries = list_entries(&mut zip, chunk.length, &range)?;
     let pkl = find_data_pkl(&entries, &range)?;
     let prefix = &pkl.name[..pkl.name.len() - "data.pkl".len()];
-    if let Some(byteorder) = entries
-        .iter()
-        .find(|e| e.name == format!("{prefix}byteorder"))
-    {
-        let order = read_entry(&mut zip, byteorder)?;
-        if order != b"little" {
-            return refuse(
-                format!(
-                    "the chunk at {range} was saved with byte order {:?}; only little-endian is supported",
-                    String::from_utf8_lossy(&order)
-                ),
-                "convert the checkpoint on a little-endian machine (load and re-save it with PyTorch)",
-            );
-        }
-    }
+    check_byte_order(&mut zip, &entries, prefix, &range)?;
     let rebuild_bytes = read_entry(&mut zip, pkl)?;
     let storage = read_rebuild(&rebuild_bytes, &range)?;
     check_storage(&storage, chunk, &range)?;
@@ -132,6 +104,55 @@ pub fn locate_chunk_data(file: &File, file_len: u64, chunk: &ChunkRequest) -> Re
     // list_entries checked that every entry's data lies inside the window,
     // and the window inside the file.
     Ok(chunk.offset + data.data_start)
+}
+
+/// The chunk's byte range as a zip archive; its offsets count from the
+/// range's start, as PyTorch writes them.
+fn open_archive<'f>(
+    file: &'f File,
+    chunk: &ChunkRequest,
+    range: &str,
+) -> Result<ZipArchive<Window<'f>>, Refusal> {
+    let window = Window::new(file, chunk.offset, chunk.length).or_else(|err| {
+        refuse(
+            format!("cannot read the chunk's archive at {range}: {err}"),
+            CORRUPT,
+        )
+    })?;
+    let config = Config {
+        archive_offset: ArchiveOffset::Known(0),
+    };
+    ZipArchive::with_config(config, window).or_else(|err| {
+        refuse(
+            format!("the chunk at {range} is not a torch.save zip archive ({err})"),
+            CORRUPT,
+        )
+    })
+}
+
+/// `byteorder` must say little-endian if present (archives from before
+/// PyTorch 1.10 lack it and are little-endian).
+fn check_byte_order<R: Read + Seek>(
+    zip: &mut ZipArchive<R>,
+    entries: &[Entry],
+    prefix: &str,
+    range: &str,
+) -> Result<(), Refusal> {
+    let name = format!("{prefix}byteorder");
+    let Some(byteorder) = entries.iter().find(|e| e.name == name) else {
+        return Ok(());
+    };
+    let order = read_entry(zip, byteorder)?;
+    if order != b"little" {
+        return refuse(
+            format!(
+                "the chunk at {range} was saved with byte order {:?}; only little-endian is supported",
+                String::from_utf8_lossy(&order)
+            ),
+            "convert the checkpoint on a little-endian machine (load and re-save it with PyTorch)",
+        );
+    }
+    Ok(())
 }
 
 /// One zip entry: name, where its stored bytes start (relative to the
@@ -539,6 +560,66 @@ mod tests {
         assert!(is_contiguous(&[], &[]));
         assert!(!is_contiguous(&[2], &[2]));
         assert!(!is_contiguous(&[2, 2], &[2]));
+    }
+
+    fn bf16_2x3() -> Storage {
+        Storage {
+            dtype: "bfloat16",
+            bytes: Some(12),
+            key: "0".into(),
+            storage_offset: 0,
+            size: vec![2, 3],
+            stride: vec![3, 1],
+        }
+    }
+
+    const CHUNK: ChunkRequest = ChunkRequest {
+        dtype: Dtype::BF16,
+        sizes: &[2, 3],
+        offset: 0,
+        length: 0,
+    };
+
+    fn refusal(storage: Storage) -> String {
+        check_storage(&storage, &CHUNK, "r").unwrap_err().reason
+    }
+
+    #[test]
+    fn data_pkl_must_describe_exactly_the_chunk() {
+        assert_eq!(check_storage(&bf16_2x3(), &CHUNK, "r"), Ok(()));
+        let shape = refusal(Storage {
+            size: vec![3, 2],
+            stride: vec![2, 1],
+            ..bf16_2x3()
+        });
+        assert!(
+            shape.contains("shape [3, 2], .metadata says [2, 3]"),
+            "{shape}"
+        );
+        let dtype = refusal(Storage {
+            dtype: "float16",
+            ..bf16_2x3()
+        });
+        assert!(
+            dtype.contains("torch.float16 elements, .metadata says BF16"),
+            "{dtype}"
+        );
+        let strided = refusal(Storage {
+            stride: vec![1, 2],
+            ..bf16_2x3()
+        });
+        assert!(strided.contains("non-contiguous"), "{strided}");
+        let offset = refusal(Storage {
+            storage_offset: 3,
+            ..bf16_2x3()
+        });
+        assert!(offset.contains("starts at element 3"), "{offset}");
+        // A view's whole base storage saved along with it.
+        let bigger = refusal(Storage {
+            bytes: Some(24),
+            ..bf16_2x3()
+        });
+        assert!(bigger.contains("storage of 24 bytes"), "{bigger}");
     }
 
     #[test]

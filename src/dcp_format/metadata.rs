@@ -145,6 +145,7 @@ pub fn from_pickle(pickle: &Pickle) -> Parsed<Metadata> {
         .iter()
         .map(|&(key, value)| reader.entry(key, value))
         .collect::<Parsed<Vec<_>>>()?;
+    check_unique_names(&entries)?;
     let storage = match reader.field(fields, "storage_data") {
         Some(storage) => reader.storage_data(storage)?,
         None => return fail("Metadata has no storage_data"),
@@ -416,6 +417,24 @@ fn moved_ok(object: &Object, module: &str) -> bool {
             && object.class.module == "torch.distributed._shard.sharded_tensor.metadata")
 }
 
+/// A Python dict has unique keys; a pickle listing one twice is not DCP's.
+fn check_unique_names(entries: &[Entry]) -> Parsed<()> {
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    for entry in entries {
+        let name = match entry {
+            Entry::Tensor(tensor) => &tensor.name,
+            Entry::NonTensor(name) => name,
+        };
+        if !seen.insert(name) {
+            return Err(MetadataError {
+                tensor: Some(name.clone()),
+                reason: "is listed twice in state_dict_metadata".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn check_chunk_inside(chunk: &Chunk, shape: &[u64]) -> Parsed<()> {
     if chunk.offsets.len() != shape.len() || chunk.sizes.len() != shape.len() {
         return fail(format!(
@@ -593,6 +612,20 @@ mod tests {
         let err = parse_metadata(&metadata("float32", 2, 3, &[])).unwrap_err();
         assert_eq!(err.tensor.as_deref(), Some("w"));
         assert!(err.reason.contains("outside the full shape [4]"), "{err}");
+    }
+
+    #[test]
+    fn an_entry_listed_twice_is_refused() {
+        let mut bytes = metadata("float32", 0, 4, &[]);
+        // Rename "step" to "w" (same length prefix patched: both are X-strings).
+        let at = bytes
+            .windows(9)
+            .position(|w| w == b"X\x04\x00\x00\x00step")
+            .unwrap();
+        bytes.splice(at..at + 9, *b"X\x01\x00\x00\x00w");
+        let err = parse_metadata(&bytes).unwrap_err();
+        assert_eq!(err.tensor.as_deref(), Some("w"));
+        assert!(err.reason.contains("listed twice"), "{err}");
     }
 
     #[test]

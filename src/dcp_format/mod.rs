@@ -189,7 +189,7 @@ pub fn read_metadata_file(path: &Path) -> Result<Metadata> {
     let parsed = pickle::parse(&bytes, &Limits::METADATA).map_err(|err| {
         let hint = match err.kind {
             PickleErrorKind::ForbiddenGlobal(_) => {
-                "this file was not written by PyTorch's DCP as this program knows it and may run code when loaded in Python; do not load it with pickle, and check where it came from"
+                "either a newer PyTorch saved a class this program does not know yet (report its name so it can be reviewed and allowed), or the file was made to run code: do not load it in Python before checking where it came from"
             }
             _ => {
                 "the file is truncated or corrupt, or not a DCP checkpoint's .metadata; copy it again or re-save the checkpoint"
