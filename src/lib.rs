@@ -15,6 +15,7 @@ pub mod comm;
 pub mod convert;
 pub mod copy;
 pub mod dcp;
+pub mod dcp_format;
 pub mod driver;
 pub mod dtype;
 pub mod error;

@@ -1,0 +1,641 @@
+//! DCP's `.metadata` pickle as plain Rust values: what each saved entry is,
+//! its chunks, and which byte range of which file holds each chunk.
+
+use super::pickle::{self, Limits, Object, Pickle, Value};
+use super::torch_types::torch_dtype;
+use crate::dtype::Dtype;
+use std::collections::HashMap;
+use std::fmt;
+
+/// Everything this reader needs from a `.metadata` file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Metadata {
+    /// The saved entries, in the order the state dict had them.
+    pub entries: Vec<Entry>,
+    /// Where each tensor chunk is stored, by (tensor name, chunk offsets).
+    pub storage: HashMap<(String, Vec<u64>), StorageInfo>,
+}
+
+/// One entry of the saved state dict.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Entry {
+    /// A tensor (TensorStorageMetadata).
+    Tensor(TensorMeta),
+    /// Any other value, saved with torch.save (BytesStorageMetadata): its name.
+    NonTensor(String),
+}
+
+/// A tensor's element type as saved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TorchDtype {
+    /// One with a safetensors equivalent.
+    Supported(Dtype),
+    /// One without (complex, quantized, fnuz float8, sub-byte): its torch name.
+    Unsupported(&'static str),
+}
+
+impl fmt::Display for TorchDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TorchDtype::Supported(dtype) => write!(f, "{dtype}"),
+            TorchDtype::Unsupported(name) => write!(f, "torch.{name}"),
+        }
+    }
+}
+
+/// A tensor entry: dtype, full shape and saved chunks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorMeta {
+    /// The fully qualified name (the state dict key).
+    pub name: String,
+    /// Element type.
+    pub dtype: TorchDtype,
+    /// The full tensor's shape.
+    pub shape: Vec<u64>,
+    /// The saved pieces, each a block inside `shape`.
+    pub chunks: Vec<Chunk>,
+}
+
+/// One saved block of a tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Where the block starts in the full tensor.
+    pub offsets: Vec<u64>,
+    /// The block's shape.
+    pub sizes: Vec<u64>,
+}
+
+/// Where one chunk's torch.save archive is: `[offset, offset + length)` of
+/// the file `relative_path` in the checkpoint directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageInfo {
+    /// The `.distcp` file, relative to the checkpoint directory.
+    pub relative_path: String,
+    /// First byte of the archive in that file.
+    pub offset: u64,
+    /// Length of the archive.
+    pub length: u64,
+    /// Stream transforms applied when writing (e.g. `stream.zstd/1`); empty
+    /// for plain archives.
+    pub transforms: Vec<String>,
+}
+
+/// Why a `.metadata` file cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetadataError {
+    /// The entry concerned, if the problem is in one entry.
+    pub tensor: Option<String>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for MetadataError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.tensor {
+            Some(tensor) => write!(f, "entry '{tensor}': {}", self.reason),
+            None => f.write_str(&self.reason),
+        }
+    }
+}
+
+impl std::error::Error for MetadataError {}
+
+type Parsed<T> = Result<T, MetadataError>;
+
+fn fail<T>(reason: impl Into<String>) -> Parsed<T> {
+    Err(MetadataError {
+        tensor: None,
+        reason: reason.into(),
+    })
+}
+
+fn in_entry(name: &str) -> impl Fn(MetadataError) -> MetadataError + '_ {
+    move |err| MetadataError {
+        tensor: err.tensor.or_else(|| Some(name.to_owned())),
+        reason: err.reason,
+    }
+}
+
+const DCP_METADATA: &str = "torch.distributed.checkpoint.metadata";
+
+/// Parses the bytes of a `.metadata` file.
+pub fn parse_metadata(bytes: &[u8]) -> Parsed<Metadata> {
+    let pickle = pickle::parse(bytes, &Limits::METADATA).map_err(|err| MetadataError {
+        tensor: None,
+        reason: err.to_string(),
+    })?;
+    from_pickle(&pickle)
+}
+
+/// Reads DCP metadata from an already parsed pickle.
+pub fn from_pickle(pickle: &Pickle) -> Parsed<Metadata> {
+    let reader = Reader { pickle };
+    let root = reader.object_of(pickle.root(), DCP_METADATA, "Metadata", "the pickle")?;
+    let fields = reader.fields(root, "Metadata")?;
+    let Some(state_dict) = reader.field(fields, "state_dict_metadata") else {
+        return fail("Metadata has no state_dict_metadata");
+    };
+    let Some(entries) = pickle.dict(state_dict) else {
+        return fail(format!(
+            "state_dict_metadata is a {}, not a dict",
+            pickle.describe(state_dict)
+        ));
+    };
+    let entries = entries
+        .iter()
+        .map(|&(key, value)| reader.entry(key, value))
+        .collect::<Parsed<Vec<_>>>()?;
+    check_unique_names(&entries)?;
+    let storage = match reader.field(fields, "storage_data") {
+        Some(storage) => reader.storage_data(storage)?,
+        None => return fail("Metadata has no storage_data"),
+    };
+    Ok(Metadata { entries, storage })
+}
+
+struct Reader<'p> {
+    pickle: &'p Pickle,
+}
+
+impl<'p> Reader<'p> {
+    /// The value as an object of class `module.name` (or of `name` under an
+    /// older module path for the classes that moved).
+    fn object_of(&self, value: Value, module: &str, name: &str, what: &str) -> Parsed<&'p Object> {
+        match self.pickle.object(value) {
+            Some(object) if object.class.name == name && moved_ok(object, module) => Ok(object),
+            _ => fail(format!(
+                "{what} is a {}, not a {module}.{name}",
+                self.pickle.describe(value)
+            )),
+        }
+    }
+
+    /// An object's attributes: its BUILD state as a dict, also in the
+    /// `(dict, slots)` form Python uses for classes with `__slots__`.
+    fn fields(&self, object: &Object, what: &str) -> Parsed<&'p [(Value, Value)]> {
+        let Some(state) = object.state else {
+            return fail(format!("{what} has no attributes"));
+        };
+        if let Some(pairs) = self.pickle.dict(state) {
+            return Ok(pairs);
+        }
+        if let Some([dict, slots]) = self.pickle.tuple(state) {
+            for part in [*slots, *dict] {
+                if let Some(pairs) = self.pickle.dict(part) {
+                    return Ok(pairs);
+                }
+            }
+        }
+        fail(format!(
+            "{what}'s attributes are a {}, not a dict",
+            self.pickle.describe(state)
+        ))
+    }
+
+    fn field(&self, pairs: &[(Value, Value)], key: &str) -> Option<Value> {
+        self.pickle.dict_get(pairs, key)
+    }
+
+    fn entry(&self, key: Value, value: Value) -> Parsed<Entry> {
+        let Some(name) = self.pickle.str(key) else {
+            return fail(format!(
+                "state_dict_metadata has a key that is a {}, not a string",
+                self.pickle.describe(key)
+            ));
+        };
+        let class = self.pickle.object(value).map(|o| o.class);
+        match class {
+            Some(class) if class.is(DCP_METADATA, "BytesStorageMetadata") => {
+                Ok(Entry::NonTensor(name.to_owned()))
+            }
+            Some(class) if class.is(DCP_METADATA, "TensorStorageMetadata") => self
+                .tensor(name, value)
+                .map(Entry::Tensor)
+                .map_err(in_entry(name)),
+            _ => Err(MetadataError {
+                tensor: Some(name.to_owned()),
+                reason: format!(
+                    "is a {}, not TensorStorageMetadata or BytesStorageMetadata",
+                    self.pickle.describe(value)
+                ),
+            }),
+        }
+    }
+
+    fn tensor(&self, name: &str, value: Value) -> Parsed<TensorMeta> {
+        let object = self.object_of(value, DCP_METADATA, "TensorStorageMetadata", "it")?;
+        let fields = self.fields(object, "TensorStorageMetadata")?;
+        let get = |key: &str| {
+            self.field(fields, key)
+                .map_or_else(|| fail(format!("TensorStorageMetadata has no '{key}'")), Ok)
+        };
+        let dtype = self.dtype(get("properties")?)?;
+        let shape = self.size(get("size")?, "size")?;
+        let chunks_value = get("chunks")?;
+        let Some(chunk_values) = self.pickle.sequence(chunks_value) else {
+            return fail(format!(
+                "chunks is a {}, not a list",
+                self.pickle.describe(chunks_value)
+            ));
+        };
+        let chunks = chunk_values
+            .iter()
+            .map(|&chunk| self.chunk(chunk, &shape))
+            .collect::<Parsed<Vec<_>>>()?;
+        Ok(TensorMeta {
+            name: name.to_owned(),
+            dtype,
+            shape,
+            chunks,
+        })
+    }
+
+    /// TensorProperties' dtype: the first item of its `__getstate__` tuple,
+    /// or the `dtype` attribute if it was pickled as a plain dataclass.
+    fn dtype(&self, properties: Value) -> Parsed<TorchDtype> {
+        let object = self.object_of(properties, DCP_METADATA, "TensorProperties", "properties")?;
+        let state = object.state.unwrap_or(Value::None);
+        let dtype = match (self.pickle.tuple(state), self.pickle.dict(state)) {
+            (Some(items), _) => items.first().copied(),
+            (None, Some(pairs)) => self.field(pairs, "dtype"),
+            (None, None) => None,
+        };
+        let Some(dtype) = dtype else {
+            return fail("TensorProperties has no dtype");
+        };
+        let global = self.pickle.global(dtype).filter(|g| g.module == "torch");
+        match global.and_then(|g| torch_dtype(g.name).map(|d| (g.name, d))) {
+            Some((_, Some(supported))) => Ok(TorchDtype::Supported(supported)),
+            Some((name, None)) => Ok(TorchDtype::Unsupported(name)),
+            None => fail(format!(
+                "dtype is a {}, not a torch dtype",
+                self.pickle.describe(dtype)
+            )),
+        }
+    }
+
+    /// A `torch.Size` (or plain tuple/list) of non-negative ints.
+    fn size(&self, value: Value, what: &str) -> Parsed<Vec<u64>> {
+        let dims = match self.pickle.object(value) {
+            Some(object) if object.class.is("torch", "Size") => {
+                match self.pickle.tuple(object.args) {
+                    Some([dims]) => *dims,
+                    _ => return fail(format!("{what}: torch.Size takes one tuple")),
+                }
+            }
+            _ => value,
+        };
+        let Some(items) = self.pickle.sequence(dims) else {
+            return fail(format!(
+                "{what} is a {}, not a torch.Size",
+                self.pickle.describe(value)
+            ));
+        };
+        items
+            .iter()
+            .map(|&item| match item {
+                Value::Int(n) if n >= 0 => Ok(n as u64),
+                other => fail(format!(
+                    "{what} has a {}, not a non-negative int",
+                    self.pickle.describe(other)
+                )),
+            })
+            .collect()
+    }
+
+    fn chunk(&self, value: Value, shape: &[u64]) -> Parsed<Chunk> {
+        let object = self.object_of(value, DCP_METADATA, "ChunkStorageMetadata", "a chunk")?;
+        let fields = self.fields(object, "ChunkStorageMetadata")?;
+        let (Some(offsets), Some(sizes)) =
+            (self.field(fields, "offsets"), self.field(fields, "sizes"))
+        else {
+            return fail("ChunkStorageMetadata lacks offsets or sizes");
+        };
+        let chunk = Chunk {
+            offsets: self.size(offsets, "chunk offsets")?,
+            sizes: self.size(sizes, "chunk sizes")?,
+        };
+        check_chunk_inside(&chunk, shape)?;
+        Ok(chunk)
+    }
+
+    fn storage_data(&self, value: Value) -> Parsed<HashMap<(String, Vec<u64>), StorageInfo>> {
+        let Some(pairs) = self.pickle.dict(value) else {
+            return fail(format!(
+                "storage_data is a {}, not FileSystemWriter's dict of chunk locations",
+                self.pickle.describe(value)
+            ));
+        };
+        let mut storage = HashMap::with_capacity(pairs.len());
+        for &(key, info) in pairs {
+            let (fqn, offsets) = self.metadata_index(key)?;
+            let info = self.storage_info(info).map_err(in_entry(&fqn))?;
+            // Non-tensor entries have no offsets; they are not read.
+            let Some(offsets) = offsets else { continue };
+            let key = (fqn, offsets);
+            if storage.contains_key(&key) {
+                return Err(MetadataError {
+                    tensor: Some(key.0),
+                    reason: format!("storage_data lists chunk {:?} twice", key.1),
+                });
+            }
+            storage.insert(key, info);
+        }
+        Ok(storage)
+    }
+
+    fn metadata_index(&self, value: Value) -> Parsed<(String, Option<Vec<u64>>)> {
+        let object = self.object_of(value, DCP_METADATA, "MetadataIndex", "a storage_data key")?;
+        let fields = self.fields(object, "MetadataIndex")?;
+        let fqn = self.field(fields, "fqn").and_then(|v| self.pickle.str(v));
+        let Some(fqn) = fqn else {
+            return fail("MetadataIndex has no fqn string");
+        };
+        let offsets = match self.field(fields, "offset") {
+            None | Some(Value::None) => None,
+            Some(offset) => Some(
+                self.size(offset, "MetadataIndex offset")
+                    .map_err(in_entry(fqn))?,
+            ),
+        };
+        Ok((fqn.to_owned(), offsets))
+    }
+
+    fn storage_info(&self, value: Value) -> Parsed<StorageInfo> {
+        let object = self.object_of(
+            value,
+            "torch.distributed.checkpoint.filesystem",
+            "_StorageInfo",
+            "a storage_data value",
+        )?;
+        let fields = self.fields(object, "_StorageInfo")?;
+        let relative_path = self
+            .field(fields, "relative_path")
+            .and_then(|v| self.pickle.str(v));
+        let int = |key| match self.field(fields, key) {
+            Some(Value::Int(n)) if n >= 0 => Some(n as u64),
+            _ => None,
+        };
+        let (Some(relative_path), Some(offset), Some(length)) =
+            (relative_path, int("offset"), int("length"))
+        else {
+            return fail("_StorageInfo lacks a relative_path, offset or length");
+        };
+        let transforms = match self.field(fields, "transform_descriptors") {
+            None | Some(Value::None) => Vec::new(),
+            Some(list) => self.strings(list, "transform_descriptors")?,
+        };
+        Ok(StorageInfo {
+            relative_path: relative_path.to_owned(),
+            offset,
+            length,
+            transforms,
+        })
+    }
+
+    fn strings(&self, value: Value, what: &str) -> Parsed<Vec<String>> {
+        let Some(items) = self.pickle.sequence(value) else {
+            return fail(format!("{what} is a {}", self.pickle.describe(value)));
+        };
+        items
+            .iter()
+            .map(|&item| {
+                self.pickle
+                    .str(item)
+                    .map(str::to_owned)
+                    .map_or_else(|| fail(format!("{what} holds a non-string")), Ok)
+            })
+            .collect()
+    }
+}
+
+/// Classes that lived elsewhere in older PyTorch are accepted under their old
+/// module too (the allowlist already limits which).
+fn moved_ok(object: &Object, module: &str) -> bool {
+    object.class.module == module
+        || (object.class.name == "TensorProperties"
+            && object.class.module == "torch.distributed._shard.sharded_tensor.metadata")
+}
+
+/// A Python dict has unique keys; a pickle listing one twice is not DCP's.
+fn check_unique_names(entries: &[Entry]) -> Parsed<()> {
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    for entry in entries {
+        let name = match entry {
+            Entry::Tensor(tensor) => &tensor.name,
+            Entry::NonTensor(name) => name,
+        };
+        if !seen.insert(name) {
+            return Err(MetadataError {
+                tensor: Some(name.clone()),
+                reason: "is listed twice in state_dict_metadata".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_chunk_inside(chunk: &Chunk, shape: &[u64]) -> Parsed<()> {
+    if chunk.offsets.len() != shape.len() || chunk.sizes.len() != shape.len() {
+        return fail(format!(
+            "chunk at {:?} of shape {:?} does not have the tensor's {} dimensions",
+            chunk.offsets,
+            chunk.sizes,
+            shape.len()
+        ));
+    }
+    let inside = chunk
+        .offsets
+        .iter()
+        .zip(&chunk.sizes)
+        .zip(shape)
+        .all(|((&start, &len), &full)| start.checked_add(len).is_some_and(|end| end <= full));
+    if !inside {
+        return fail(format!(
+            "chunk at {:?} of shape {:?} lies outside the full shape {shape:?}",
+            chunk.offsets, chunk.sizes
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Protocol-2 pickle pieces, as Python's pickler writes them.
+    fn global(module: &str, name: &str) -> Vec<u8> {
+        format!("c{module}\n{name}\n").into_bytes()
+    }
+
+    fn text(s: &str) -> Vec<u8> {
+        let mut out = vec![b'X'];
+        out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+        out
+    }
+
+    fn size(dims: &[u8]) -> Vec<u8> {
+        let mut out = global("torch", "Size");
+        out.push(b'(');
+        for d in dims {
+            out.extend_from_slice(&[b'K', *d]);
+        }
+        out.extend_from_slice(b"t\x85R");
+        out
+    }
+
+    fn dataclass(class: &str, fields: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let mut out = global(DCP_METADATA, class);
+        out.extend_from_slice(b")\x81}(");
+        for (key, value) in fields {
+            out.extend(text(key));
+            out.extend_from_slice(value);
+        }
+        out.extend_from_slice(b"ub");
+        out
+    }
+
+    /// A Metadata with one tensor `w` of `dtype`, shape [4], one chunk at
+    /// `chunk_at` of size `chunk_len`, stored in `__0_0.distcp` at [0, 100).
+    fn metadata(dtype: &str, chunk_at: u8, chunk_len: u8, transforms: &[&str]) -> Vec<u8> {
+        let mut properties = global(DCP_METADATA, "TensorProperties");
+        properties.extend_from_slice(b")\x81(");
+        properties.extend(global("torch", dtype));
+        properties.extend_from_slice(b"N\x89N\x89tb");
+        let chunk = dataclass(
+            "ChunkStorageMetadata",
+            &[
+                ("offsets", size(&[chunk_at])),
+                ("sizes", size(&[chunk_len])),
+            ],
+        );
+        let mut chunks = b"](".to_vec();
+        chunks.extend(chunk);
+        chunks.push(b'e');
+        let tensor = dataclass(
+            "TensorStorageMetadata",
+            &[
+                ("properties", properties),
+                ("size", size(&[4])),
+                ("chunks", chunks),
+            ],
+        );
+        let mut state_dict = b"}(".to_vec();
+        state_dict.extend(text("w"));
+        state_dict.extend(tensor);
+        state_dict.extend(text("step"));
+        state_dict.extend(dataclass("BytesStorageMetadata", &[]));
+        state_dict.push(b'u');
+        let index = dataclass(
+            "MetadataIndex",
+            &[
+                ("fqn", text("w")),
+                ("offset", size(&[chunk_at])),
+                ("index", b"K\x00".to_vec()),
+            ],
+        );
+        let mut descriptors = b"](".to_vec();
+        for t in transforms {
+            descriptors.extend(text(t));
+        }
+        descriptors.push(b'e');
+        let mut info = global("torch.distributed.checkpoint.filesystem", "_StorageInfo");
+        info.extend_from_slice(b")\x81}(");
+        info.extend(text("relative_path"));
+        info.extend(text("__0_0.distcp"));
+        info.extend(text("offset"));
+        info.extend_from_slice(b"K\x00");
+        info.extend(text("length"));
+        info.extend_from_slice(b"Kd");
+        if !transforms.is_empty() {
+            info.extend(text("transform_descriptors"));
+            info.extend(descriptors);
+        }
+        info.extend_from_slice(b"ub");
+        let mut storage = b"}(".to_vec();
+        storage.extend(index);
+        storage.extend(info);
+        storage.push(b'u');
+        let mut out = b"\x80\x02".to_vec();
+        out.extend(dataclass(
+            "Metadata",
+            &[
+                ("state_dict_metadata", state_dict),
+                ("storage_data", storage),
+            ],
+        ));
+        out.push(b'.');
+        out
+    }
+
+    #[test]
+    fn a_hand_written_metadata_reads_back() {
+        let meta = parse_metadata(&metadata("bfloat16", 0, 4, &[])).unwrap();
+        assert_eq!(
+            meta.entries,
+            vec![
+                Entry::Tensor(TensorMeta {
+                    name: "w".into(),
+                    dtype: TorchDtype::Supported(Dtype::BF16),
+                    shape: vec![4],
+                    chunks: vec![Chunk {
+                        offsets: vec![0],
+                        sizes: vec![4]
+                    }],
+                }),
+                Entry::NonTensor("step".into()),
+            ]
+        );
+        let info = &meta.storage[&("w".to_owned(), vec![0])];
+        assert_eq!(
+            (info.relative_path.as_str(), info.offset, info.length),
+            ("__0_0.distcp", 0, 100)
+        );
+        assert!(info.transforms.is_empty());
+    }
+
+    #[test]
+    fn transforms_and_unsupported_dtypes_are_reported() {
+        let meta = parse_metadata(&metadata("complex64", 0, 4, &["stream.zstd/1"])).unwrap();
+        let Entry::Tensor(tensor) = &meta.entries[0] else {
+            panic!("not a tensor");
+        };
+        assert_eq!(tensor.dtype, TorchDtype::Unsupported("complex64"));
+        assert_eq!(tensor.dtype.to_string(), "torch.complex64");
+        let info = &meta.storage[&("w".to_owned(), vec![0])];
+        assert_eq!(info.transforms, vec!["stream.zstd/1".to_owned()]);
+    }
+
+    #[test]
+    fn a_chunk_outside_the_tensor_is_refused_naming_it() {
+        let err = parse_metadata(&metadata("float32", 2, 3, &[])).unwrap_err();
+        assert_eq!(err.tensor.as_deref(), Some("w"));
+        assert!(err.reason.contains("outside the full shape [4]"), "{err}");
+    }
+
+    #[test]
+    fn an_entry_listed_twice_is_refused() {
+        let mut bytes = metadata("float32", 0, 4, &[]);
+        // Rename "step" to "w" (same length prefix patched: both are X-strings).
+        let at = bytes
+            .windows(9)
+            .position(|w| w == b"X\x04\x00\x00\x00step")
+            .unwrap();
+        bytes.splice(at..at + 9, *b"X\x01\x00\x00\x00w");
+        let err = parse_metadata(&bytes).unwrap_err();
+        assert_eq!(err.tensor.as_deref(), Some("w"));
+        assert!(err.reason.contains("listed twice"), "{err}");
+    }
+
+    #[test]
+    fn a_non_metadata_pickle_is_refused() {
+        let err = parse_metadata(b"\x80\x02}.").unwrap_err();
+        assert!(
+            err.reason
+                .contains("not a torch.distributed.checkpoint.metadata.Metadata")
+        );
+        let err = parse_metadata(b"cos\nsystem\n.").unwrap_err();
+        assert!(err.reason.contains("os.system"), "{err}");
+    }
+}
