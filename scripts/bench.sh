@@ -20,7 +20,7 @@ gb=${1:-1}
 runs=${2:-5}
 scripts/setup.sh --all
 source scripts/env.sh
-cargo build --release --quiet --bins --examples
+cargo build --release --quiet --workspace --bins --examples
 bin=$PWD/target/release/st-consolidate-mpi
 make=$PWD/target/release/st-make-shards
 work=${BENCH_DIR:-$PWD/target/bench}

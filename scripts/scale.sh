@@ -5,7 +5,7 @@
 # memory and max/mean bytes per rank for both schedules.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet --bins
+cargo build --release --quiet --workspace --bins
 make=target/release/st-make-shards
 bin=target/release/st-consolidate-mpi
 work=$(mktemp -d)

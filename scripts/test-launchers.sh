@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --all
 source scripts/env.sh
-cargo build --release --quiet --bins
+cargo build --release --quiet --workspace --bins
 MPICC=mpicc.mpich CARGO_TARGET_DIR=target/mpich cargo build --release --quiet --bin st-consolidate-mpi
 openmpi_bin=$PWD/target/release/st-consolidate-mpi
 mpich_bin=$PWD/target/mpich/release/st-consolidate-mpi

@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --all
 source scripts/env.sh
-cargo build --release --quiet --bins
+cargo build --release --quiet --workspace --bins
 venv=target/torch-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -c "import torch, transformers, safetensors" 2>/dev/null ||

@@ -12,12 +12,12 @@ scripts/test-setup.sh | tee "$setup_log"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --all-targets --release -- -D warnings
+cargo clippy --workspace --all-targets --release -- -D warnings
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log" "$setup_log"' EXIT
 cat "$setup_log" >>"$log"
-cargo test --release 2>&1 | tee -a "$log"
+cargo test --release --workspace 2>&1 | tee -a "$log"
 echo "== demo"
 scripts/demo.sh >"$log.demo" 2>&1 || { cat "$log.demo"; exit 1; }
 
@@ -27,6 +27,7 @@ venv=target/pyenv
 "$venv/bin/python" -c "import safetensors, numpy" 2>/dev/null ||
     "$venv/bin/pip" install -q "safetensors==0.8.0" numpy
 "$venv/bin/python" scripts/check_manifest.py target/demo-output tests/fixtures/torch-dcp-w2/manifest.json
+cargo build --release --quiet --workspace --bins
 zoo=$(mktemp -d)
 trap 'rm -rf "$log" "$log.demo" "$zoo" "$setup_log"' EXIT
 target/release/st-make-shards "$zoo/in" --layout zoo --ranks 8 --seed 8

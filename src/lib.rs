@@ -30,7 +30,6 @@ pub mod plan;
 pub mod progress;
 pub mod report;
 pub mod runs;
-pub mod synth;
 pub mod verify;
 
 pub use error::{Error, Result};

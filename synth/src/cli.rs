@@ -1,16 +1,18 @@
-//! `st-make-shards`: writes a synthetic DCP-sharded safetensors checkpoint,
-//! laid out as PyTorch's writer does, with mapping.json and manifest.json.
+//! The `st-make-shards` command line, also called in-process by the tests:
+//! writes a synthetic DCP-sharded safetensors checkpoint, laid out as
+//! PyTorch's writer does, with mapping.json and manifest.json.
 
+use crate::{Layout, ModelSize, Spec, write};
 use clap::Parser;
 use st_consolidate_mpi::dtype::Dtype;
-use st_consolidate_mpi::synth::{Layout, ModelSize, Spec, write};
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Write a synthetic DCP-sharded checkpoint (shard-RRRRR-model-IIIII-of-NNNNN.safetensors),
 /// plus mapping.json and manifest.json (each full tensor's shape, dtype and sha256).
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "st-make-shards", version)]
 struct Cli {
     /// Folder to write into (created if missing).
     out_dir: PathBuf,
@@ -46,8 +48,15 @@ struct Cli {
     sparse: bool,
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
+/// Runs `st-make-shards` with `args` (the program name first).
+pub fn main_with(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(if err.use_stderr() { 2 } else { 0 });
+        }
+    };
     if cli.ranks == 0 {
         eprintln!("st-make-shards: error: --ranks must be at least 1");
         return ExitCode::from(2);

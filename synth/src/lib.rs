@@ -7,12 +7,14 @@
 //! so pieces are generated straight into their files and the full tensor's
 //! hash is computed in one streaming pass, without holding any tensor.
 
-use crate::dcp::SHARDING_INFO_KEY;
-use crate::dtype::Dtype;
-use crate::header::{TensorEntry, byte_len, encode_header};
-use crate::runs::Runs;
+pub mod cli;
+
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use st_consolidate_mpi::dcp::SHARDING_INFO_KEY;
+use st_consolidate_mpi::dtype::Dtype;
+use st_consolidate_mpi::header::{TensorEntry, byte_len, encode_header};
+use st_consolidate_mpi::runs::Runs;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};

@@ -4,14 +4,13 @@
 
 use sha2::{Digest, Sha256};
 use st_consolidate_mpi::header::read_header;
-use st_consolidate_mpi::synth::hex;
+use st_synth::hex;
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_st-consolidate-mpi");
-pub const MAKE_SHARDS: &str = env!("CARGO_BIN_EXE_st-make-shards");
 
 /// A path as a command-line argument.
 pub fn s(p: &Path) -> &str {
@@ -66,14 +65,16 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Writes a synthetic checkpoint with `st-make-shards`.
+/// Writes a synthetic checkpoint with `st-make-shards`'s command line, in
+/// this process.
 pub fn make_shards(dir: &Path, args: &[&str]) {
-    let out = Command::new(MAKE_SHARDS)
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let mut argv = vec!["st-make-shards", dir.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    assert_eq!(
+        st_synth::cli::main_with(argv),
+        std::process::ExitCode::SUCCESS,
+        "st-make-shards {args:?}"
+    );
 }
 
 /// sha256 of every tensor in a consolidated folder, via its index; also
