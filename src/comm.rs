@@ -10,6 +10,7 @@ use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator as _, CommunicatorCollectives as _, Root as _};
+use std::ops::Range;
 
 /// The collectives the driver needs, and nothing more.
 pub trait Communicator {
@@ -23,10 +24,10 @@ pub trait Communicator {
     /// failed rank, if any. Doubles as the barrier that fences each phase.
     fn lowest_failed(&self, failed: bool) -> Option<usize>;
     /// Collective: rank 0 receives every rank's bytes, in rank order; the
-    /// others receive `None`. Payloads must stay below 2 GiB.
+    /// others receive `None`. Payloads of any size arrive whole.
     fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>>;
     /// Collective: every rank receives every rank's bytes, in rank order.
-    /// Payloads must stay below 2 GiB in total.
+    /// Payloads of any size arrive whole.
     fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>>;
     /// Collective: element-wise sums over all ranks, by a non-blocking
     /// all-reduce on a communicator of its own (so it never mixes with the
@@ -165,29 +166,85 @@ impl Communicator for MpiWorld {
     }
 
     fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
-        let count = mpi::Count::try_from(bytes.len()).unwrap_or(mpi::Count::MAX);
-        let bytes = &bytes[..usize::try_from(count).unwrap_or(0)];
-        let mut counts = vec![0 as mpi::Count; self.size()];
-        self.world.all_gather_into(&count, &mut counts[..]);
-        receive_parts(&counts, |partition| {
-            self.world.all_gather_varcount_into(bytes, partition)
-        })
+        let lengths = self.lengths(bytes);
+        let mut parts = vec![Vec::new(); lengths.len()];
+        for round in rounds(&lengths, mpi::Count::MAX) {
+            let mine = &bytes[round.ranges[self.rank()].clone()];
+            let received = receive_parts(&round.counts, |partition| {
+                self.world.all_gather_varcount_into(mine, partition)
+            });
+            append(&mut parts, received);
+        }
+        parts
     }
 
     fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
         let root = self.world.process_at_rank(0);
-        let count = mpi::Count::try_from(bytes.len()).unwrap_or(mpi::Count::MAX);
-        let bytes = &bytes[..usize::try_from(count).unwrap_or(0)];
-        if self.world.rank() != 0 {
-            root.gather_into(&count);
-            root.gather_varcount_into(bytes);
-            return None;
+        let lengths = self.lengths(bytes);
+        let mut parts = vec![Vec::new(); lengths.len()];
+        for round in rounds(&lengths, mpi::Count::MAX) {
+            let mine = &bytes[round.ranges[self.rank()].clone()];
+            if self.world.rank() == 0 {
+                let received = receive_parts(&round.counts, |partition| {
+                    root.gather_varcount_into_root(mine, partition)
+                });
+                append(&mut parts, received);
+            } else {
+                root.gather_varcount_into(mine);
+            }
         }
-        let mut counts = vec![0 as mpi::Count; self.size()];
-        root.gather_into_root(&count, &mut counts[..]);
-        Some(receive_parts(&counts, |partition| {
-            root.gather_varcount_into_root(bytes, partition)
-        }))
+        (self.world.rank() == 0).then_some(parts)
+    }
+}
+
+impl MpiWorld {
+    /// Collective: every rank's payload length, so that all ranks agree on
+    /// the rounds of [`rounds`].
+    fn lengths(&self, bytes: &[u8]) -> Vec<u64> {
+        let mut lengths = vec![0u64; self.size()];
+        self.world
+            .all_gather_into(&(bytes.len() as u64), &mut lengths[..]);
+        lengths
+    }
+}
+
+/// One round of a variable-count collective: the byte range each rank
+/// sends, and its length as an MPI count.
+#[derive(Debug, PartialEq, Eq)]
+struct Round {
+    ranges: Vec<Range<usize>>,
+    counts: Vec<mpi::Count>,
+}
+
+/// Splits payloads of `lengths` bytes (one per rank) into rounds that each
+/// move at most `limit` bytes in total, so that no count or displacement
+/// overflows MPI's `int`: in round k, every rank sends its next
+/// `limit / ranks` bytes, or what is left of them. Nothing is ever cut off;
+/// small payloads take one round. Needs `ranks <= limit`, which holds for
+/// any world (ranks are numbered by an `int`).
+fn rounds(lengths: &[u64], limit: mpi::Count) -> Vec<Round> {
+    let per_rank = (limit as u64 / lengths.len().max(1) as u64).max(1);
+    let longest = lengths.iter().copied().max().unwrap_or(0);
+    (0..longest.div_ceil(per_rank))
+        .map(|k| {
+            let ranges: Vec<Range<usize>> = lengths
+                .iter()
+                .map(|&len| {
+                    let start = (k * per_rank).min(len);
+                    start as usize..(start + per_rank).min(len) as usize
+                })
+                .collect();
+            // Each range holds at most per_rank <= limit bytes: it fits.
+            let counts = ranges.iter().map(|r| r.len() as mpi::Count).collect();
+            Round { ranges, counts }
+        })
+        .collect()
+}
+
+/// Appends each rank's bytes of one round to what it sent before.
+fn append(parts: &mut [Vec<u8>], received: Vec<Vec<u8>>) {
+    for (part, more) in parts.iter_mut().zip(received) {
+        part.extend_from_slice(&more);
     }
 }
 
@@ -237,5 +294,73 @@ mod tests {
         );
         assert!(check_world(&SingleProcess, Some(("PMI_SIZE", 1))).is_ok());
         assert!(check_world(&SingleProcess, None).is_ok());
+    }
+
+    /// Replays `rounds` for `lengths` and returns what each rank would
+    /// receive, checking every round against `limit` on the way.
+    fn replay(lengths: &[u64], limit: mpi::Count) -> Vec<Vec<u8>> {
+        let payloads: Vec<Vec<u8>> = lengths
+            .iter()
+            .enumerate()
+            .map(|(r, &len)| (0..len).map(|i| (i as usize * 7 + r) as u8).collect())
+            .collect();
+        let mut parts = vec![Vec::new(); lengths.len()];
+        for round in rounds(lengths, limit) {
+            assert!(round.counts.iter().map(|&c| c as i64).sum::<i64>() <= limit as i64);
+            for (range, &count) in round.ranges.iter().zip(&round.counts) {
+                assert_eq!(range.len(), count as usize);
+            }
+            let received = payloads
+                .iter()
+                .zip(&round.ranges)
+                .map(|(p, r)| p[r.clone()].to_vec())
+                .collect();
+            append(&mut parts, received);
+        }
+        assert_eq!(parts, payloads, "lengths {lengths:?}, limit {limit}");
+        parts
+    }
+
+    #[test]
+    fn payloads_over_the_limit_move_whole_in_several_rounds() {
+        assert_eq!(
+            rounds(&[3, 0, 5], 100).len(),
+            1,
+            "small payloads: one round"
+        );
+        assert_eq!(rounds(&[0, 0], 100).len(), 0);
+        assert_eq!(
+            rounds(&[5, 0, 12], 6).len(),
+            6,
+            "2 bytes per rank per round"
+        );
+        for lengths in [
+            vec![12],
+            vec![5, 0, 12],
+            vec![7, 7, 7, 7],
+            vec![0, 1, 2, 3, 4, 5, 6],
+        ] {
+            // A real world never has more ranks than the limit (2^31 - 1).
+            for limit in [1, 2, 3, 6, 7, 100]
+                .into_iter()
+                .filter(|&l| l >= lengths.len() as i32)
+            {
+                replay(&lengths, limit);
+            }
+        }
+    }
+
+    #[test]
+    fn the_real_limit_splits_a_payload_over_2_gib() {
+        // Only the plan: no 2 GiB buffer is allocated.
+        let over = mpi::Count::MAX as u64 + 10;
+        let plan = rounds(&[over, 1], mpi::Count::MAX);
+        assert_eq!(plan.len(), 3);
+        let sent: u64 = plan.iter().map(|r| r.ranges[0].len() as u64).sum();
+        assert_eq!(sent, over);
+        for round in &plan {
+            let total: i64 = round.counts.iter().map(|&c| c as i64).sum();
+            assert!(total <= mpi::Count::MAX as i64);
+        }
     }
 }

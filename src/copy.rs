@@ -6,10 +6,13 @@
 //!   tensors), each run is copied file-to-file inside the kernel with
 //!   `copy_file_range`, touching no user memory;
 //! - *gathered*: when runs are short (column- or mesh-sharded tensors), a
-//!   bounded window of the output is assembled from memory-mapped slices of the
+//!   bounded window of the output is assembled from positioned reads of the
 //!   pieces and written with one positioned write.
 //!
-//! Memory stays flat: at most one window buffer and its source maps per thread.
+//! Memory stays flat: at most three window-sized buffers per thread. Shards
+//! are only ever read with `pread` or `copy_file_range`, never mapped, so a
+//! shard truncated by another process during the run is an error naming the
+//! file and tensor, not a SIGBUS.
 
 use crate::convert::convert;
 use crate::dcp::{FullTensor, Location};
@@ -17,7 +20,6 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::plan::{Plan, WorkItem};
 use crate::runs::Runs;
-use memmap2::MmapOptions;
 use rustix::fs::copy_file_range;
 use rustix::io::Errno;
 use std::collections::HashMap;
@@ -51,7 +53,13 @@ impl<'a> ShardFiles<'a> {
         }
     }
 
-    fn get(&mut self, shard: usize) -> Result<&File> {
+    /// The path of shard `shard`.
+    pub fn path(&self, shard: usize) -> &'a Path {
+        &self.paths[shard]
+    }
+
+    /// Shard `shard` (an index into the plan's shards), opened for reading.
+    pub fn get(&mut self, shard: usize) -> Result<&File> {
         if !self.open.contains_key(&shard) {
             let path = &self.paths[shard];
             let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
@@ -102,14 +110,14 @@ pub fn copy_item(
 }
 
 /// One tensor's pieces, ready to be copied or assembled.
-pub struct TensorCopy<'a> {
+struct TensorCopy<'a> {
     tensor: &'a FullTensor,
     pieces: Vec<(Location, Runs)>,
 }
 
 impl<'a> TensorCopy<'a> {
     /// Computes the runs of every non-empty piece of `tensor`.
-    pub fn new(tensor: &'a FullTensor) -> Self {
+    fn new(tensor: &'a FullTensor) -> Self {
         let pieces = tensor
             .pieces
             .iter()
@@ -190,12 +198,12 @@ impl<'a> TensorCopy<'a> {
         copied: &AtomicU64,
     ) -> Result<()> {
         let size = to.size();
-        let (mut scratch, mut window) = (Vec::new(), Vec::new());
+        let mut buffers = Buffers::default();
         let (mut element, end) = (range.start / size, range.end / size);
         while element < end {
             let stop = (element + self.window_elements(to)).min(end);
-            self.assemble_as(to, element..stop, inputs, &mut scratch, &mut window)?;
-            out.write_all_at(&window, out_base + element * size)
+            let window = self.assemble_as(to, element..stop, inputs, &mut buffers)?;
+            out.write_all_at(window, out_base + element * size)
                 .map_err(|e| self.fail("write", out_path, e))?;
             copied.fetch_add(window.len() as u64, Ordering::Relaxed);
             element = stop;
@@ -205,41 +213,53 @@ impl<'a> TensorCopy<'a> {
 
     /// Elements per window when producing `to`: the source bytes and the
     /// output bytes of a window each stay within [`WINDOW_BYTES`].
-    pub fn window_elements(&self, to: Dtype) -> u64 {
+    fn window_elements(&self, to: Dtype) -> u64 {
         WINDOW_BYTES / self.tensor.dtype.size().max(to.size())
     }
 
-    /// Sets `out` to elements `elements` of the tensor as `to`: gathered
-    /// straight into `out`, or into `scratch` and converted when `to` is not
-    /// the source dtype. Buffers keep their capacity between calls, and
-    /// every byte is overwritten because the pieces tile the tensor.
-    pub fn assemble_as(
+    /// Elements `elements` of the tensor as `to`: gathered straight into
+    /// the output buffer, or into the scratch buffer and converted when `to`
+    /// is not the source dtype. Buffers keep their capacity between calls,
+    /// and every byte is overwritten because the pieces tile the tensor.
+    fn assemble_as<'b>(
         &self,
         to: Dtype,
         elements: Range<u64>,
         inputs: &mut ShardFiles,
-        scratch: &mut Vec<u8>,
-        out: &mut Vec<u8>,
-    ) -> Result<()> {
+        buffers: &'b mut Buffers,
+    ) -> Result<&'b [u8]> {
         let from = self.tensor.dtype;
         let count = (elements.end - elements.start) as usize;
         let source = elements.start * from.size()..elements.end * from.size();
-        out.resize(count * to.size() as usize, 0);
+        let Buffers {
+            pieces,
+            scratch,
+            window,
+        } = buffers;
+        window.resize(count * to.size() as usize, 0);
         if to == from {
-            return self.assemble(source, inputs, out);
+            self.assemble(source, inputs, pieces, window)?;
+        } else {
+            scratch.resize(count * from.size() as usize, 0);
+            self.assemble(source, inputs, pieces, scratch)?;
+            convert(from, to, scratch, window);
         }
-        scratch.resize(count * from.size() as usize, 0);
-        self.assemble(source, inputs, scratch)?;
-        convert(from, to, scratch, out);
-        Ok(())
+        Ok(window)
     }
 
     /// Fills `window` with the tensor's bytes `range` (relative to the
-    /// tensor's start), gathered from memory-mapped slices of the pieces.
-    pub fn assemble(
+    /// tensor's start). Each piece's bytes for the window are contiguous in
+    /// its shard and read with one positioned read: straight into `window`
+    /// when they are a single run, else into `pieces` and scattered from
+    /// there. A piece contributes at most the window's length (its bytes
+    /// inside the window), so `pieces` stays within [`WINDOW_BYTES`].
+    /// Reads, unlike memory maps, turn a shard truncated during the run
+    /// into an error instead of a SIGBUS.
+    fn assemble(
         &self,
         range: Range<u64>,
         inputs: &mut ShardFiles,
+        pieces: &mut Vec<u8>,
         window: &mut [u8],
     ) -> Result<()> {
         debug_assert_eq!(window.len() as u64, range.end - range.start);
@@ -248,24 +268,58 @@ impl<'a> TensorCopy<'a> {
             if span.is_empty() {
                 continue;
             }
+            let len = (span.end - span.start) as usize;
             let paths = inputs.paths;
             let input = inputs.get(location.shard)?;
-            // SAFETY: the map is read-only and dropped at the end of this
-            // iteration. The tool never writes to shard files; if another
-            // process truncated one while it is mapped, reading the map
-            // could raise SIGBUS, a risk every mmap-based reader accepts.
-            // The header check already verified that the range lies
-            // within the file.
-            let map = unsafe {
-                MmapOptions::new()
-                    .offset(location.offset + span.start)
-                    .len((span.end - span.start) as usize)
-                    .map(input)
+            let read = |buffer: &mut [u8]| {
+                read_shard_at(input, buffer, location.offset + span.start)
+                    .map_err(|e| self.fail("read", &paths[location.shard], e))
+            };
+            let touched = runs.runs_in(&range);
+            if touched.end - touched.start == 1 {
+                let at = (runs.dst(touched.start).max(range.start) - range.start) as usize;
+                read(&mut window[at..at + len])?;
+            } else {
+                pieces.resize(len, 0);
+                read(pieces)?;
+                runs.fill(window, range.start, pieces, span.start);
             }
-            .map_err(|e| self.fail("map", &paths[location.shard], e))?;
-            runs.fill(window, range.start, &map, span.start);
         }
         Ok(())
+    }
+}
+
+/// The reusable buffers of the gathered path, per thread: each within
+/// [`WINDOW_BYTES`].
+#[derive(Default)]
+struct Buffers {
+    /// One piece's bytes for the current window.
+    pieces: Vec<u8>,
+    /// The window in the source dtype, when converting.
+    scratch: Vec<u8>,
+    /// The window as written.
+    window: Vec<u8>,
+}
+
+/// What a shard that ends before its header says means: the header was
+/// checked against the file's length when the run started.
+pub const TRUNCATED_DURING_RUN: &str = "file is shorter than its header says: it was truncated or overwritten during the run; rerun when no process writes to INPUT_DIR";
+
+/// Reads exactly `buffer.len()` bytes of a shard file at `offset`. A short
+/// read becomes an [`std::io::ErrorKind::UnexpectedEof`] error that says the
+/// file changed during the run.
+pub fn read_shard_at(input: &File, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+    input
+        .read_exact_at(buffer, offset)
+        .map_err(explain_short_read)
+}
+
+/// Replaces std's "failed to fill whole buffer" with [`TRUNCATED_DURING_RUN`].
+fn explain_short_read(err: std::io::Error) -> std::io::Error {
+    if err.kind() == std::io::ErrorKind::UnexpectedEof {
+        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, TRUNCATED_DURING_RUN)
+    } else {
+        err
     }
 }
 
@@ -333,9 +387,7 @@ fn copy_through_buffer(
     let mut buffer = vec![0u8; len.min(1 << 20) as usize];
     while len > 0 {
         let chunk = &mut buffer[..len.min(1 << 20) as usize];
-        input
-            .read_exact_at(chunk, src)
-            .map_err(|e| (Side::Read, e))?;
+        read_shard_at(input, chunk, src).map_err(|e| (Side::Read, e))?;
         output
             .write_all_at(chunk, dst)
             .map_err(|e| (Side::Write, e))?;
@@ -361,15 +413,15 @@ pub fn check_replicas(plan: &Plan, file: usize) -> Result<()> {
                     let n = (len - done).min(a.len() as u64) as usize;
                     for (location, buffer) in [(&piece.location, &mut a), (replica, &mut b)] {
                         let path = &plan.shards[location.shard];
-                        inputs
-                            .get(location.shard)?
-                            .read_exact_at(&mut buffer[..n], location.offset + done)
-                            .map_err(|e| Error::Copy {
+                        let input = inputs.get(location.shard)?;
+                        read_shard_at(input, &mut buffer[..n], location.offset + done).map_err(
+                            |e| Error::Copy {
                                 tensor: tensor.name.clone(),
                                 action: "read",
                                 path: path.clone(),
                                 source: e,
-                            })?;
+                            },
+                        )?;
                     }
                     if a[..n] != b[..n] {
                         return Err(Error::Inconsistent {

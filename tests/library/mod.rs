@@ -1,0 +1,129 @@
+//! Helpers for library-level tests: a plan built as the binary builds it,
+//! and output files written with the real copy, without MPI.
+#![allow(dead_code)]
+
+use sha2::{Digest, Sha256};
+use st_consolidate_mpi::copy::copy_item;
+use st_consolidate_mpi::driver::{Config, make_plan};
+use st_consolidate_mpi::dtype::Dtype;
+use st_consolidate_mpi::input::{HeaderReading, list_shard_files, read_shards};
+use st_consolidate_mpi::mapping::{MappingSource, Unmapped};
+use st_consolidate_mpi::plan::{Plan, Schedule};
+use st_consolidate_mpi::synth::hex;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicU64;
+
+pub const MAKE_SHARDS: &str = env!("CARGO_BIN_EXE_st-make-shards");
+
+/// Writes a synthetic checkpoint with `st-make-shards`.
+pub fn make_shards(dir: &Path, args: &[&str]) {
+    let out = Command::new(MAKE_SHARDS)
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The plan one rank builds for `input` with its `mapping.json`, exporting
+/// floating-point tensors as `dtype` if given.
+pub fn plan_for(input: &Path, dtype: Option<Dtype>) -> Plan {
+    let config = Config {
+        input: input.to_owned(),
+        output: PathBuf::from("unused"),
+        mapping: MappingSource::Mapping(input.join("mapping.json")),
+        unmapped: Unmapped::Error,
+        threads: None,
+        dry_run: false,
+        plan_ranks: None,
+        overwrite: false,
+        verify: false,
+        verify_only: false,
+        allow_missing_shard_files: false,
+        source_ranks: None,
+        quiet: true,
+        verbose: false,
+        progress_secs: 0.0,
+        report: None,
+        strip_prefixes: Vec::new(),
+        command_line: Vec::new(),
+        dtype,
+        schedule: Schedule::Modulo,
+        headers: HeaderReading::All,
+    };
+    let files = list_shard_files(input).unwrap();
+    make_plan(&config, 1, read_shards(&files).unwrap()).unwrap()
+}
+
+/// Writes every output file of a one-rank `plan` into `dir` (under its
+/// final name) with the real copy, and returns their paths in plan order.
+pub fn write_outputs(plan: &Plan, dir: &Path) -> st_consolidate_mpi::Result<Vec<PathBuf>> {
+    let paths: Vec<PathBuf> = plan.files.iter().map(|f| dir.join(&f.name)).collect();
+    let files: Vec<File> = plan
+        .files
+        .iter()
+        .zip(&paths)
+        .map(|(f, path)| {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .unwrap();
+            file.set_len(f.len()).unwrap();
+            file.write_all_at(&f.header, 0).unwrap();
+            file
+        })
+        .collect();
+    let copied = AtomicU64::new(0);
+    for item in plan.work_items(0) {
+        copy_item(plan, &item, &files[item.file], &paths[item.file], &copied)?;
+    }
+    Ok(paths)
+}
+
+/// (file index, absolute offset, length) of tensor `name` in the outputs.
+pub fn locate(plan: &Plan, name: &str) -> (usize, u64, u64) {
+    for (f, file) in plan.files.iter().enumerate() {
+        for entry in &file.entries {
+            if plan.tensors[entry.tensor].name == name {
+                let len = entry.bytes.end - entry.bytes.start;
+                return (f, file.data_start() + entry.bytes.start, len);
+            }
+        }
+    }
+    panic!("no tensor {name} in the plan");
+}
+
+/// sha256 (hex) of every tensor in written output files, by name.
+pub fn output_digests(plan: &Plan, paths: &[PathBuf]) -> BTreeMap<String, String> {
+    let mut digests = BTreeMap::new();
+    for (file, path) in plan.files.iter().zip(paths) {
+        let bytes = std::fs::read(path).unwrap();
+        for entry in &file.entries {
+            let start = (file.data_start() + entry.bytes.start) as usize;
+            let end = (file.data_start() + entry.bytes.end) as usize;
+            let digest = hex(&Sha256::digest(&bytes[start..end]));
+            digests.insert(plan.tensors[entry.tensor].name.clone(), digest);
+        }
+    }
+    digests
+}
+
+/// sha256 (hex) of every tensor in the checkpoint's manifest.json.
+pub fn manifest_digests(input: &Path) -> BTreeMap<String, String> {
+    let manifest: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(input.join("manifest.json")).unwrap()).unwrap();
+    manifest
+        .into_iter()
+        .map(|(name, v)| (name, v["sha256"].as_str().unwrap().to_string()))
+        .collect()
+}
