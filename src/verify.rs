@@ -8,7 +8,7 @@ use crate::dcp::{FullTensor, Location, Piece, region};
 use crate::driver::INDEX_NAME;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::header::read_header;
+use crate::header::{JsonError, parse_unique_json, read_header};
 use crate::plan::Plan;
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
@@ -66,8 +66,15 @@ pub fn existing_targets(
         reason,
         hint: "the output is incomplete or not from a consolidation; rerun the consolidation with --overwrite",
     };
-    let index: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| bad_index(format!("not valid JSON: {e}")))?;
+    // A tensor listed twice in the index is as wrong as in a mapping.
+    let index = std::str::from_utf8(&text)
+        .map_err(|e| bad_index(format!("not valid UTF-8: {e}")))
+        .and_then(|text| {
+            parse_unique_json(text).map_err(|e| match e {
+                JsonError::Syntax(e) => bad_index(format!("not valid JSON: {e}")),
+                JsonError::Duplicate(dup) => bad_index(dup.to_string()),
+            })
+        })?;
     let weight_map = index
         .get("weight_map")
         .and_then(|w| w.as_object())

@@ -262,3 +262,28 @@ fn control_characters_in_names_are_escaped_in_the_one_message() {
     );
     assert_one_clean_message(&text);
 }
+
+#[test]
+fn verify_only_refuses_an_output_index_listing_a_tensor_twice() {
+    let input = torch_fixture();
+    let mapping = input.join("mapping.json");
+    let out = tempfile::tempdir().unwrap();
+    consolidate_ok(2, &["--mapping", s(&mapping), s(&input), s(out.path())]);
+    let index = out.path().join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    let doubled = text.replacen(
+        "\"lm_head.weight\": \"model-00002-of-00002.safetensors\",",
+        "\"lm_head.weight\": \"model-00001-of-00002.safetensors\",\n    \"lm_head.weight\": \"model-00002-of-00002.safetensors\",",
+        1,
+    );
+    assert_ne!(doubled, text, "the index lists lm_head.weight");
+    std::fs::write(&index, doubled).unwrap();
+    let run = consolidate(2, &["--verify-only", s(&input), s(out.path())]);
+    let text = stderr(&run);
+    assert_eq!(run.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("'lm_head.weight'") && text.contains("twice"),
+        "{text}"
+    );
+    assert_eq!(text.matches("error:").count(), 1, "{text}");
+}

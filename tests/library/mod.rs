@@ -9,27 +9,20 @@ use st_consolidate_mpi::dtype::Dtype;
 use st_consolidate_mpi::input::{HeaderReading, list_shard_files, read_shards};
 use st_consolidate_mpi::mapping::{MappingSource, Unmapped};
 use st_consolidate_mpi::plan::{Plan, Schedule};
-use st_consolidate_mpi::synth::hex;
+use st_synth::hex;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::AtomicU64;
 
-pub const MAKE_SHARDS: &str = env!("CARGO_BIN_EXE_st-make-shards");
-
-/// Writes a synthetic checkpoint with `st-make-shards`.
+/// Writes a synthetic checkpoint with `st-make-shards`'s command line.
 pub fn make_shards(dir: &Path, args: &[&str]) {
-    let out = Command::new(MAKE_SHARDS)
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let mut argv = vec!["st-make-shards", dir.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    assert_eq!(
+        st_synth::cli::main_with(argv),
+        std::process::ExitCode::SUCCESS
     );
 }
 
