@@ -597,12 +597,12 @@ mod tests {
 
     #[test]
     fn transforms_and_unsupported_dtypes_are_reported() {
-        let meta = parse_metadata(&metadata("complex64", 0, 4, &["stream.zstd/1"])).unwrap();
+        let meta = parse_metadata(&metadata("complex128", 0, 4, &["stream.zstd/1"])).unwrap();
         let Entry::Tensor(tensor) = &meta.entries[0] else {
             panic!("not a tensor");
         };
-        assert_eq!(tensor.dtype, TorchDtype::Unsupported("complex64"));
-        assert_eq!(tensor.dtype.to_string(), "torch.complex64");
+        assert_eq!(tensor.dtype, TorchDtype::Unsupported("complex128"));
+        assert_eq!(tensor.dtype.to_string(), "torch.complex128");
         let info = &meta.storage[&("w".to_owned(), vec![0])];
         assert_eq!(info.transforms, vec!["stream.zstd/1".to_owned()]);
     }

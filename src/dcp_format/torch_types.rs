@@ -6,9 +6,10 @@ use crate::dtype::Dtype;
 /// Every `torch.dtype` by the name its pickle uses (`torch.<name>`), with
 /// the safetensors dtype holding the same bytes, if any.
 ///
-/// Left unmapped on purpose: complex and quantized types (no safetensors
-/// type in this project), the `fnuz` float8 variants (a different encoding
-/// from safetensors' F8_E4M3/F8_E5M2), and sub-byte and `bits` types.
+/// The `fnuz` float8 variants map to safetensors' own FNUZ types (a
+/// different encoding from F8_E4M3/F8_E5M2), complex64 to C64. Left
+/// unmapped on purpose: other complex and quantized types (no safetensors
+/// type), and sub-byte and `bits` types.
 pub const TORCH_DTYPES: &[(&str, Option<Dtype>)] = &[
     ("bool", Some(Dtype::BOOL)),
     ("uint8", Some(Dtype::U8)),
@@ -26,12 +27,12 @@ pub const TORCH_DTYPES: &[(&str, Option<Dtype>)] = &[
     ("float64", Some(Dtype::F64)),
     ("int64", Some(Dtype::I64)),
     ("uint64", Some(Dtype::U64)),
-    ("float8_e4m3fnuz", None),
-    ("float8_e5m2fnuz", None),
+    ("float8_e4m3fnuz", Some(Dtype::F8_E4M3FNUZ)),
+    ("float8_e5m2fnuz", Some(Dtype::F8_E5M2FNUZ)),
     ("float4_e2m1fn_x2", None),
     ("complex32", None),
     ("bcomplex32", None),
-    ("complex64", None),
+    ("complex64", Some(Dtype::C64)),
     ("complex128", None),
     ("qint8", None),
     ("quint8", None),
@@ -140,8 +141,12 @@ mod tests {
     }
 
     #[test]
-    fn fnuz_float8_is_not_mistaken_for_the_safetensors_encoding() {
-        assert_eq!(torch_dtype("float8_e4m3fnuz"), Some(None));
+    fn fnuz_float8_is_not_mistaken_for_the_plain_encoding() {
+        assert_eq!(
+            torch_dtype("float8_e4m3fnuz"),
+            Some(Some(Dtype::F8_E4M3FNUZ))
+        );
+        assert_eq!(torch_dtype("complex128"), Some(None));
         assert_eq!(torch_dtype("float8_e4m3fn"), Some(Some(Dtype::F8_E4M3)));
         assert_eq!(torch_dtype("os"), None);
     }
