@@ -1,7 +1,7 @@
 //! Times the coverage check on 10,000 pieces of one tensor, in three shapes
 //! of tiling (rows, columns, a 100 x 100 mesh). Run by scripts/bench.sh.
 
-use st_consolidate_mpi::dcp::{Location, Piece, check_coverage};
+use st_consolidate_mpi::checkpoint::hf_shards::sharding::{Location, Piece, check_coverage};
 use std::time::Instant;
 
 fn piece(offsets: &[u64], shape: &[u64]) -> Piece {

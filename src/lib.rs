@@ -1,35 +1,22 @@
-//! st-consolidate-mpi: consolidates a PyTorch Distributed Checkpoint saved as
-//! per-rank safetensors shards into Hugging Face safetensors files, across
-//! MPI ranks.
+//! st-consolidate-mpi: consolidates a PyTorch Distributed Checkpoint into
+//! Hugging Face safetensors files, across MPI ranks.
 //!
-//! Data flows one way, one module per step:
-//! [`input`] finds and reads shard headers ([`header`], [`dtype`]);
-//! [`dcp`] groups pieces per tensor and checks they tile it;
-//! [`mapping`] decides each tensor's output file; [`plan`] lays out the files
-//! and assigns them to ranks; [`copy`] moves the bytes using [`runs`];
-//! [`output`] makes files appear only when complete; [`driver`] runs the
-//! phases over a [`comm::Communicator`].
+//! Data flows one way, each layer using only the ones before it:
+//! [`safetensors`] (the file format) → [`checkpoint`] (an input format read
+//! into tensors and their pieces) → [`plan`] (output files and who writes
+//! what) → [`report`] → [`exec`] (copy, verify, publish) → [`comm`] (the MPI
+//! seam and the collectives built on it) → [`progress`] → [`run`] (the
+//! phase sequence).
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod comm;
-pub mod convert;
-pub mod copy;
-pub mod dcp;
-pub mod dcp_format;
-pub mod driver;
-pub mod dtype;
 pub mod error;
-pub mod header;
-pub mod identity;
-pub mod input;
-pub mod lock;
-pub mod mapping;
-pub mod names;
-pub mod output;
+pub mod exec;
 pub mod plan;
 pub mod progress;
 pub mod report;
-pub mod runs;
-pub mod verify;
+pub mod run;
+pub mod safetensors;
 
 pub use error::{Error, Result};

@@ -1,8 +1,8 @@
 //! The run report: what each rank sends rank 0 after writing, the JSON that
 //! `--report` writes, and the human summary printed at the end.
 
-use crate::driver::human_bytes;
 use crate::plan::Plan;
+use crate::run::human_bytes;
 use serde::{Deserialize, Serialize};
 
 /// What one rank did, sent to rank 0 at the end.

@@ -5,9 +5,9 @@
 
 mod common;
 use common::*;
-use st_consolidate_mpi::convert::{convert, output_dtype};
-use st_consolidate_mpi::dtype::Dtype;
-use st_consolidate_mpi::header::read_header;
+use st_consolidate_mpi::exec::convert::{convert, output_dtype};
+use st_consolidate_mpi::safetensors::dtype::Dtype;
+use st_consolidate_mpi::safetensors::header::read_header;
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -306,7 +306,7 @@ fn replicas_with_different_bytes_are_refused() {
     let victim = ckpt
         .path()
         .join("shard-00002-model-00001-of-00003.safetensors");
-    let header = st_consolidate_mpi::header::read_header(&victim).unwrap();
+    let header = st_consolidate_mpi::safetensors::header::read_header(&victim).unwrap();
     let norm = header
         .tensors
         .iter()

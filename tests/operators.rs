@@ -194,7 +194,7 @@ fn prefixes_are_stripped_and_the_mapping_matches_stripped_names() {
     // "_orig_mod.lm_head.weight", then strip "_orig_mod.".
     let ckpt = copy_fixture();
     for path in snapshot(ckpt.path()).into_keys() {
-        let header = st_consolidate_mpi::header::read_header(&path);
+        let header = st_consolidate_mpi::safetensors::header::read_header(&path);
         if !header.is_ok_and(|h| h.tensors.iter().any(|t| t.name == "model.norm.weight")) {
             continue;
         }

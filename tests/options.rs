@@ -65,7 +65,8 @@ fn max_shard_size_fills_files_in_name_order() {
     let count = names(out.path()).len() - 1;
     assert!(count >= 3, "311 KB in 100 KB files: {count}");
     for name in names(out.path()).iter().filter(|n| n.starts_with("model-")) {
-        let header = st_consolidate_mpi::header::read_header(&out.path().join(name)).unwrap();
+        let header =
+            st_consolidate_mpi::safetensors::header::read_header(&out.path().join(name)).unwrap();
         let data: u64 = header.tensors.iter().map(|t| t.end - t.begin).sum();
         // Only a single tensor larger than the limit may exceed it.
         assert!(
@@ -170,7 +171,7 @@ fn verify_passes_and_verify_only_catches_a_flipped_byte() {
 
     // Flip one byte inside the last tensor of file 2.
     let victim = out.path().join("model-00002-of-00003.safetensors");
-    let header = st_consolidate_mpi::header::read_header(&victim).unwrap();
+    let header = st_consolidate_mpi::safetensors::header::read_header(&victim).unwrap();
     let last = header.tensors.last().unwrap().clone();
     let mut bytes = std::fs::read(&victim).unwrap();
     bytes[(header.data_start + last.end - 3) as usize] ^= 1;

@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use st_consolidate_mpi::lock::{Holder, LOCK_NAME, OutputLock, host_name};
+use st_consolidate_mpi::exec::lock::{Holder, LOCK_NAME, OutputLock, host_name};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -5,11 +5,11 @@
 mod library;
 use library::*;
 use st_consolidate_mpi::Error;
-use st_consolidate_mpi::copy::{DIRECT_MIN_RUN, TRUNCATED_DURING_RUN, check_replicas};
-use st_consolidate_mpi::dcp::{FullTensor, Location};
-use st_consolidate_mpi::header::read_header;
+use st_consolidate_mpi::checkpoint::hf_shards::sharding::{FullTensor, Location};
+use st_consolidate_mpi::exec::copy::{DIRECT_MIN_RUN, TRUNCATED_DURING_RUN, check_replicas};
+use st_consolidate_mpi::exec::runs::Runs;
 use st_consolidate_mpi::plan::Plan;
-use st_consolidate_mpi::runs::Runs;
+use st_consolidate_mpi::safetensors::header::read_header;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -4,9 +4,9 @@
 
 mod library;
 use library::*;
-use st_consolidate_mpi::dtype::Dtype;
+use st_consolidate_mpi::exec::verify::{compare, written_targets};
 use st_consolidate_mpi::plan::Plan;
-use st_consolidate_mpi::verify::{compare, written_targets};
+use st_consolidate_mpi::safetensors::dtype::Dtype;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 

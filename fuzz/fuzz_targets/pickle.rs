@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use st_consolidate_mpi::dcp_format::metadata::from_pickle;
-use st_consolidate_mpi::dcp_format::pickle::{Limits, parse};
+use st_consolidate_mpi::checkpoint::dcp::metadata::from_pickle;
+use st_consolidate_mpi::checkpoint::dcp::pickle::{Limits, parse};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(pickle) = parse(data, &Limits::METADATA) {

@@ -2,14 +2,14 @@
 
 use clap::{ArgGroup, Parser};
 use st_consolidate_mpi::Error;
+use st_consolidate_mpi::checkpoint::hf_shards::HeaderReading;
 use st_consolidate_mpi::comm::{
     Communicator, MpiWorld, SingleProcess, check_world, launcher_tasks,
 };
-use st_consolidate_mpi::driver::{Config, run};
-use st_consolidate_mpi::dtype::Dtype;
-use st_consolidate_mpi::input::HeaderReading;
-use st_consolidate_mpi::mapping::{MappingSource, Unmapped, parse_size};
 use st_consolidate_mpi::plan::Schedule;
+use st_consolidate_mpi::plan::mapping::{MappingSource, Unmapped, parse_size};
+use st_consolidate_mpi::run::{Config, run};
+use st_consolidate_mpi::safetensors::dtype::Dtype;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -4,7 +4,7 @@
 
 use crate::{Layout, ModelSize, Spec, write};
 use clap::Parser;
-use st_consolidate_mpi::dtype::Dtype;
+use st_consolidate_mpi::safetensors::dtype::Dtype;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -11,10 +11,10 @@ pub mod cli;
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use st_consolidate_mpi::dcp::SHARDING_INFO_KEY;
-use st_consolidate_mpi::dtype::Dtype;
-use st_consolidate_mpi::header::{TensorEntry, byte_len, encode_header};
-use st_consolidate_mpi::runs::Runs;
+use st_consolidate_mpi::checkpoint::hf_shards::sharding::SHARDING_INFO_KEY;
+use st_consolidate_mpi::exec::runs::Runs;
+use st_consolidate_mpi::safetensors::dtype::Dtype;
+use st_consolidate_mpi::safetensors::header::{TensorEntry, byte_len, encode_header};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use sha2::{Digest, Sha256};
-use st_consolidate_mpi::header::read_header;
+use st_consolidate_mpi::safetensors::header::read_header;
 use st_synth::hex;
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};

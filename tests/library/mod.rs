@@ -3,12 +3,12 @@
 #![allow(dead_code)]
 
 use sha2::{Digest, Sha256};
-use st_consolidate_mpi::copy::copy_item;
-use st_consolidate_mpi::driver::{Config, make_plan};
-use st_consolidate_mpi::dtype::Dtype;
-use st_consolidate_mpi::input::{HeaderReading, list_shard_files, read_shards};
-use st_consolidate_mpi::mapping::{MappingSource, Unmapped};
+use st_consolidate_mpi::checkpoint::hf_shards::{HeaderReading, list_shard_files, read_shards};
+use st_consolidate_mpi::exec::copy::copy_item;
+use st_consolidate_mpi::plan::mapping::{MappingSource, Unmapped};
 use st_consolidate_mpi::plan::{Plan, Schedule};
+use st_consolidate_mpi::run::{Config, make_plan};
+use st_consolidate_mpi::safetensors::dtype::Dtype;
 use st_synth::hex;
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -14,12 +14,12 @@
 //! shard truncated by another process during the run is an error naming the
 //! file and tensor, not a SIGBUS.
 
-use crate::convert::convert;
-use crate::dcp::{FullTensor, Location};
-use crate::dtype::Dtype;
+use crate::checkpoint::hf_shards::sharding::{FullTensor, Location};
 use crate::error::{Error, Result};
+use crate::exec::convert::convert;
+use crate::exec::runs::Runs;
 use crate::plan::{Plan, WorkItem};
-use crate::runs::Runs;
+use crate::safetensors::dtype::Dtype;
 use rustix::fs::copy_file_range;
 use rustix::io::Errno;
 use std::collections::HashMap;
@@ -406,7 +406,7 @@ pub fn check_replicas(plan: &Plan, file: usize) -> Result<()> {
     for entry in &plan.files[file].entries {
         let tensor = &plan.tensors[entry.tensor];
         for piece in &tensor.pieces {
-            let len = crate::header::byte_len(&piece.shape, tensor.dtype).unwrap_or(0);
+            let len = crate::safetensors::header::byte_len(&piece.shape, tensor.dtype).unwrap_or(0);
             for replica in &piece.replicas {
                 let mut done = 0;
                 while done < len {
@@ -428,7 +428,10 @@ pub fn check_replicas(plan: &Plan, file: usize) -> Result<()> {
                             tensor: tensor.name.clone(),
                             reason: format!(
                                 "replicated piece {} differs between {} and {}",
-                                crate::dcp::region(&piece.offsets, &piece.shape),
+                                crate::checkpoint::hf_shards::sharding::region(
+                                    &piece.offsets,
+                                    &piece.shape
+                                ),
                                 plan.shards[piece.location.shard].display(),
                                 plan.shards[replica.shard].display()
                             ),

@@ -1,9 +1,11 @@
 //! Finding and reading the shard files of a checkpoint.
 
-use crate::dcp::{Shard, sharding_info};
+pub mod sharding;
+
+use crate::checkpoint::hf_shards::sharding::{Shard, sharding_info};
 use crate::error::{Error, Result};
-use crate::header::read_header;
-use crate::mapping::parse_output_name;
+use crate::plan::mapping::parse_output_name;
+use crate::safetensors::header::read_header;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

@@ -8,8 +8,8 @@
 
 use super::pickle::{self, Limits, Node, Value};
 use super::torch_types::{torch_dtype, typed_storage_dtype};
-use crate::dtype::Dtype;
-use crate::header::{byte_len, element_count};
+use crate::safetensors::dtype::Dtype;
+use crate::safetensors::header::{byte_len, element_count};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;

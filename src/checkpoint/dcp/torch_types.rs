@@ -1,7 +1,7 @@
 //! PyTorch's names for dtypes, storages, layouts and memory formats, as they
 //! appear as globals in DCP pickles, and how dtypes map to safetensors.
 
-use crate::dtype::Dtype;
+use crate::safetensors::dtype::Dtype;
 
 /// Every `torch.dtype` by the name its pickle uses (`torch.<name>`), with
 /// the safetensors dtype holding the same bytes, if any.

@@ -8,23 +8,25 @@
 //! failed, so a failing rank never leaves the others waiting, and only the
 //! lowest failing rank reports its error.
 
+use crate::checkpoint::hf_shards::sharding::index_pieces;
+use crate::checkpoint::hf_shards::{
+    HeaderReading, ParsedShard, assemble, list_shard_files, read_shards,
+};
+use crate::checkpoint::identity::{self, FileIdentity};
 use crate::comm::Communicator;
-use crate::convert::output_dtype;
-use crate::copy::{check_replicas, copy_item};
-use crate::dcp::index_pieces;
-use crate::dtype::Dtype;
 use crate::error::{Error, Result, shown};
-use crate::identity::{self, FileIdentity};
-use crate::input::{HeaderReading, ParsedShard, assemble, list_shard_files, read_shards};
-use crate::lock::{Holder, OutputLock, host_name, read_token};
-use crate::mapping::parse_output_name;
-use crate::mapping::{MappingSource, Unmapped, assign};
-use crate::names::strip_prefixes;
-use crate::output::{PendingFile, remove_stale_temps, sync_dir, temp_name};
+use crate::exec::convert::output_dtype;
+use crate::exec::copy::{check_replicas, copy_item};
+use crate::exec::lock::{Holder, OutputLock, host_name, read_token};
+use crate::exec::output::{PendingFile, remove_stale_temps, sync_dir, temp_name};
+use crate::exec::verify::{compare, existing_targets, written_targets};
+use crate::plan::mapping::parse_output_name;
+use crate::plan::mapping::{MappingSource, Unmapped, assign};
+use crate::plan::names::strip_prefixes;
 use crate::plan::{Plan, Schedule};
 use crate::progress::{Counters, FinishOnDrop, watch};
 use crate::report::{RankReport, RunReport};
-use crate::verify::{compare, existing_targets, written_targets};
+use crate::safetensors::dtype::Dtype;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::fs::File;

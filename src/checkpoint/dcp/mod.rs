@@ -12,10 +12,12 @@ pub mod metadata;
 pub mod pickle;
 pub mod torch_types;
 
-use crate::dcp::{CoverageFault, FullTensor, Location, Piece, check_coverage, region};
-use crate::dtype::Dtype;
+use crate::checkpoint::hf_shards::sharding::{
+    CoverageFault, FullTensor, Location, Piece, check_coverage, region,
+};
 use crate::error::{Error, Result};
-use crate::header::byte_len;
+use crate::safetensors::dtype::Dtype;
+use crate::safetensors::header::byte_len;
 use archive::{ChunkRequest, locate_chunk_data};
 use metadata::{Entry, Metadata, MetadataError, TensorMeta, TorchDtype};
 use pickle::{Limits, PickleErrorKind};

@@ -1,7 +1,7 @@
 //! Output tensor names: `--strip-prefix` clean-up (e.g. `_orig_mod.` left by
 //! `torch.compile`, or a `model.` wrapper), with collisions refused.
 
-use crate::dcp::FullTensor;
+use crate::checkpoint::hf_shards::sharding::FullTensor;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 
@@ -48,7 +48,7 @@ pub fn strip_prefixes(tensors: &mut [FullTensor], prefixes: &[String]) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::Dtype;
+    use crate::safetensors::dtype::Dtype;
 
     fn tensors(names: &[&str]) -> Vec<FullTensor> {
         names

@@ -4,8 +4,8 @@
 //! checked arithmetic, and the data section must be covered exactly, with no
 //! holes, overlaps or trailing bytes.
 
-use crate::dtype::{Dtype, DtypeError};
 use crate::error::{Error, Result, shown};
+use crate::safetensors::dtype::{Dtype, DtypeError};
 use serde::Deserializer;
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;

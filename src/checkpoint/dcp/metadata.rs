@@ -3,7 +3,7 @@
 
 use super::pickle::{self, Limits, Object, Pickle, Value};
 use super::torch_types::torch_dtype;
-use crate::dtype::Dtype;
+use crate::safetensors::dtype::Dtype;
 use std::collections::HashMap;
 use std::fmt;
 

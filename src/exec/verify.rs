@@ -2,14 +2,14 @@
 //! byte with the shard pieces. Used by `--verify` (after writing, before the
 //! files get their final names) and `--verify-only` (an existing output).
 
-use crate::convert::{can_convert, convert};
-use crate::copy::{ShardFiles, read_shard_at};
-use crate::dcp::{FullTensor, Location, Piece, region};
-use crate::driver::INDEX_NAME;
-use crate::dtype::Dtype;
+use crate::checkpoint::hf_shards::sharding::{FullTensor, Location, Piece, region};
 use crate::error::{Error, Result};
-use crate::header::{JsonError, parse_unique_json, read_header};
+use crate::exec::convert::{can_convert, convert};
+use crate::exec::copy::{ShardFiles, read_shard_at};
 use crate::plan::Plan;
+use crate::run::INDEX_NAME;
+use crate::safetensors::dtype::Dtype;
+use crate::safetensors::header::{JsonError, parse_unique_json, read_header};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;

@@ -2,12 +2,15 @@
 //! and which rank writes what. Pure and deterministic, so every rank that
 //! builds it from the same inputs gets the same plan.
 
-use crate::convert::output_dtype;
-use crate::dcp::FullTensor;
-use crate::dtype::Dtype;
+pub mod mapping;
+pub mod names;
+
+use crate::checkpoint::hf_shards::sharding::FullTensor;
 use crate::error::{Error, Result};
-use crate::header::{MAX_HEADER_LEN, TensorEntry, encode_header};
-use crate::mapping::{Assignment, output_name};
+use crate::exec::convert::output_dtype;
+use crate::plan::mapping::{Assignment, output_name};
+use crate::safetensors::dtype::Dtype;
+use crate::safetensors::header::{MAX_HEADER_LEN, TensorEntry, encode_header};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -337,7 +340,7 @@ pub fn check_header_len(file: &str, tensors: usize, json_len: u64) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::header::parse_header;
+    use crate::safetensors::header::parse_header;
 
     #[test]
     fn headers_up_to_the_limit_pass_and_longer_ones_are_refused() {

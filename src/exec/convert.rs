@@ -11,7 +11,7 @@
 //! - a NaN cast to f16 keeps its sign and top payload bits, quieted, as the
 //!   F16C instruction does.
 
-use crate::dtype::Dtype;
+use crate::safetensors::dtype::Dtype;
 
 /// Whether `dtype` is one that `--dtype` converts.
 pub fn is_convertible(dtype: Dtype) -> bool {

@@ -1,9 +1,9 @@
 //! PyTorch Distributed Checkpoint sharding: where each piece of a tensor sits
 //! in the full tensor, and the check that the pieces tile it exactly.
 
-use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::header::{Header, JsonError, byte_len, element_count, parse_unique_json};
+use crate::safetensors::dtype::Dtype;
+use crate::safetensors::header::{Header, JsonError, byte_len, element_count, parse_unique_json};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -234,7 +234,7 @@ fn assemble(name: &str, dtype: Dtype, pieces: Vec<Piece>, shards: &[Shard]) -> R
     }
     // FullTensor::byte_len relies on this check; 8-byte elements cover any
     // --dtype target too.
-    if byte_len(&shape, crate::dtype::Dtype::F64).is_none() {
+    if byte_len(&shape, crate::safetensors::dtype::Dtype::F64).is_none() {
         return Err(inconsistent(
             format!("full shape {shape:?} overflows"),
             "the shard's metadata is corrupt; re-save the checkpoint",
@@ -425,7 +425,8 @@ mod tests {
         let json = r#"{"__metadata__":{"DCP_SHARDING_INFO":"@@"},"w":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#
             .replace("@@", &info.replace('"', "\\\""));
         let header =
-            crate::header::parse_header(json.as_bytes(), 8 + json.len() as u64 + 2).unwrap();
+            crate::safetensors::header::parse_header(json.as_bytes(), 8 + json.len() as u64 + 2)
+                .unwrap();
         Shard {
             path: PathBuf::from("shard-00001-model-00001-of-00001.safetensors"),
             header,

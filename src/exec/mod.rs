@@ -1,0 +1,8 @@
+//! Carrying out a plan: copying bytes, output files, verification.
+
+pub mod convert;
+pub mod copy;
+pub mod lock;
+pub mod output;
+pub mod runs;
+pub mod verify;

@@ -1,0 +1,5 @@
+//! The safetensors file format: dtypes, and reading, validating and writing
+//! headers.
+
+pub mod dtype;
+pub mod header;
