@@ -20,13 +20,13 @@ use crate::exec::copy::{check_replicas, copy_item};
 use crate::exec::lock::{Holder, OutputLock, host_name, read_token};
 use crate::exec::output::{PendingFile, remove_stale_temps, sync_dir, temp_name};
 use crate::exec::verify::{compare, existing_targets, written_targets};
-use crate::plan::mapping::parse_output_name;
 use crate::plan::mapping::{MappingSource, Unmapped, assign};
 use crate::plan::names::strip_prefixes;
 use crate::plan::{Plan, Schedule};
 use crate::progress::{Counters, FinishOnDrop, watch};
 use crate::report::{RankReport, RunReport};
 use crate::safetensors::dtype::Dtype;
+use crate::safetensors::naming::parse_output_name;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -35,8 +35,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 use std::time::Instant;
 
-/// The name of the Hugging Face index file.
-pub const INDEX_NAME: &str = "model.safetensors.index.json";
+pub use crate::safetensors::naming::INDEX_NAME;
 
 /// What to do, from the command line.
 #[derive(Clone, Debug)]

@@ -3,13 +3,10 @@
 
 use crate::error::{Error, Result};
 use crate::safetensors::header::{JsonError, parse_unique_json};
+use crate::safetensors::naming::{MAX_FILES, parse_output_name};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-
-/// The most output files: names carry the index in five digits
-/// (`model-IIIII-of-NNNNN`), and every index up to the largest is written.
-pub const MAX_FILES: u32 = 99_999;
 
 /// Where the tensor-to-file assignment comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,24 +220,6 @@ pub fn read_hf_index(path: &Path) -> Result<BTreeMap<String, u32>> {
         .collect())
 }
 
-/// The consolidated file name for output `index` of `count`.
-pub fn output_name(index: u32, count: u32) -> String {
-    format!("model-{index:05}-of-{count:05}.safetensors")
-}
-
-/// Parses `model-IIIII-of-NNNNN.safetensors` into `(index, count)`.
-pub fn parse_output_name(name: &str) -> Option<(u32, u32)> {
-    let rest = name.strip_prefix("model-")?.strip_suffix(".safetensors")?;
-    let (index, count) = rest.split_once("-of-")?;
-    let digits = |s: &str| s.len() >= 5 && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(index) || !digits(count) {
-        return None;
-    }
-    let index: u32 = index.parse().ok()?;
-    let count: u32 = count.parse().ok()?;
-    (index >= 1 && index <= count).then_some((index, count))
-}
-
 /// Parses a size such as `5GB`, `500MB`, `2GiB` or `1000000` (bytes).
 /// Decimal units are powers of 1000 and binary units powers of 1024, as in
 /// Hugging Face's `max_shard_size`.
@@ -396,16 +375,5 @@ mod tests {
         assert!(parse_size("5XB").is_err());
         assert!(parse_size("GB").is_err());
         assert!(parse_size("0").is_err());
-    }
-
-    #[test]
-    fn output_names_round_trip() {
-        assert_eq!(output_name(3, 12), "model-00003-of-00012.safetensors");
-        assert_eq!(
-            parse_output_name("model-00003-of-00012.safetensors"),
-            Some((3, 12))
-        );
-        assert_eq!(parse_output_name("model-3-of-12.safetensors"), None);
-        assert_eq!(parse_output_name("model-00013-of-00012.safetensors"), None);
     }
 }

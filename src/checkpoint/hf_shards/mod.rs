@@ -4,8 +4,8 @@ pub mod sharding;
 
 use crate::checkpoint::hf_shards::sharding::{Shard, sharding_info};
 use crate::error::{Error, Result};
-use crate::plan::mapping::parse_output_name;
 use crate::safetensors::header::read_header;
+use crate::safetensors::naming::{parse_output_name, parse_shard_name};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -195,15 +195,6 @@ pub fn assemble(
     Ok(checkpoint)
 }
 
-/// Parses `shard-RRRRR-model-IIIII-of-NNNNN.safetensors` into (rank, index, count).
-pub fn parse_shard_name(name: &str) -> Option<(u32, u32, u32)> {
-    let rest = name.strip_prefix("shard-")?;
-    let (rank, output) = rest.split_once('-')?;
-    let (index, count) = parse_output_name(output)?;
-    let rank_ok = rank.len() >= 5 && rank.bytes().all(|b| b.is_ascii_digit());
-    Some((rank.parse().ok().filter(|_| rank_ok)?, index, count))
-}
-
 /// PyTorch's writer leaves one file per (source rank, output index) for
 /// every rank that holds part of that output, which for sharded models is
 /// every rank. A missing file cannot always be seen in the pieces: losing
@@ -337,18 +328,5 @@ mod tests {
             dir.path().display()
         );
         assert!(err.starts_with(&expected), "{err}");
-    }
-
-    #[test]
-    fn shard_names_parse() {
-        assert_eq!(
-            parse_shard_name("shard-00002-model-00001-of-00004.safetensors"),
-            Some((2, 1, 4))
-        );
-        assert_eq!(
-            parse_shard_name("shard-2-model-00001-of-00004.safetensors"),
-            None
-        );
-        assert_eq!(parse_shard_name("model-00001-of-00004.safetensors"), None);
     }
 }

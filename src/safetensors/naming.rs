@@ -1,0 +1,67 @@
+//! File names of the Hugging Face layout: consolidated outputs
+//! (`model-IIIII-of-NNNNN.safetensors`), their index, and the per-rank shards
+//! PyTorch's `HuggingFaceStorageWriter` writes
+//! (`shard-RRRRR-model-IIIII-of-NNNNN.safetensors`).
+
+/// The name of the Hugging Face index file.
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+
+/// The most output files: names carry the index in five digits
+/// (`model-IIIII-of-NNNNN`), and every index up to the largest is written.
+pub const MAX_FILES: u32 = 99_999;
+
+/// The consolidated file name for output `index` of `count`.
+pub fn output_name(index: u32, count: u32) -> String {
+    format!("model-{index:05}-of-{count:05}.safetensors")
+}
+
+/// Parses `model-IIIII-of-NNNNN.safetensors` into `(index, count)`.
+pub fn parse_output_name(name: &str) -> Option<(u32, u32)> {
+    let rest = name.strip_prefix("model-")?.strip_suffix(".safetensors")?;
+    let (index, count) = rest.split_once("-of-")?;
+    let digits = |s: &str| s.len() >= 5 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(index) || !digits(count) {
+        return None;
+    }
+    let index: u32 = index.parse().ok()?;
+    let count: u32 = count.parse().ok()?;
+    (index >= 1 && index <= count).then_some((index, count))
+}
+
+/// Parses `shard-RRRRR-model-IIIII-of-NNNNN.safetensors` into (rank, index, count).
+pub fn parse_shard_name(name: &str) -> Option<(u32, u32, u32)> {
+    let rest = name.strip_prefix("shard-")?;
+    let (rank, output) = rest.split_once('-')?;
+    let (index, count) = parse_output_name(output)?;
+    let rank_ok = rank.len() >= 5 && rank.bytes().all(|b| b.is_ascii_digit());
+    Some((rank.parse().ok().filter(|_| rank_ok)?, index, count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_names_round_trip() {
+        assert_eq!(output_name(3, 12), "model-00003-of-00012.safetensors");
+        assert_eq!(
+            parse_output_name("model-00003-of-00012.safetensors"),
+            Some((3, 12))
+        );
+        assert_eq!(parse_output_name("model-3-of-12.safetensors"), None);
+        assert_eq!(parse_output_name("model-00013-of-00012.safetensors"), None);
+    }
+
+    #[test]
+    fn shard_names_parse() {
+        assert_eq!(
+            parse_shard_name("shard-00002-model-00001-of-00004.safetensors"),
+            Some((2, 1, 4))
+        );
+        assert_eq!(
+            parse_shard_name("shard-2-model-00001-of-00004.safetensors"),
+            None
+        );
+        assert_eq!(parse_shard_name("model-00001-of-00004.safetensors"), None);
+    }
+}
