@@ -1,7 +1,8 @@
 //! Times the coverage check on 10,000 pieces of one tensor, in three shapes
 //! of tiling (rows, columns, a 100 x 100 mesh). Run by scripts/bench.sh.
 
-use st_consolidate_mpi::checkpoint::hf_shards::sharding::{Location, Piece, check_coverage};
+use st_consolidate_mpi::checkpoint::coverage::check_coverage;
+use st_consolidate_mpi::checkpoint::{Location, Piece};
 use std::time::Instant;
 
 fn piece(offsets: &[u64], shape: &[u64]) -> Piece {

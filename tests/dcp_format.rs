@@ -7,13 +7,13 @@ use proptest::prelude::*;
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use st_consolidate_mpi::Error;
+use st_consolidate_mpi::checkpoint::coverage as dcp;
 use st_consolidate_mpi::checkpoint::dcp::archive::{ChunkRequest, locate_chunk_data};
 use st_consolidate_mpi::checkpoint::dcp::metadata::parse_metadata;
 use st_consolidate_mpi::checkpoint::dcp::pickle::{self, Limits};
 use st_consolidate_mpi::checkpoint::dcp::{
     DcpCheckpoint, DcpTensor, read_dcp_checkpoint, read_dcp_checkpoint_with,
 };
-use st_consolidate_mpi::checkpoint::hf_shards::sharding as dcp;
 use st_consolidate_mpi::safetensors::dtype::Dtype;
 use std::fs;
 use std::os::unix::fs::FileExt;

@@ -5,7 +5,7 @@
 mod library;
 use library::*;
 use st_consolidate_mpi::Error;
-use st_consolidate_mpi::checkpoint::hf_shards::sharding::{FullTensor, Location};
+use st_consolidate_mpi::checkpoint::{FullTensor, Location};
 use st_consolidate_mpi::exec::copy::{DIRECT_MIN_RUN, TRUNCATED_DURING_RUN, check_replicas};
 use st_consolidate_mpi::exec::runs::Runs;
 use st_consolidate_mpi::plan::Plan;

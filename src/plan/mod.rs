@@ -5,7 +5,7 @@
 pub mod mapping;
 pub mod names;
 
-use crate::checkpoint::hf_shards::sharding::FullTensor;
+use crate::checkpoint::FullTensor;
 use crate::error::{Error, Result};
 use crate::exec::convert::output_dtype;
 use crate::plan::mapping::Assignment;

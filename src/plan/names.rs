@@ -1,7 +1,7 @@
 //! Output tensor names: `--strip-prefix` clean-up (e.g. `_orig_mod.` left by
 //! `torch.compile`, or a `model.` wrapper), with collisions refused.
 
-use crate::checkpoint::hf_shards::sharding::FullTensor;
+use crate::checkpoint::FullTensor;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 
