@@ -14,6 +14,11 @@
 # Every output is checked against the manifest; a mismatch exits non-zero.
 # The table is printed and saved to target/bench/results.md, followed by the
 # scale simulation of scripts/scale.sh (70B and 405B layouts, sparse).
+#
+# Environment: BENCH_DIR (work folder, default target/bench); BENCH_BIN (the
+# st-consolidate-mpi binary to time, default the one just built: time an
+# older build against a newer one back to back); BENCH_COPY_ONLY=1 skips the
+# coverage benchmark and the scale simulation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gb=${1:-1}
@@ -21,7 +26,7 @@ runs=${2:-5}
 scripts/setup.sh --all
 source scripts/env.sh
 cargo build --release --quiet --workspace --bins --examples
-bin=$PWD/target/release/st-consolidate-mpi
+bin=${BENCH_BIN:-$PWD/target/release/st-consolidate-mpi}
 make=$PWD/target/release/st-make-shards
 work=${BENCH_DIR:-$PWD/target/bench}
 mkdir -p "$work"
@@ -111,8 +116,10 @@ print(f"| f32 → bf16 | {size/1e9:.2f} | {base:.2f} | {plain:.2f} | {cast:.2f} 
 PY
 rm -rf "$ckpt" "$work/out"
 
-echo "medians of $runs runs; $(nproc) cores; $(uname -sr)" >> "$results"
-target/release/examples/coverage_bench >> "$results"
-echo >> "$results"
-scripts/scale.sh >> "$results"
+echo "medians of $runs runs; $(nproc) cores; $(uname -sr); $bin" >> "$results"
+if [ "${BENCH_COPY_ONLY:-0}" != 1 ]; then
+    target/release/examples/coverage_bench >> "$results"
+    echo >> "$results"
+    scripts/scale.sh >> "$results"
+fi
 cat "$results"
