@@ -9,7 +9,7 @@
 //! is left waiting.
 
 use crate::comm::Communicator;
-use crate::run::human_bytes;
+use crate::report::human_bytes;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,8 +1,8 @@
-//! The run report: what each rank sends rank 0 after writing, the JSON that
-//! `--report` writes, and the human summary printed at the end.
+//! What people and tools read about a run: what each rank sends rank 0
+//! after writing, the JSON that `--report` writes, the human summary printed
+//! at the end, the `--dry-run` table, and byte counts for people.
 
-use crate::plan::Plan;
-use crate::run::human_bytes;
+use crate::plan::{Plan, Schedule};
 use serde::{Deserialize, Serialize};
 
 /// What one rank did, sent to rank 0 at the end.
@@ -194,5 +194,120 @@ impl RunReport {
             ));
         }
         text
+    }
+}
+
+/// The `--dry-run` report: files, tensors, bytes, owners, bytes per rank.
+pub fn describe(plan: &Plan) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "plan: {} tensors, {} from {} shard files into {} output files on {} rank(s)\n",
+        plan.tensors.len(),
+        human_bytes(plan.total_bytes()),
+        plan.shards.len(),
+        plan.files.len(),
+        plan.world_size
+    ));
+    out.push_str(&format!(
+        "{:<36} {:>8} {:>14} {:>6}\n",
+        "file", "tensors", "bytes", "rank"
+    ));
+    for file in &plan.files {
+        out.push_str(&format!(
+            "{:<36} {:>8} {:>14} {:>6}\n",
+            file.name,
+            file.entries.len(),
+            file.len(),
+            file.owner
+        ));
+    }
+    out.push_str(&format!(
+        "{:<10} {:>9} {:>16} {:>16} {:>11}{}\n",
+        "schedule",
+        "max/mean",
+        "max bytes/rank",
+        "mean bytes/rank",
+        "idle ranks",
+        if plan.world_size <= 16 {
+            "   bytes per rank"
+        } else {
+            ""
+        }
+    ));
+    for schedule in [Schedule::Modulo, Schedule::Balanced] {
+        let mut variant = plan.clone();
+        variant.schedule = schedule;
+        let balance = Balance::of(&variant);
+        out.push_str(&format!(
+            "{:<10} {:>9.3} {:>16} {:>16.0} {:>11}",
+            format!("{schedule:?}").to_lowercase(),
+            balance.max_over_mean,
+            balance.max,
+            balance.mean,
+            balance.idle
+        ));
+        if plan.world_size <= 16 {
+            out.push_str("   ");
+            out.push_str(
+                &balance
+                    .per_rank
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+        if schedule == plan.schedule {
+            out.push_str("   (selected)");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// How evenly a plan spreads bytes over its ranks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Balance {
+    /// Tensor bytes per rank.
+    pub per_rank: Vec<u64>,
+    /// The busiest rank's bytes.
+    pub max: u64,
+    /// Mean bytes per rank.
+    pub mean: f64,
+    /// max / mean (1.0 is perfect).
+    pub max_over_mean: f64,
+    /// Ranks with nothing to write.
+    pub idle: usize,
+}
+
+impl Balance {
+    /// The balance of `plan` under its schedule.
+    pub fn of(plan: &Plan) -> Balance {
+        let per_rank = plan.bytes_per_rank();
+        let max = per_rank.iter().copied().max().unwrap_or(0);
+        let mean = plan.total_bytes() as f64 / plan.world_size.max(1) as f64;
+        Balance {
+            max,
+            mean,
+            max_over_mean: if mean > 0.0 { max as f64 / mean } else { 1.0 },
+            idle: per_rank.iter().filter(|&&b| b == 0).count(),
+            per_rank,
+        }
+    }
+}
+
+/// Formats a byte count for people.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
     }
 }

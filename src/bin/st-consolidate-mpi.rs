@@ -6,9 +6,10 @@ use st_consolidate_mpi::checkpoint::hf_shards::HeaderReading;
 use st_consolidate_mpi::comm::{
     Communicator, MpiWorld, SingleProcess, check_world, launcher_tasks,
 };
+use st_consolidate_mpi::plan::PlanOptions;
 use st_consolidate_mpi::plan::Schedule;
 use st_consolidate_mpi::plan::mapping::{MappingSource, Unmapped, parse_size};
-use st_consolidate_mpi::run::{Config, run};
+use st_consolidate_mpi::run::{Config, Mode, ReadOptions, Verbosity, run};
 use st_consolidate_mpi::safetensors::dtype::Dtype;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,8 +53,8 @@ struct Cli {
     max_shard_size: Option<u64>,
 
     /// What to do with tensors the mapping does not name: stop with an error, or put them in the last file.
-    #[arg(long, value_enum, default_value_t = Unmapped::Error)]
-    unmapped: Unmapped,
+    #[arg(long, value_enum, default_value_t = UnmappedArg::Error)]
+    unmapped: UnmappedArg,
 
     /// Copy threads per rank, at most 1024 [default: cores on the node / ranks on the node].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=MAX_THREADS))]
@@ -114,14 +115,14 @@ struct Cli {
     /// i % ranks; one writer per file, safe on every filesystem, NFS included) or balanced
     /// (equal contiguous byte blocks; several ranks write disjoint ranges of one file, which
     /// local filesystems, Lustre and GPFS handle, NFS without care may not).
-    #[arg(long, value_enum, default_value_t = Schedule::Modulo)]
-    schedule: Schedule,
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Modulo)]
+    schedule: ScheduleArg,
 
     /// Who reads the shard headers: all (every rank reads every header) or shared (each rank
     /// reads 1/ranks of them and the ranks exchange a validated summary, so each file is opened
     /// once per job: use it for thousands of shards on Lustre or GPFS).
-    #[arg(long, value_enum, default_value_t = HeaderReading::All)]
-    headers: HeaderReading,
+    #[arg(long, value_enum, default_value_t = HeadersArg::All)]
+    headers: HeadersArg,
 
     /// Convert every floating-point tensor (F16, BF16, F32, F64) to this type, rounding to
     /// nearest even exactly as PyTorch's tensor.to(dtype); integer, bool, fp8 and complex tensors stay.
@@ -142,28 +143,92 @@ impl Cli {
             (_, _, Some(size)) => MappingSource::MaxShardSize(size),
             _ => MappingSource::SingleFile,
         };
+        let mode = if self.dry_run {
+            Mode::DryRun {
+                ranks: self.ranks.map(|n| n as usize),
+            }
+        } else if self.verify_only {
+            Mode::VerifyOnly
+        } else {
+            Mode::Consolidate {
+                verify: self.verify,
+            }
+        };
+        let verbosity = match (self.quiet, self.verbose) {
+            (true, _) => Verbosity::Quiet,
+            (_, true) => Verbosity::Verbose,
+            _ => Verbosity::Normal,
+        };
         Config {
             input: self.input_dir,
             output: self.output_dir,
-            mapping,
-            unmapped: self.unmapped,
+            mode,
+            verbosity,
+            read: ReadOptions {
+                allow_missing_shard_files: self.allow_missing_shard_files,
+                source_ranks: self.source_ranks,
+                headers: self.headers.into(),
+            },
+            plan: PlanOptions {
+                mapping,
+                unmapped: self.unmapped.into(),
+                strip_prefixes: self.strip_prefix,
+                dtype: self.dtype.map(ExportDtype::dtype),
+                schedule: self.schedule.into(),
+            },
             threads: self.threads.map(usize::from),
-            dry_run: self.dry_run,
-            plan_ranks: self.ranks.map(|n| n as usize),
             overwrite: self.overwrite,
-            verify: self.verify,
-            verify_only: self.verify_only,
-            allow_missing_shard_files: self.allow_missing_shard_files,
-            source_ranks: self.source_ranks,
-            quiet: self.quiet,
-            verbose: self.verbose,
             progress_secs: self.progress,
             report: self.report,
-            strip_prefixes: self.strip_prefix,
             command_line: std::env::args().collect(),
-            dtype: self.dtype.map(ExportDtype::dtype),
-            schedule: self.schedule,
-            headers: self.headers,
+        }
+    }
+}
+
+/// The `--unmapped` choices (mirroring [`Unmapped`]).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum UnmappedArg {
+    Error,
+    Last,
+}
+
+impl From<UnmappedArg> for Unmapped {
+    fn from(arg: UnmappedArg) -> Unmapped {
+        match arg {
+            UnmappedArg::Error => Unmapped::Error,
+            UnmappedArg::Last => Unmapped::Last,
+        }
+    }
+}
+
+/// The `--schedule` choices (mirroring [`Schedule`]).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ScheduleArg {
+    Modulo,
+    Balanced,
+}
+
+impl From<ScheduleArg> for Schedule {
+    fn from(arg: ScheduleArg) -> Schedule {
+        match arg {
+            ScheduleArg::Modulo => Schedule::Modulo,
+            ScheduleArg::Balanced => Schedule::Balanced,
+        }
+    }
+}
+
+/// The `--headers` choices (mirroring [`HeaderReading`]).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum HeadersArg {
+    All,
+    Shared,
+}
+
+impl From<HeadersArg> for HeaderReading {
+    fn from(arg: HeadersArg) -> HeaderReading {
+        match arg {
+            HeadersArg::All => HeaderReading::All,
+            HeadersArg::Shared => HeaderReading::Shared,
         }
     }
 }

@@ -5,6 +5,8 @@
 //! everything in one process (unit tests, `--dry-run` previews); [`MpiWorld`]
 //! is the real thing.
 
+pub mod collectives;
+
 use mpi::Threading;
 use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;

@@ -5,10 +5,11 @@
 pub mod mapping;
 pub mod names;
 
-use crate::checkpoint::FullTensor;
+use crate::checkpoint::{Checkpoint, FullTensor};
 use crate::error::{Error, Result};
 use crate::exec::convert::output_dtype;
-use crate::plan::mapping::Assignment;
+use crate::plan::mapping::{Assignment, MappingSource, Unmapped, assign};
+use crate::plan::names::strip_prefixes;
 use crate::safetensors::dtype::Dtype;
 use crate::safetensors::header::{MAX_HEADER_LEN, TensorEntry, encode_header};
 use crate::safetensors::naming::output_name;
@@ -78,7 +79,7 @@ pub struct WorkItem {
 }
 
 /// How the output bytes are split among ranks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Schedule {
     /// Output file `index` is written whole by rank `index % world_size`
     /// (the design card's schedule; one writer per file, safe everywhere).
@@ -94,6 +95,45 @@ pub enum Schedule {
 /// bytes of a file's data section: a multiple of every element size, so no
 /// element is split between ranks (which `--dtype` relies on).
 pub const BALANCED_ALIGN: u64 = 4096;
+
+/// How the output is laid out, from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct PlanOptions {
+    /// Where the tensor-to-file assignment comes from.
+    pub mapping: MappingSource,
+    /// What to do with tensors the mapping does not name.
+    pub unmapped: Unmapped,
+    /// Prefixes stripped from output tensor names (first match wins).
+    pub strip_prefixes: Vec<String>,
+    /// Convert floating-point tensors to this dtype (`--dtype`).
+    pub dtype: Option<Dtype>,
+    /// How output bytes are split among ranks.
+    pub schedule: Schedule,
+}
+
+/// Plans the consolidation of `checkpoint` for `world_size` ranks
+/// (identical on every rank that read the same checkpoint).
+pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) -> Result<Plan> {
+    let mut tensors = checkpoint.tensors;
+    strip_prefixes(&mut tensors, &options.strip_prefixes)?;
+    let sizes: Vec<(&str, u64)> = tensors
+        .iter()
+        .map(|t| {
+            let size = output_dtype(t.dtype, options.dtype).size();
+            (t.name.as_str(), t.element_count() * size)
+        })
+        .collect();
+    let assignment = assign(&sizes, &options.mapping, options.unmapped)?;
+    let mut plan = Plan::build(
+        checkpoint.files,
+        tensors,
+        assignment,
+        world_size,
+        options.dtype,
+    )?;
+    plan.schedule = options.schedule;
+    Ok(plan)
+}
 
 /// Everything every rank agrees on before any byte is written.
 #[derive(Clone, Debug)]
