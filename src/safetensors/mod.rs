@@ -3,3 +3,4 @@
 
 pub mod dtype;
 pub mod header;
+pub mod json;

@@ -3,7 +3,8 @@
 
 use crate::error::{Error, Result};
 use crate::safetensors::dtype::Dtype;
-use crate::safetensors::header::{Header, JsonError, byte_len, element_count, parse_unique_json};
+use crate::safetensors::header::{Header, byte_len, element_count};
+use crate::safetensors::json::{JsonError, parse_unique_json};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -14,19 +14,23 @@
 //! shard truncated by another process during the run is an error naming the
 //! file and tensor, not a SIGBUS.
 
+mod inputs;
+mod replicas;
+
 use crate::checkpoint::hf_shards::sharding::{FullTensor, Location};
 use crate::error::{Error, Result};
 use crate::exec::convert::convert;
 use crate::exec::runs::Runs;
 use crate::plan::{Plan, WorkItem};
 use crate::safetensors::dtype::Dtype;
+pub use inputs::{ShardFiles, TRUNCATED_DURING_RUN, read_shard_at};
+pub use replicas::check_replicas;
 use rustix::fs::copy_file_range;
 use rustix::io::Errno;
-use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Runs at least this long are copied in the kernel; shorter runs are gathered.
@@ -37,37 +41,6 @@ pub const WINDOW_BYTES: u64 = 8 << 20;
 
 /// Set once `copy_file_range` has proved unusable on this system.
 static NO_COPY_FILE_RANGE: AtomicBool = AtomicBool::new(false);
-
-/// Shard files, opened on first use and kept open for one unit of work.
-pub struct ShardFiles<'a> {
-    paths: &'a [PathBuf],
-    open: HashMap<usize, File>,
-}
-
-impl<'a> ShardFiles<'a> {
-    /// No file is opened until it is needed.
-    pub fn new(paths: &'a [PathBuf]) -> Self {
-        ShardFiles {
-            paths,
-            open: HashMap::new(),
-        }
-    }
-
-    /// The path of shard `shard`.
-    pub fn path(&self, shard: usize) -> &'a Path {
-        &self.paths[shard]
-    }
-
-    /// Shard `shard` (an index into the plan's shards), opened for reading.
-    pub fn get(&mut self, shard: usize) -> Result<&File> {
-        if !self.open.contains_key(&shard) {
-            let path = &self.paths[shard];
-            let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
-            self.open.insert(shard, file);
-        }
-        Ok(&self.open[&shard])
-    }
-}
 
 /// Copies one work item into `out`, whose data section starts at
 /// `plan.files[item.file].data_start()`.
@@ -301,28 +274,6 @@ struct Buffers {
     window: Vec<u8>,
 }
 
-/// What a shard that ends before its header says means: the header was
-/// checked against the file's length when the run started.
-pub const TRUNCATED_DURING_RUN: &str = "file is shorter than its header says: it was truncated or overwritten during the run; rerun when no process writes to INPUT_DIR";
-
-/// Reads exactly `buffer.len()` bytes of a shard file at `offset`. A short
-/// read becomes an [`std::io::ErrorKind::UnexpectedEof`] error that says the
-/// file changed during the run.
-pub fn read_shard_at(input: &File, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
-    input
-        .read_exact_at(buffer, offset)
-        .map_err(explain_short_read)
-}
-
-/// Replaces std's "failed to fill whole buffer" with [`TRUNCATED_DURING_RUN`].
-fn explain_short_read(err: std::io::Error) -> std::io::Error {
-    if err.kind() == std::io::ErrorKind::UnexpectedEof {
-        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, TRUNCATED_DURING_RUN)
-    } else {
-        err
-    }
-}
-
 /// Which file an I/O error came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Side {
@@ -394,54 +345,6 @@ fn copy_through_buffer(
         src += chunk.len() as u64;
         dst += chunk.len() as u64;
         len -= chunk.len() as u64;
-    }
-    Ok(())
-}
-
-/// Checks that every replica of a replicated piece holds the same bytes as
-/// the piece, for the tensors of output file `file`.
-pub fn check_replicas(plan: &Plan, file: usize) -> Result<()> {
-    let mut inputs = ShardFiles::new(&plan.shards);
-    let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    for entry in &plan.files[file].entries {
-        let tensor = &plan.tensors[entry.tensor];
-        for piece in &tensor.pieces {
-            let len = crate::safetensors::header::byte_len(&piece.shape, tensor.dtype).unwrap_or(0);
-            for replica in &piece.replicas {
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(a.len() as u64) as usize;
-                    for (location, buffer) in [(&piece.location, &mut a), (replica, &mut b)] {
-                        let path = &plan.shards[location.shard];
-                        let input = inputs.get(location.shard)?;
-                        read_shard_at(input, &mut buffer[..n], location.offset + done).map_err(
-                            |e| Error::Copy {
-                                tensor: tensor.name.clone(),
-                                action: "read",
-                                path: path.clone(),
-                                source: e,
-                            },
-                        )?;
-                    }
-                    if a[..n] != b[..n] {
-                        return Err(Error::Inconsistent {
-                            tensor: tensor.name.clone(),
-                            reason: format!(
-                                "replicated piece {} differs between {} and {}",
-                                crate::checkpoint::hf_shards::sharding::region(
-                                    &piece.offsets,
-                                    &piece.shape
-                                ),
-                                plan.shards[piece.location.shard].display(),
-                                plan.shards[replica.shard].display()
-                            ),
-                            hint: "the shards come from different saves; use one checkpoint's files only",
-                        });
-                    }
-                    done += n as u64;
-                }
-            }
-        }
     }
     Ok(())
 }
