@@ -7,16 +7,17 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// Shard files, opened on first use and kept open for one unit of work.
-pub struct ShardFiles<'a> {
+/// The input shard files, opened on first use and kept open for one unit of
+/// work.
+pub struct OpenInputs<'a> {
     pub(super) paths: &'a [PathBuf],
     open: HashMap<usize, File>,
 }
 
-impl<'a> ShardFiles<'a> {
+impl<'a> OpenInputs<'a> {
     /// No file is opened until it is needed.
     pub fn new(paths: &'a [PathBuf]) -> Self {
-        ShardFiles {
+        OpenInputs {
             paths,
             open: HashMap::new(),
         }

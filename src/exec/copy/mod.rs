@@ -6,7 +6,7 @@
 //!   tensors), each run is copied file-to-file inside the kernel with
 //!   `copy_file_range`, touching no user memory;
 //! - *gathered*: when runs are short (column- or mesh-sharded tensors), a
-//!   bounded window of the output is assembled from positioned reads of the
+//!   bounded window of the output is gathered from positioned reads of the
 //!   pieces and written with one positioned write.
 //!
 //! Memory stays flat: at most three window-sized buffers per thread. Shards
@@ -23,7 +23,7 @@ use crate::exec::convert::convert;
 use crate::exec::runs::Runs;
 use crate::plan::{Plan, WorkItem};
 use crate::safetensors::dtype::Dtype;
-pub use inputs::{ShardFiles, TRUNCATED_DURING_RUN, read_shard_at};
+pub use inputs::{OpenInputs, TRUNCATED_DURING_RUN, read_shard_at};
 pub use replicas::check_replicas;
 use rustix::fs::copy_file_range;
 use rustix::io::Errno;
@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// Runs at least this long are copied in the kernel; shorter runs are gathered.
 pub const DIRECT_MIN_RUN: u64 = 256 << 10;
 
-/// Bytes of output assembled at a time on the gathered path.
+/// Bytes of output gathered at a time on the gathered path.
 pub const WINDOW_BYTES: u64 = 8 << 20;
 
 /// Set once `copy_file_range` has proved unusable on this system.
@@ -52,7 +52,7 @@ pub fn copy_item(
     copied: &AtomicU64,
 ) -> Result<()> {
     let file = &plan.files[item.file];
-    let mut inputs = ShardFiles::new(&plan.shards);
+    let mut inputs = OpenInputs::new(&plan.shards);
     for entry in &file.entries {
         let lo = entry.bytes.start.max(item.bytes.start);
         let hi = entry.bytes.end.min(item.bytes.end);
@@ -82,7 +82,7 @@ pub fn copy_item(
     Ok(())
 }
 
-/// One tensor's pieces, ready to be copied or assembled.
+/// One tensor's pieces, ready to be copied or gathered.
 struct TensorCopy<'a> {
     tensor: &'a FullTensor,
     pieces: Vec<(Location, Runs)>,
@@ -124,7 +124,7 @@ impl<'a> TensorCopy<'a> {
     fn copy_direct(
         &self,
         range: Range<u64>,
-        inputs: &mut ShardFiles,
+        inputs: &mut OpenInputs,
         out: &File,
         out_path: &Path,
         out_base: u64,
@@ -164,7 +164,7 @@ impl<'a> TensorCopy<'a> {
         &self,
         to: Dtype,
         range: Range<u64>,
-        inputs: &mut ShardFiles,
+        inputs: &mut OpenInputs,
         out: &File,
         out_path: &Path,
         out_base: u64,
@@ -175,7 +175,7 @@ impl<'a> TensorCopy<'a> {
         let (mut element, end) = (range.start / size, range.end / size);
         while element < end {
             let stop = (element + self.window_elements(to)).min(end);
-            let window = self.assemble_as(to, element..stop, inputs, &mut buffers)?;
+            let window = self.gather_as(to, element..stop, inputs, &mut buffers)?;
             out.write_all_at(window, out_base + element * size)
                 .map_err(|e| self.fail("write", out_path, e))?;
             copied.fetch_add(window.len() as u64, Ordering::Relaxed);
@@ -194,11 +194,11 @@ impl<'a> TensorCopy<'a> {
     /// the output buffer, or into the scratch buffer and converted when `to`
     /// is not the source dtype. Buffers keep their capacity between calls,
     /// and every byte is overwritten because the pieces tile the tensor.
-    fn assemble_as<'b>(
+    fn gather_as<'b>(
         &self,
         to: Dtype,
         elements: Range<u64>,
-        inputs: &mut ShardFiles,
+        inputs: &mut OpenInputs,
         buffers: &'b mut Buffers,
     ) -> Result<&'b [u8]> {
         let from = self.tensor.dtype;
@@ -211,10 +211,10 @@ impl<'a> TensorCopy<'a> {
         } = buffers;
         window.resize(count * to.size() as usize, 0);
         if to == from {
-            self.assemble(source, inputs, pieces, window)?;
+            self.gather(source, inputs, pieces, window)?;
         } else {
             scratch.resize(count * from.size() as usize, 0);
-            self.assemble(source, inputs, pieces, scratch)?;
+            self.gather(source, inputs, pieces, scratch)?;
             convert(from, to, scratch, window);
         }
         Ok(window)
@@ -228,10 +228,10 @@ impl<'a> TensorCopy<'a> {
     /// inside the window), so `pieces` stays within [`WINDOW_BYTES`].
     /// Reads, unlike memory maps, turn a shard truncated during the run
     /// into an error instead of a SIGBUS.
-    fn assemble(
+    fn gather(
         &self,
         range: Range<u64>,
-        inputs: &mut ShardFiles,
+        inputs: &mut OpenInputs,
         pieces: &mut Vec<u8>,
         window: &mut [u8],
     ) -> Result<()> {

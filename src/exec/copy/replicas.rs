@@ -1,14 +1,14 @@
 //! Checking that every replica of a replicated piece holds the same bytes
 //! as the piece that gets copied.
 
-use super::{ShardFiles, read_shard_at};
+use super::{OpenInputs, read_shard_at};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 
 /// Checks that every replica of a replicated piece holds the same bytes as
 /// the piece, for the tensors of output file `file`.
 pub fn check_replicas(plan: &Plan, file: usize) -> Result<()> {
-    let mut inputs = ShardFiles::new(&plan.shards);
+    let mut inputs = OpenInputs::new(&plan.shards);
     let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     for entry in &plan.files[file].entries {
         let tensor = &plan.tensors[entry.tensor];

@@ -7,7 +7,7 @@ mod targets;
 use crate::checkpoint::hf_shards::sharding::{FullTensor, Location, Piece, region};
 use crate::error::{Error, Result};
 use crate::exec::convert::convert;
-use crate::exec::copy::{ShardFiles, read_shard_at};
+use crate::exec::copy::{OpenInputs, read_shard_at};
 use crate::plan::Plan;
 use crate::safetensors::dtype::Dtype;
 use rayon::prelude::*;
@@ -119,7 +119,7 @@ struct Expected<'a> {
     tensor: &'a FullTensor,
     /// The dtype the tensor was written in.
     dtype: Dtype,
-    inputs: ShardFiles<'a>,
+    inputs: OpenInputs<'a>,
     /// Piece bytes as stored.
     source: Vec<u8>,
     /// Piece bytes converted to `dtype`, when it differs.
@@ -131,7 +131,7 @@ impl<'a> Expected<'a> {
         Expected {
             tensor,
             dtype,
-            inputs: ShardFiles::new(&plan.shards),
+            inputs: OpenInputs::new(&plan.shards),
             source: Vec::new(),
             converted: Vec::new(),
         }
