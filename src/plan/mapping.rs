@@ -2,7 +2,7 @@
 //! `--max-shard-size`, or a single file.
 
 use crate::error::{Error, Result};
-use crate::safetensors::header::{JsonError, parse_unique_json};
+use crate::safetensors::json::{JsonError, parse_unique_json};
 use crate::safetensors::naming::{MAX_FILES, parse_output_name};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};

@@ -12,9 +12,8 @@ pub mod metadata;
 pub mod pickle;
 pub mod torch_types;
 
-use crate::checkpoint::hf_shards::sharding::{
-    CoverageFault, FullTensor, Location, Piece, check_coverage, region,
-};
+use crate::checkpoint::coverage::{CoverageFault, check_coverage, region};
+use crate::checkpoint::{FullTensor, Location, Piece};
 use crate::error::{Error, Result};
 use crate::safetensors::dtype::Dtype;
 use crate::safetensors::header::byte_len;

@@ -6,12 +6,11 @@ use crate::checkpoint::tensor_from_pieces;
 pub use crate::checkpoint::{FullTensor, Location, Piece};
 use crate::error::{Error, Result};
 use crate::safetensors::dtype::Dtype;
-use crate::safetensors::header::{Header, JsonError, parse_unique_json};
+use crate::safetensors::header::Header;
+use crate::safetensors::json::{JsonError, parse_unique_json};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-
-pub use crate::checkpoint::coverage::{CoverageFault, check_coverage, region};
 
 /// The metadata key holding the JSON-encoded sharding information.
 pub const SHARDING_INFO_KEY: &str = "DCP_SHARDING_INFO";
