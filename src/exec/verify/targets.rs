@@ -2,9 +2,9 @@
 //! existing output, whose index and headers are checked against the plan.
 
 use crate::error::{Error, Result};
-use crate::exec::convert::can_convert;
 use crate::plan::Plan;
 use crate::safetensors::dtype::Dtype;
+use crate::safetensors::dtype::can_convert;
 use crate::safetensors::header::read_header;
 use crate::safetensors::json::{JsonError, parse_unique_json};
 use crate::safetensors::naming::INDEX_NAME;
