@@ -317,10 +317,7 @@ fn consolidate(job: &Job, plan: &Plan, verify: bool, headers_read: usize) -> Res
 
 /// Rank 0 always staged before it commits; reaching this is a bug.
 fn unreachable_on_rank0<T>() -> Result<T> {
-    Err(Error::usage(
-        "rank 0 has nothing staged to publish",
-        "this is a bug; please report it with the command line",
-    ))
+    Err(Error::internal("rank 0 has nothing staged to publish"))
 }
 
 /// Copies and syncs this rank's work items on its threads while the main
@@ -341,12 +338,9 @@ fn copy_with_progress(
             let interval = Duration::from_secs_f64(config.progress_secs);
             watch(job.comm, interval, plan.total_bytes(), &counters, rank == 0);
         }
-        worker.join().unwrap_or_else(|_| {
-            Err(Error::usage(
-                "a copy thread panicked",
-                "this is a bug; please report it with the command line",
-            ))
-        })
+        worker
+            .join()
+            .unwrap_or_else(|_| Err(Error::internal("a copy thread panicked")))
     })
 }
 

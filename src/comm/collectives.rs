@@ -2,7 +2,7 @@
 //! outcome, checking that every rank planned the same and sees the same
 //! OUTPUT_DIR, sharing header reads, and gathering results to rank 0.
 
-use crate::checkpoint::hf_shards::{HeaderReading, ParsedShard, list_shard_files, read_shards};
+use crate::checkpoint::hf_shards::{HeaderReading, ShardSummary, list_shard_files, read_shards};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::exec::lock::{OutputLock, host_name, read_token};
@@ -28,7 +28,7 @@ pub fn same_plan_everywhere(comm: &dyn Communicator, plan: &Plan) -> Result<()> 
     let digests = comm.all_gather(&plan.fingerprint());
     match digests.iter().position(|d| d != &digests[0]) {
         None => Ok(()),
-        Some(rank) => Err(Error::usage(
+        Some(rank) => Err(Error::ranks_disagree(
             format!(
                 "rank {rank} built a different plan from rank 0: the ranks see different shard files or headers"
             ),
@@ -66,7 +66,7 @@ pub fn same_output_dir(
     if blind.is_empty() {
         return Ok(());
     }
-    Err(Error::usage(
+    Err(Error::ranks_disagree(
         format!(
             "OUTPUT_DIR {} is not the same folder on every rank: {} do(es) not see the folder rank 0 on {} prepared",
             dir.display(),
@@ -100,7 +100,7 @@ pub fn read_shard_headers(
     headers: HeaderReading,
     comm: &dyn Communicator,
     pool: &rayon::ThreadPool,
-) -> Result<(Vec<ParsedShard>, usize)> {
+) -> Result<(Vec<ShardSummary>, usize)> {
     let files = agree(comm, list_shard_files(input))?;
     let (rank, size) = (comm.rank(), comm.size());
     if headers == HeaderReading::All || size == 1 {
@@ -110,7 +110,7 @@ pub fn read_shard_headers(
     let mine: Vec<PathBuf> = files.iter().skip(rank).step_by(size).cloned().collect();
     let encoded = pool.install(|| read_shards(&mine)).and_then(|parsed| {
         serde_json::to_vec(&parsed).map_err(|e| {
-            Error::usage(
+            Error::ranks_disagree(
                 format!("cannot encode the headers read on rank {rank}: {e}"),
                 "shard paths must be valid UTF-8 for --headers shared; use --headers all",
             )
@@ -119,12 +119,12 @@ pub fn read_shard_headers(
     let encoded = agree(comm, encoded)?;
     let parts = comm.all_gather(&encoded);
     let garbled = |what: String| {
-        Error::usage(
+        Error::ranks_disagree(
             what,
             "all ranks must run the same st-consolidate-mpi binary",
         )
     };
-    let decoded: Result<Vec<Vec<ParsedShard>>> = parts
+    let decoded: Result<Vec<Vec<ShardSummary>>> = parts
         .iter()
         .map(|bytes| {
             serde_json::from_slice(bytes)
@@ -156,7 +156,7 @@ pub fn collect_mismatches(comm: &dyn Communicator, mine: &[String]) -> Result<()
     for (rank, bytes) in all.iter().enumerate() {
         // An unreadable list must never pass for an empty one.
         let lines: Vec<String> = serde_json::from_slice(bytes).map_err(|e| {
-            Error::usage(
+            Error::ranks_disagree(
                 format!("rank {rank} sent an unreadable verification result: {e}"),
                 "all ranks must run the same st-consolidate-mpi binary; the output was not published",
             )
@@ -185,7 +185,7 @@ pub fn gather_reports(
         .enumerate()
         .map(|(rank, bytes)| {
             serde_json::from_slice(bytes).map_err(|e| {
-                Error::usage(
+                Error::ranks_disagree(
                     format!("rank {rank} sent an unreadable report: {e}"),
                     "all ranks must run the same st-consolidate-mpi binary",
                 )

@@ -216,7 +216,7 @@ pub fn check_written_once(plan: &Plan, ranks: &[RankReport]) -> Result<()> {
     }
     for file in &plan.files {
         if written.get(&file.index) != Some(&1) {
-            return Err(Error::usage(
+            return Err(Error::ranks_disagree(
                 format!(
                     "{} was written {} times, not once",
                     file.name,

@@ -221,16 +221,13 @@ fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// A `.metadata` file that cannot be used. `Error::BadFile` would call it an
-/// invalid safetensors file, so this uses the generic variant.
+/// A `.metadata` file that cannot be used.
 fn bad_metadata(path: &Path, reason: String, hint: &str) -> Error {
-    Error::usage(
-        format!(
-            "{}: not a usable DCP checkpoint metadata file: {reason}",
-            path.display()
-        ),
-        hint,
-    )
+    Error::BadCheckpoint {
+        path: path.to_owned(),
+        reason: format!("not a usable DCP checkpoint metadata file: {reason}"),
+        hint: hint.to_owned(),
+    }
 }
 
 fn metadata_error(path: &Path, err: MetadataError) -> Error {

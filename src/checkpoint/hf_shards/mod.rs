@@ -3,7 +3,7 @@
 pub mod sharding;
 
 use crate::checkpoint::Checkpoint;
-use crate::checkpoint::hf_shards::sharding::{Shard, index_pieces, sharding_info};
+use crate::checkpoint::hf_shards::sharding::{ShardFile, index_pieces, sharding_info};
 use crate::error::{Error, Result};
 use crate::safetensors::header::read_header;
 use crate::safetensors::naming::{parse_output_name, parse_shard_name};
@@ -17,7 +17,7 @@ pub type ShardingInfo = HashMap<String, Vec<u64>>;
 
 /// The shard files of a checkpoint with their decoded sharding info.
 struct ShardSet {
-    shards: Vec<Shard>,
+    shards: Vec<ShardFile>,
     infos: Vec<ShardingInfo>,
     skipped: Vec<PathBuf>,
 }
@@ -117,9 +117,9 @@ pub enum HeaderReading {
 /// (`None` when the file carries no DCP metadata). Small enough to send to
 /// other ranks (`--headers shared`): the raw metadata is dropped once decoded.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ParsedShard {
+pub struct ShardSummary {
     /// The file and its header.
-    pub shard: Shard,
+    pub shard: ShardFile,
     /// Per-tensor piece offsets.
     pub info: Option<ShardingInfo>,
 }
@@ -136,18 +136,18 @@ pub fn list_shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Reads and validates the headers of `paths`, in parallel.
-pub fn read_shards(paths: &[PathBuf]) -> Result<Vec<ParsedShard>> {
+pub fn read_shards(paths: &[PathBuf]) -> Result<Vec<ShardSummary>> {
     paths
         .par_iter()
         .map(|path| {
             let header = read_header(path)?;
-            let mut shard = Shard {
+            let mut shard = ShardFile {
                 path: path.clone(),
                 header,
             };
             let info = sharding_info(&shard)?;
             shard.header.metadata.clear();
-            Ok(ParsedShard { shard, info })
+            Ok(ShardSummary { shard, info })
         })
         .collect()
 }
@@ -159,7 +159,7 @@ pub fn read_shards(paths: &[PathBuf]) -> Result<Vec<ParsedShard>> {
 /// pieces, which must tile it.
 pub fn checkpoint_from(
     dir: &Path,
-    parsed: Vec<ParsedShard>,
+    parsed: Vec<ShardSummary>,
     allow_missing: bool,
     source_ranks: Option<u32>,
 ) -> Result<Checkpoint> {
@@ -175,7 +175,7 @@ pub fn checkpoint_from(
 
 fn shard_set(
     dir: &Path,
-    parsed: Vec<ParsedShard>,
+    parsed: Vec<ShardSummary>,
     allow_missing: bool,
     source_ranks: Option<u32>,
 ) -> Result<ShardSet> {
@@ -184,7 +184,7 @@ fn shard_set(
         infos: Vec::new(),
         skipped: Vec::new(),
     };
-    for ParsedShard { shard, info } in parsed {
+    for ShardSummary { shard, info } in parsed {
         match info {
             Some(info) => {
                 checkpoint.shards.push(shard);
@@ -217,7 +217,7 @@ fn shard_set(
 /// unless `--source-ranks` says how many ranks saved the checkpoint: only
 /// that catches the loss of every file of the highest rank.
 fn check_file_set(
-    shards: &[Shard],
+    shards: &[ShardFile],
     expected_ranks: Option<u32>,
     allow_missing: bool,
 ) -> Result<()> {

@@ -141,14 +141,12 @@ impl<'a> TensorCopy<'a> {
                     |(side, e)| match side {
                         Side::Read => self.fail("read", &paths[location.shard], e),
                         Side::Write => self.fail("write", out_path, e),
-                        Side::Either => {
-                            let both = format!(
-                                "{} into {}",
-                                paths[location.shard].display(),
-                                out_path.display()
-                            );
-                            self.fail("copy", Path::new(&both), e)
-                        }
+                        Side::Either => Error::CopyBetween {
+                            tensor: self.tensor.name.clone(),
+                            from: paths[location.shard].clone(),
+                            to: out_path.to_owned(),
+                            source: e,
+                        },
                     },
                 )?;
             }

@@ -55,7 +55,7 @@ pub fn existing_targets(
 ) -> Result<(Vec<Target>, Vec<String>)> {
     let index_path = out_dir.join(INDEX_NAME);
     let text = std::fs::read(&index_path).map_err(|e| Error::io("read", &index_path, e))?;
-    let bad_index = |reason: String| Error::Mapping {
+    let bad_index = |reason: String| Error::BadIndex {
         path: index_path.clone(),
         reason,
         hint: "the output is incomplete or not from a consolidation; rerun the consolidation with --overwrite",

@@ -1,6 +1,5 @@
-//! Helpers for library-level tests: a plan built as the binary builds it,
+//! Helpers for library-level tests (no binary, no MPI): a plan built as the binary builds it,
 //! and output files written with the real copy, without MPI.
-#![allow(dead_code)]
 
 use sha2::{Digest, Sha256};
 use st_consolidate_mpi::checkpoint::hf_shards::{checkpoint_from, list_shard_files, read_shards};
@@ -14,16 +13,6 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-
-/// Writes a synthetic checkpoint with `st-make-shards`'s command line.
-pub fn make_shards(dir: &Path, args: &[&str]) {
-    let mut argv = vec!["st-make-shards", dir.to_str().unwrap()];
-    argv.extend_from_slice(args);
-    assert_eq!(
-        st_synth::cli::main_with(argv),
-        std::process::ExitCode::SUCCESS
-    );
-}
 
 /// The plan one rank builds for `input` with its `mapping.json`, exporting
 /// floating-point tensors as `dtype` if given.
