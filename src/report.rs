@@ -2,8 +2,10 @@
 //! after writing, the JSON that `--report` writes, the human summary printed
 //! at the end, the `--dry-run` table, and byte counts for people.
 
+use crate::error::shown;
 use crate::plan::{Plan, Schedule};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// What one rank did, sent to rank 0 at the end.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -49,11 +51,33 @@ pub struct RunReport {
     pub verify: VerifySummary,
 }
 
+/// What was read, beyond the plan: for the report, the summary and the
+/// dry-run table.
+#[derive(Clone, Debug, Default)]
+pub struct InputFacts {
+    /// The input folder, for people.
+    pub dir: String,
+    /// `dcp` or `hf-shards`.
+    pub format: &'static str,
+    /// Saved values that are not tensors (not exported).
+    pub non_tensors: Vec<String>,
+    /// Every tensor as saved, with its bytes and whether it is exported.
+    pub tensors: Vec<(String, u64, bool)>,
+}
+
 /// The input side of a run.
 #[derive(Clone, Debug, Serialize)]
 pub struct InputSummary {
     /// The input folder.
     pub dir: String,
+    /// `dcp` or `hf-shards`.
+    pub format: &'static str,
+    /// Saved values that are not tensors, skipped (not weights).
+    pub non_tensors: Vec<String>,
+    /// Tensors left out by `--include`/`--exclude`.
+    pub excluded_tensors: usize,
+    /// Their bytes.
+    pub excluded_bytes: u64,
     /// Shard files.
     pub files: usize,
     /// Distinct tensors.
@@ -110,7 +134,7 @@ impl RunReport {
     /// Builds the report from the plan and every rank's [`RankReport`].
     pub fn new(
         plan: &Plan,
-        input_dir: &str,
+        facts: &InputFacts,
         command_line: Vec<String>,
         ranks: &[RankReport],
         verified: bool,
@@ -123,7 +147,11 @@ impl RunReport {
             world_size: plan.world_size,
             threads_per_rank: ranks.iter().map(|r| r.threads).collect(),
             input: InputSummary {
-                dir: input_dir.to_string(),
+                dir: facts.dir.clone(),
+                format: facts.format,
+                non_tensors: facts.non_tensors.clone(),
+                excluded_tensors: facts.tensors.iter().filter(|t| !t.2).count(),
+                excluded_bytes: facts.tensors.iter().filter(|t| !t.2).map(|t| t.1).sum(),
                 files: plan.shards.len(),
                 tensors: plan.tensors.len(),
                 bytes: plan.tensors.iter().map(|t| t.byte_len()).sum(),
@@ -175,6 +203,25 @@ impl RunReport {
             self.world_size,
             if self.verify.ran { ", verified" } else { "" }
         );
+        if !self.input.non_tensors.is_empty() {
+            text.push_str(&format!(
+                "\n  skipped {} non-tensor entr{} (not weights): {}",
+                self.input.non_tensors.len(),
+                if self.input.non_tensors.len() == 1 {
+                    "y"
+                } else {
+                    "ies"
+                },
+                shown(&self.input.non_tensors.join(", "))
+            ));
+        }
+        if self.input.excluded_tensors > 0 {
+            text.push_str(&format!(
+                "\n  left out {} tensor(s) ({}) by --include/--exclude",
+                self.input.excluded_tensors,
+                human_bytes(self.input.excluded_bytes)
+            ));
+        }
         const SHOWN: usize = 16;
         for r in self.ranks.iter().take(SHOWN) {
             text.push_str(&format!(
@@ -197,9 +244,10 @@ impl RunReport {
     }
 }
 
-/// The `--dry-run` report: files, tensors, bytes, owners, bytes per rank.
-pub fn describe(plan: &Plan) -> String {
-    let mut out = String::new();
+/// The `--dry-run` report: what the checkpoint holds by name prefix, then
+/// files, tensors, bytes, owners, bytes per rank.
+pub fn describe(plan: &Plan, facts: &InputFacts) -> String {
+    let mut out = prefixes(facts);
     out.push_str(&format!(
         "plan: {} tensors, {} from {} shard files into {} output files on {} rank(s)\n",
         plan.tensors.len(),
@@ -262,6 +310,63 @@ pub fn describe(plan: &Plan) -> String {
         }
         out.push('\n');
     }
+    out
+}
+
+/// Tensors and bytes per first name component (`model.*`, `optim.*`), so a
+/// user sees at a glance what the checkpoint holds besides the model, and
+/// what `--include`/`--exclude` leave out; then the non-tensor entries.
+fn prefixes(facts: &InputFacts) -> String {
+    // prefix -> (tensors, bytes, exported tensors)
+    let mut groups: BTreeMap<String, (usize, u64, usize)> = BTreeMap::new();
+    for (name, bytes, exported) in &facts.tensors {
+        let prefix = match name.split_once('.') {
+            Some((first, _)) => format!("{first}.*"),
+            None => name.clone(),
+        };
+        let group = groups.entry(prefix).or_default();
+        group.0 += 1;
+        group.1 += bytes;
+        group.2 += usize::from(*exported);
+    }
+    let total: u64 = groups.values().map(|g| g.1).sum();
+    let mut out = format!(
+        "checkpoint ({}): {} tensors, {}\n{:<36} {:>8} {:>14} {:>7}  {}\n",
+        facts.format,
+        facts.tensors.len(),
+        human_bytes(total),
+        "name prefix",
+        "tensors",
+        "bytes",
+        "share",
+        "exported"
+    );
+    for (prefix, (count, bytes, exported)) in &groups {
+        let share = if total > 0 {
+            100.0 * *bytes as f64 / total as f64
+        } else {
+            0.0
+        };
+        let exported = match *exported {
+            e if e == *count => "yes".to_string(),
+            0 => "no (--include/--exclude)".to_string(),
+            e => format!("{e} of {count}"),
+        };
+        out.push_str(&format!(
+            "{:<36} {:>8} {:>14} {:>6.1}%  {exported}\n",
+            shown(prefix),
+            count,
+            bytes,
+            share
+        ));
+    }
+    if !facts.non_tensors.is_empty() {
+        out.push_str(&format!(
+            "non-tensor entries (skipped, not weights): {}\n",
+            shown(&facts.non_tensors.join(", "))
+        ));
+    }
+    out.push('\n');
     out
 }
 

@@ -8,11 +8,12 @@
 //! waiting, and only the lowest failing rank reports its error. The work of
 //! each phase lives with its owner; this module only sequences them.
 
-use crate::checkpoint::hf_shards::{self, HeaderReading};
+use crate::checkpoint::Checkpoint;
+use crate::checkpoint::format::InputFormat;
 use crate::checkpoint::identity;
 use crate::comm::Communicator;
 use crate::comm::collectives::{
-    agree, collect_mismatches, gather_reports, read_shard_headers, same_output_dir,
+    agree, collect_mismatches, gather_reports, read_checkpoint, same_output_dir,
     same_plan_everywhere,
 };
 use crate::error::{Error, Result, shown};
@@ -25,7 +26,7 @@ use crate::exec::write::{WriteTiming, copy_and_sync, create_files, default_threa
 use crate::plan::mapping::MappingSource;
 use crate::plan::{self, Plan, PlanOptions};
 use crate::progress::{Counters, FinishOnDrop, watch};
-use crate::report::{RankReport, RunReport, describe, human_bytes};
+use crate::report::{InputFacts, RankReport, RunReport, describe, human_bytes};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -41,7 +42,7 @@ pub struct Config {
     /// How much to print.
     pub verbosity: Verbosity,
     /// How the checkpoint is read.
-    pub read: ReadOptions,
+    pub read: crate::checkpoint::ReadOptions,
     /// How the output is laid out.
     pub plan: PlanOptions,
     /// Worker threads per rank; `None` picks cores ÷ ranks on the node.
@@ -84,17 +85,6 @@ pub enum Verbosity {
     Normal,
     /// Also per-rank detail.
     Verbose,
-}
-
-/// How the checkpoint is read.
-#[derive(Clone, Debug, Default)]
-pub struct ReadOptions {
-    /// Accept a shard file set with (rank, index) files missing.
-    pub allow_missing_shard_files: bool,
-    /// How many ranks saved the checkpoint, if the user knows.
-    pub source_ranks: Option<u32>,
-    /// Whether every rank reads every header, or each reads a share.
-    pub headers: HeaderReading,
 }
 
 /// What a finished run did.
@@ -157,18 +147,11 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         Mode::DryRun { ranks: Some(ranks) } => ranks,
         _ => comm.size(),
     };
-    let (parsed, headers_read) =
-        read_shard_headers(&config.input, config.read.headers, comm, &job.pool)?;
-    let plan = job.agree(|| {
-        let read = &config.read;
-        let checkpoint = hf_shards::checkpoint_from(
-            &config.input,
-            parsed,
-            read.allow_missing_shard_files,
-            read.source_ranks,
-        )?;
-        plan::make(checkpoint, &config.plan, plan_ranks)
-    })?;
+    let (checkpoint, format, headers_read) =
+        read_checkpoint(&config.input, &config.read, comm, &job.pool)?;
+    let facts = input_facts(config, format, &checkpoint);
+    let plan_options = plan_options_for(config, format);
+    let plan = job.agree(|| plan::make(checkpoint, &plan_options, plan_ranks))?;
     agree(comm, same_plan_everywhere(comm, &plan))?;
     for name in &plan.missing {
         job.say(&format!(
@@ -179,14 +162,49 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     match config.mode {
         Mode::DryRun { .. } => {
             if job.rank() == 0 {
-                print!("{}", describe(&plan));
+                print!("{}", describe(&plan, &facts));
             }
             Ok(Summary::default())
         }
         Mode::VerifyOnly => verify_existing(&job, &plan),
-        Mode::Consolidate { verify } => consolidate(&job, &plan, verify, headers_read),
+        Mode::Consolidate { verify } => consolidate(&job, &plan, &facts, verify, headers_read),
     }
 }
+
+/// The layout options, with Hugging Face's default for a DCP checkpoint
+/// when no mapping option was given: files of at most 5 GB (a DCP checkpoint
+/// carries no file mapping of its own).
+fn plan_options_for(config: &Config, format: InputFormat) -> PlanOptions {
+    let mut options = config.plan.clone();
+    if options.mapping == MappingSource::SingleFile && format == InputFormat::Dcp {
+        options.mapping = MappingSource::MaxShardSize(DCP_DEFAULT_SHARD_SIZE);
+    }
+    options
+}
+
+/// What the report, the summary and the dry run say about the input.
+fn input_facts(config: &Config, format: InputFormat, checkpoint: &Checkpoint) -> InputFacts {
+    let exported = checkpoint
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.byte_len(), true));
+    let excluded = checkpoint
+        .excluded
+        .iter()
+        .map(|(name, bytes)| (name.clone(), *bytes, false));
+    InputFacts {
+        dir: config.input.display().to_string(),
+        format: match format {
+            InputFormat::Dcp => "dcp",
+            _ => "hf-shards",
+        },
+        non_tensors: checkpoint.non_tensors.clone(),
+        tensors: exported.chain(excluded).collect(),
+    }
+}
+
+/// Hugging Face's default `max_shard_size`.
+pub const DCP_DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
 
 /// Starts this rank's copy threads. Agreed on like every other phase: one
 /// node refusing threads must not leave the other ranks waiting.
@@ -232,7 +250,13 @@ fn verify_existing(job: &Job, plan: &Plan) -> Result<Summary> {
 }
 
 /// Writes, verifies and publishes the consolidated files.
-fn consolidate(job: &Job, plan: &Plan, verify: bool, headers_read: usize) -> Result<Summary> {
+fn consolidate(
+    job: &Job,
+    plan: &Plan,
+    facts: &InputFacts,
+    verify: bool,
+    headers_read: usize,
+) -> Result<Summary> {
     let (config, comm, rank) = (job.config, job.comm, job.rank());
     let out = &config.output;
     // Rank 0 locks OUTPUT_DIR for the whole run before touching it; every
@@ -287,13 +311,7 @@ fn consolidate(job: &Job, plan: &Plan, verify: bool, headers_read: usize) -> Res
         let ranks = ranks.unwrap_or_default();
         check_written_once(plan, &ranks)?;
         identity::check_unchanged(&plan.shards, inputs.as_deref().unwrap_or_default())?;
-        let report = RunReport::new(
-            plan,
-            &config.input.display().to_string(),
-            config.command_line.clone(),
-            &ranks,
-            verify,
-        );
+        let report = RunReport::new(plan, facts, config.command_line.clone(), &ranks, verify);
         stage_index_and_report(out, report_path, plan, report)
     })?;
     // An old index goes before any model file is replaced, so that a crash

@@ -2,43 +2,69 @@
 
 use clap::{ArgGroup, Parser};
 use st_consolidate_mpi::Error;
+use st_consolidate_mpi::checkpoint::ReadOptions;
+use st_consolidate_mpi::checkpoint::format::InputFormat;
 use st_consolidate_mpi::checkpoint::hf_shards::HeaderReading;
+use st_consolidate_mpi::checkpoint::select::Selection;
 use st_consolidate_mpi::comm::{
     Communicator, MpiWorld, SingleProcess, check_world, launcher_tasks,
 };
 use st_consolidate_mpi::plan::PlanOptions;
 use st_consolidate_mpi::plan::Schedule;
 use st_consolidate_mpi::plan::mapping::{MappingSource, Unmapped, parse_size};
-use st_consolidate_mpi::run::{Config, Mode, ReadOptions, Verbosity, run};
+use st_consolidate_mpi::run::{Config, Mode, Verbosity, run};
 use st_consolidate_mpi::safetensors::dtype::Dtype;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Consolidate a PyTorch Distributed Checkpoint saved as per-rank safetensors
-/// shards into Hugging Face safetensors files, in parallel across MPI ranks.
+/// Consolidate a PyTorch Distributed Checkpoint into Hugging Face safetensors files, in
+/// parallel across MPI ranks. Reads DCP's default format (.metadata + __R_I.distcp, written by
+/// torch.distributed.checkpoint.save: torchtitan, Megatron torch_dist, accelerate FSDP) and
+/// per-rank safetensors shards (HuggingFaceStorageWriter(save_distributed=True)).
 #[derive(Debug, Parser)]
 #[command(
     version,
     group(ArgGroup::new("source").args(["mapping", "hf_index", "max_shard_size"])),
     after_help = "\
-Which tensor goes to which file: --mapping, --hf-index or --max-shard-size;
-with none of them everything goes into model-00001-of-00001.safetensors.
+Which tensor goes to which file: --mapping, --hf-index or --max-shard-size.
+With none of them, a DCP checkpoint is written as Hugging Face does it (files
+of at most 5 GB, filled in name order) and an HF-shards checkpoint into
+model-00001-of-00001.safetensors. Non-tensor entries of a DCP checkpoint
+(step, dataloader state) are skipped and listed in the summary.
 
 Each rank writes the output files whose index % world size == its rank.
 Outputs appear under their final names only once every rank has succeeded;
 model.safetensors.index.json is written last.
 
 Examples:
+  st-consolidate-mpi --exclude 'optim.*' outputs/checkpoint/step-1000 hf-out/
+  mpirun -n 4 st-consolidate-mpi --include 'model.*' ckpt/pytorch_model_fsdp_0 hf-out/
   st-consolidate-mpi --mapping ckpt/mapping.json ckpt/sharded out/
   mpirun -n 4 st-consolidate-mpi --hf-index orig/model.safetensors.index.json ckpt out
   srun -n 64 --mpi=pmix st-consolidate-mpi --max-shard-size 5GB ckpt out"
 )]
 struct Cli {
-    /// Folder holding the shard-*.safetensors files (or a sharded/ subfolder).
+    /// The checkpoint folder: .metadata + *.distcp (DCP format), or shard-*.safetensors files
+    /// (or a sharded/ subfolder of them).
     input_dir: PathBuf,
 
     /// Folder for model-*.safetensors and model.safetensors.index.json (created if missing).
     output_dir: PathBuf,
+
+    /// The input's format; auto decides from the folder (.metadata: dcp; shard-*.safetensors:
+    /// hf-shards) and refuses a folder holding both or neither.
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    input_format: FormatArg,
+
+    /// Export only tensors whose saved name matches GLOB (`*` any characters, `?` one;
+    /// repeatable), e.g. --include 'model.*'. Applied before mapping and --strip-prefix.
+    #[arg(long, value_name = "GLOB")]
+    include: Vec<String>,
+
+    /// Leave out tensors whose saved name matches GLOB (repeatable), e.g. --exclude 'optim.*'
+    /// to export the model without the optimizer state. --dry-run lists name prefixes and sizes.
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
 
     /// JSON {"tensor.name": index, ...} with file indices from 1 (PyTorch's fqn_to_index_mapping).
     #[arg(long, value_name = "FILE")]
@@ -165,6 +191,11 @@ impl Cli {
             mode,
             verbosity,
             read: ReadOptions {
+                format: self.input_format.into(),
+                select: Selection {
+                    include: self.include,
+                    exclude: self.exclude,
+                },
                 allow_missing_shard_files: self.allow_missing_shard_files,
                 source_ranks: self.source_ranks,
                 headers: self.headers.into(),
@@ -181,6 +212,24 @@ impl Cli {
             progress_secs: self.progress,
             report: self.report,
             command_line: std::env::args().collect(),
+        }
+    }
+}
+
+/// The `--input-format` choices (mirroring [`InputFormat`]).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum FormatArg {
+    Auto,
+    HfShards,
+    Dcp,
+}
+
+impl From<FormatArg> for InputFormat {
+    fn from(arg: FormatArg) -> InputFormat {
+        match arg {
+            FormatArg::Auto => InputFormat::Auto,
+            FormatArg::HfShards => InputFormat::HfShards,
+            FormatArg::Dcp => InputFormat::Dcp,
         }
     }
 }

@@ -2,7 +2,11 @@
 //! outcome, checking that every rank planned the same and sees the same
 //! OUTPUT_DIR, sharing header reads, and gathering results to rank 0.
 
-use crate::checkpoint::hf_shards::{HeaderReading, ShardSummary, list_shard_files, read_shards};
+use crate::checkpoint::format::{InputFormat, detect};
+use crate::checkpoint::hf_shards::{
+    self, HeaderReading, ShardSummary, list_shard_files, read_shards,
+};
+use crate::checkpoint::{Checkpoint, ReadOptions, dcp};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::exec::lock::{OutputLock, host_name, read_token};
@@ -193,4 +197,62 @@ pub fn gather_reports(
         })
         .collect::<Result<_>>()
         .map(Some)
+}
+
+/// Collective: the checkpoint in `dir`, in whatever format it is, read the
+/// same on every rank, its format, and how many input headers (shard headers, or the
+/// `.metadata` file) this rank read itself. With `--headers shared`, HF
+/// shards' headers are read a share per rank and exchanged, and a DCP
+/// `.metadata` is read by rank 0 alone and the checkpoint sent to all.
+pub fn read_checkpoint(
+    dir: &Path,
+    options: &ReadOptions,
+    comm: &dyn Communicator,
+    pool: &rayon::ThreadPool,
+) -> Result<(Checkpoint, InputFormat, usize)> {
+    let format = agree(comm, detect(dir, options.format))?;
+    let shared = options.headers == HeaderReading::Shared && comm.size() > 1;
+    if format == InputFormat::HfShards {
+        let (parsed, read) = read_shard_headers(dir, options.headers, comm, pool)?;
+        let checkpoint = pool.install(|| {
+            let mut checkpoint = hf_shards::checkpoint_from(
+                dir,
+                parsed,
+                options.allow_missing_shard_files,
+                options.source_ranks,
+            )?;
+            options.select.apply(&mut checkpoint);
+            Ok(checkpoint)
+        });
+        return Ok((agree(comm, checkpoint)?, format, read));
+    }
+    let reader = !shared || comm.rank() == 0;
+    let mine = if reader {
+        pool.install(|| dcp::read_checkpoint(dir, &options.select))
+            .map(Some)
+    } else {
+        Ok(None)
+    };
+    let mine = agree(comm, mine)?;
+    if !shared {
+        return Ok((mine.unwrap_or_default(), format, 1));
+    }
+    let payload = match &mine {
+        Some(checkpoint) => serde_json::to_vec(checkpoint).map_err(|e| {
+            Error::ranks_disagree(
+                format!("cannot encode the checkpoint read on rank 0: {e}"),
+                "file paths must be valid UTF-8 for --headers shared; use --headers all",
+            )
+        }),
+        None => Ok(Vec::new()),
+    };
+    let payload = agree(comm, payload)?;
+    let parts = comm.all_gather(&payload);
+    let decoded = serde_json::from_slice(&parts[0]).map_err(|e| {
+        Error::ranks_disagree(
+            format!("the checkpoint rank 0 sent cannot be read: {e}"),
+            "all ranks must run the same st-consolidate-mpi binary",
+        )
+    });
+    Ok((agree(comm, decoded)?, format, usize::from(reader)))
 }

@@ -13,7 +13,8 @@ pub mod pickle;
 pub mod torch_types;
 
 use crate::checkpoint::coverage::{CoverageFault, check_coverage, region};
-use crate::checkpoint::{FullTensor, Location, Piece};
+use crate::checkpoint::select::Selection;
+use crate::checkpoint::{Checkpoint, FullTensor, Location, Piece};
 use crate::error::{Error, Result};
 use crate::safetensors::dtype::Dtype;
 use crate::safetensors::header::byte_len;
@@ -44,6 +45,8 @@ pub struct DcpCheckpoint {
     pub unsupported: Vec<UnsupportedTensor>,
     /// Tensors the filter left out; their chunks were not read.
     pub skipped: Vec<String>,
+    /// The same, with each one's bytes (for the dry-run table).
+    pub excluded: Vec<(String, u64)>,
 }
 
 /// A tensor and where its pieces are.
@@ -132,6 +135,26 @@ impl DcpCheckpoint {
     }
 }
 
+/// Reads a DCP checkpoint into the checkpoint model every format shares:
+/// the tensors `select` keeps, located and checked; the names of non-tensor
+/// entries; and the tensors left out, with their bytes. A kept tensor of a
+/// dtype safetensors cannot hold is an error naming it.
+pub fn read_checkpoint(dir: &Path, select: &Selection) -> Result<Checkpoint> {
+    let dcp = read_dcp_checkpoint_with(dir, &|name| select.keeps(name))?;
+    if let Some(unsupported) = dcp.unsupported.first() {
+        return Err(unsupported.error(dir));
+    }
+    let (files, mut tensors) = dcp.to_full_tensors();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Checkpoint {
+        files,
+        tensors,
+        skipped_outputs: Vec::new(),
+        non_tensors: dcp.non_tensors,
+        excluded: dcp.excluded,
+    })
+}
+
 /// Whether `dir` looks like a DCP FileSystemWriter checkpoint.
 pub fn is_dcp_checkpoint(dir: &Path) -> bool {
     dir.join(METADATA_FILE).is_file()
@@ -154,6 +177,7 @@ pub fn read_dcp_checkpoint_with(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Resu
         non_tensors: Vec::new(),
         unsupported: Vec::new(),
         skipped: Vec::new(),
+        excluded: Vec::new(),
     };
     let mut files = OpenFiles::default();
     for entry in &metadata.entries {
@@ -165,6 +189,11 @@ pub fn read_dcp_checkpoint_with(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Resu
             Entry::Tensor(tensor) => tensor,
         };
         if !keep(&tensor.name) {
+            let bytes = match tensor.dtype {
+                TorchDtype::Supported(dtype) => byte_len(&tensor.shape, dtype).unwrap_or(0),
+                TorchDtype::Unsupported(_) => 0,
+            };
+            checkpoint.excluded.push((tensor.name.clone(), bytes));
             checkpoint.skipped.push(tensor.name.clone());
             continue;
         }

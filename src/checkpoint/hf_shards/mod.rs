@@ -170,6 +170,7 @@ pub fn checkpoint_from(
         tensors,
         skipped_outputs: set.skipped,
         non_tensors: Vec::new(),
+        excluded: Vec::new(),
     })
 }
 
