@@ -39,6 +39,25 @@ scripts/test-launchers.sh | tee -a "$log"
 echo "== transformers round trip (PyTorch writer, AutoModelForCausalLM, --dtype vs torch casts)"
 scripts/test-transformers.sh | tee -a "$log"
 
+echo "== DCP outputs equal PyTorch's own reader (torch FileSystemReader, safetensors loads them)"
+dcp_out=$(mktemp -d)
+trap 'rm -rf "$log" "$log.demo" "$zoo" "$setup_log" "$dcp_out"' EXIT
+dcp_passed=0
+dcp_failed=0
+for fixture in dcp-v215-w2 dcp-v215-w4-mesh dcp-v215-dtypes-t3 dcp-v25-w2; do
+    ckpt=tests/fixtures/$fixture/checkpoint
+    if mpirun -n 2 target/release/st-consolidate-mpi -q --exclude 'optim.*' "$ckpt" "$dcp_out/$fixture" &&
+        target/torch-venv/bin/python scripts/check_dcp_reference.py "$ckpt" "$dcp_out/$fixture" --exclude-prefix optim. &&
+        "$venv/bin/python" scripts/check_manifest.py "$dcp_out/$fixture" "tests/fixtures/$fixture/manifest.json"; then
+        dcp_passed=$((dcp_passed + 1))
+    else
+        echo "FAILED: $fixture"
+        dcp_failed=$((dcp_failed + 1))
+    fi
+done
+echo "dcp-reference: $dcp_passed passed, $dcp_failed failed" | tee -a "$log"
+[ "$dcp_failed" -eq 0 ]
+
 echo "== benchmark smoke (20 MB, 1 run; real numbers come from scripts/bench.sh)"
 BENCH_DIR=$(mktemp -d) scripts/bench.sh 0.02 1 | grep -E "^\| (mixed|tp) "
 
@@ -46,5 +65,5 @@ echo "== fuzz the header parser and the pickle interpreter (cargo fuzz, 20 s eac
 scripts/fuzz.sh 20
 
 # One closing line for the whole run, summed over every test binary.
-awk '/^test result:/ { p += $4; f += $6 } /^(launchers|transformers|setup):/ { p += $2; f += $4 }
+awk '/^test result:/ { p += $4; f += $6 } /^(launchers|transformers|setup|dcp-reference):/ { p += $2; f += $4 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
