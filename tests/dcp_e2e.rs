@@ -692,3 +692,14 @@ fn include_selects_tensors_in_both_formats() {
         assert_matches_manifest(&out, &expected);
     }
 }
+
+#[test]
+fn a_selection_that_leaves_nothing_is_refused() {
+    // A typo in --include ("modle.*") must not publish an empty model.
+    let input = checkpoint("dcp-v215-w2");
+    refused(
+        &input,
+        &["--include", "modle.*"],
+        &["--include 'modle.*'", "model.*"],
+    );
+}

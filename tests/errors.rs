@@ -61,7 +61,7 @@ fn an_empty_input_dir_is_refused() {
         &[s(input.path()), s(out.path())],
         input.path(),
         out.path(),
-        &["holds no DCP shard files"],
+        &["holds no checkpoint"],
     );
 }
 

@@ -3,6 +3,7 @@
 //! optimizer state beside the model can be left out.
 
 use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
 
 /// The tensors to export: those matching any `include` pattern (all, when
 /// there is none) and no `exclude` pattern.
@@ -33,6 +34,43 @@ impl Selection {
                 .into_iter()
                 .map(|t: crate::checkpoint::FullTensor| (t.name.clone(), t.byte_len())),
         );
+    }
+}
+
+impl Selection {
+    /// Refuses a selection that leaves nothing to export (a typo such as
+    /// `--include 'modle.*'` must not publish an empty model), naming the
+    /// prefixes the checkpoint does hold.
+    pub fn check_leaves_some(&self, checkpoint: &Checkpoint) -> Result<()> {
+        if !checkpoint.tensors.is_empty() || checkpoint.excluded.is_empty() {
+            return Ok(());
+        }
+        let mut prefixes: Vec<String> = checkpoint
+            .excluded
+            .iter()
+            .map(|(name, _)| match name.split_once('.') {
+                Some((first, _)) => format!("{first}.*"),
+                None => name.clone(),
+            })
+            .collect();
+        prefixes.sort();
+        prefixes.dedup();
+        let patterns = |flag: &str, list: &[String]| {
+            list.iter()
+                .map(|p| format!("{flag} '{p}'"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        Err(Error::usage(
+            format!(
+                "{} {} leave(s) none of the checkpoint's {} tensors to export; its names start with {}",
+                patterns("--include", &self.include),
+                patterns("--exclude", &self.exclude),
+                checkpoint.excluded.len(),
+                prefixes.join(", ")
+            ),
+            "check the patterns (`*` matches any characters, `?` one, over the whole saved name); --dry-run lists the name prefixes",
+        ))
     }
 }
 
@@ -84,6 +122,33 @@ mod tests {
         assert!(!glob_match("a*b*c", "aXXbYY"));
         assert!(glob_match("*", ""));
         assert!(!glob_match("", "x"));
+    }
+
+    #[test]
+    fn a_selection_that_leaves_nothing_is_refused_naming_the_prefixes() {
+        let mut checkpoint = Checkpoint {
+            excluded: vec![("model.w".into(), 4), ("optim.m".into(), 4)],
+            ..Checkpoint::default()
+        };
+        let select = Selection {
+            include: vec!["modle.*".into()],
+            exclude: vec![],
+        };
+        let err = select
+            .check_leaves_some(&checkpoint)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--include 'modle.*'") && err.contains("model.*, optim.*"),
+            "{err}"
+        );
+        checkpoint.tensors.push(crate::checkpoint::FullTensor {
+            name: "model.w".into(),
+            dtype: crate::safetensors::dtype::Dtype::U8,
+            shape: vec![4],
+            pieces: vec![],
+        });
+        assert!(select.check_leaves_some(&checkpoint).is_ok());
     }
 
     #[test]

@@ -222,14 +222,18 @@ pub fn read_checkpoint(
                 options.source_ranks,
             )?;
             options.select.apply(&mut checkpoint);
+            options.select.check_leaves_some(&checkpoint)?;
             Ok(checkpoint)
         });
         return Ok((agree(comm, checkpoint)?, format, read));
     }
     let reader = !shared || comm.rank() == 0;
     let mine = if reader {
-        pool.install(|| dcp::read_checkpoint(dir, &options.select))
-            .map(Some)
+        pool.install(|| {
+            let checkpoint = dcp::read_checkpoint(dir, &options.select)?;
+            options.select.check_leaves_some(&checkpoint)?;
+            Ok(Some(checkpoint))
+        })
     } else {
         Ok(None)
     };
