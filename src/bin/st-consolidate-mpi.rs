@@ -156,7 +156,7 @@ struct Cli {
     dtype: Option<ExportDtype>,
 
     /// Remove PREFIX from the start of every tensor name in the output (repeatable; the first
-    /// matching prefix is removed). Mapping files are matched against the stripped names.
+    /// matching prefix is removed). A mapping may name a tensor by its saved or its stripped name.
     #[arg(long, value_name = "PREFIX")]
     strip_prefix: Vec<String>,
 }

@@ -10,7 +10,7 @@ pub use schedule::{BALANCED_ALIGN, Schedule, WORK_ITEM_BYTES, WorkItem};
 
 use crate::checkpoint::{Checkpoint, FullTensor};
 use crate::error::{Error, Result};
-use crate::plan::mapping::{Assignment, MappingSource, Unmapped, assign};
+use crate::plan::mapping::{Assignment, MappingSource, Unmapped, assign_named};
 use crate::plan::names::strip_prefixes;
 use crate::safetensors::dtype::Dtype;
 use crate::safetensors::dtype::output_dtype;
@@ -87,7 +87,7 @@ pub struct PlanOptions {
 /// (identical on every rank that read the same checkpoint).
 pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) -> Result<Plan> {
     let mut tensors = checkpoint.tensors;
-    strip_prefixes(&mut tensors, &options.strip_prefixes)?;
+    let saved_names = strip_prefixes(&mut tensors, &options.strip_prefixes)?;
     let sizes: Vec<(&str, u64)> = tensors
         .iter()
         .map(|t| {
@@ -95,7 +95,7 @@ pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) ->
             (t.name.as_str(), t.element_count() * size)
         })
         .collect();
-    let assignment = assign(&sizes, &options.mapping, options.unmapped)?;
+    let assignment = assign_named(&sizes, &saved_names, &options.mapping, options.unmapped)?;
     let mut plan = Plan::build(
         checkpoint.files,
         tensors,
