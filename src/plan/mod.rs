@@ -16,7 +16,7 @@ use crate::safetensors::dtype::Dtype;
 use crate::safetensors::dtype::output_dtype;
 use crate::safetensors::header::{MAX_HEADER_LEN, TensorEntry, encode_header};
 use crate::safetensors::naming::output_name;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::path::PathBuf;
 
@@ -123,6 +123,10 @@ pub struct Plan {
     /// How work is split among the ranks. File creation, renaming and
     /// verification stay with each file's owner whatever the schedule.
     pub schedule: Schedule,
+    /// Files already complete in OUTPUT_DIR (`--resume`): nobody creates
+    /// or writes them, whatever the schedule. Set after the ranks agreed on
+    /// the plan, identically on every rank.
+    pub kept: BTreeSet<usize>,
 }
 
 impl Plan {
@@ -208,7 +212,16 @@ impl Plan {
             missing: assignment.missing,
             world_size,
             schedule: Schedule::Modulo,
+            kept: BTreeSet::new(),
         }
+    }
+
+    /// Indices of the files `rank` writes: the ones it owns and that are
+    /// not kept from an earlier run (it creates, renames and verifies them).
+    pub fn files_to_write(&self, rank: usize) -> Vec<usize> {
+        let mut files = self.files_of(rank);
+        files.retain(|f| !self.kept.contains(f));
+        files
     }
 
     /// Indices of the files `rank` owns: creates, renames and verifies.
