@@ -4,12 +4,13 @@
 #      from 3 gloo ranks, with PyTorch's HuggingFaceStorageWriter
 #      (save_distributed=True), rows and columns sharded;
 #   2. consolidated with mpirun -n 2 st-consolidate-mpi --hf-index (the
-#      model's own index);
-#   3. loaded with AutoModelForCausalLM.from_pretrained: no missing or
-#      unexpected keys, logits equal to the original's, every tensor equal to
-#      PyTorch's own consolidation;
+#      model's own index) --hf-assets (the model's folder: config files);
+#   3. OUTPUT_DIR loaded as it is with AutoModelForCausalLM.from_pretrained:
+#      no missing or unexpected keys, logits equal to the original's, every
+#      tensor equal to PyTorch's own consolidation, no weight file copied;
 #   4. consolidated again with --dtype bf16 and --dtype f16: every tensor
-#      bit-identical to torch's tensor.to(dtype).
+#      bit-identical to torch's tensor.to(dtype), config.json naming that
+#      dtype, the model loading in it with the original's cast logits.
 # PyTorch comes from PyPI (CPU use only) into target/torch-venv: about 6 GB
 # and two minutes the first time.
 set -euo pipefail
@@ -27,10 +28,11 @@ trap 'rm -rf "$work"' EXIT
 export RT_PORT=$((20000 + RANDOM % 20000))
 "$venv/bin/python" scripts/transformers_roundtrip.py save "$work" 2>&1 | grep -v "Writing model shards"
 bin=target/release/st-consolidate-mpi
-mpirun -n 2 "$bin" -q --hf-index "$work/model/model.safetensors.index.json" "$work/shards" "$work/out"
+index="$work/model/model.safetensors.index.json"
+mpirun -n 2 "$bin" -q --hf-index "$index" --hf-assets "$work/model" "$work/shards" "$work/out"
 "$venv/bin/python" scripts/transformers_roundtrip.py check "$work" "$work/out" 2>&1 | grep -v "Loading weights"
 for dtype in bf16 f16; do
-    mpirun -n 2 "$bin" -q --dtype "$dtype" --hf-index "$work/model/model.safetensors.index.json" "$work/shards" "$work/out-$dtype"
+    mpirun -n 2 "$bin" -q --dtype "$dtype" --hf-index "$index" --hf-assets "$work/model" "$work/shards" "$work/out-$dtype"
     "$venv/bin/python" scripts/transformers_roundtrip.py cast "$work" "$work/out-$dtype" "$dtype"
 done
 echo "transformers: 1 passed, 0 failed"

@@ -5,15 +5,17 @@
       WORK/model/   save_pretrained (config, index, expected logits)
       WORK/shards/  DCP shards from 3 gloo ranks with HuggingFaceStorageWriter
                     (save_distributed=True): rows, columns and replicas
-  transformers_roundtrip.py check WORK OUT    loads OUT (the consolidation)
-      with AutoModelForCausalLM.from_pretrained and compares its logits with
-      the original's; also checks OUT against PyTorch's own consolidation.
+  transformers_roundtrip.py check WORK OUT    loads OUT (the consolidation
+      with --hf-assets WORK/model) as it is with AutoModelForCausalLM.from_pretrained
+      and compares its logits with the original's; also checks OUT against
+      PyTorch's own consolidation.
   transformers_roundtrip.py cast WORK OUT DTYPE    OUT was consolidated with
-      --dtype DTYPE: every tensor must equal torch's tensor.to(dtype), bit for bit.
+      --dtype DTYPE and --hf-assets: every tensor must equal torch's
+      tensor.to(dtype), bit for bit; config.json names the dtype and the model
+      loads in it, with the logits of the original cast to it.
 """
 import json
 import os
-import shutil
 import sys
 
 import torch
@@ -69,8 +71,20 @@ def save(work):
     print(f"saved {len(mapping)} tensors in {len(files)} files from {WORLD} ranks")
 
 
+def check_assets(work, out, names=("config.json", "generation_config.json")):
+    """--hf-assets copied the folder's config files (NAMES as they are), and
+    none of its weights."""
+    for name in names:
+        assert open(f"{out}/{name}", "rb").read() == open(f"{work}/model/{name}", "rb").read(), \
+            f"{name} not copied as it is"
+    assert not os.path.exists(f"{out}/expected_logits.pt"), "a .pt file was copied"
+    ours = json.load(open(f"{out}/model.safetensors.index.json"))
+    assert "total_size" in ours["metadata"] and set(ours["metadata"]) == {"total_size"}, \
+        "the index is not the consolidation's own"
+
+
 def check(work, out):
-    shutil.copy(f"{work}/model/config.json", out)
+    check_assets(work, out)
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v}
     assert not problems, f"loading reported {problems}"
@@ -114,6 +128,22 @@ def check_cast(work, out, dtype_name):
         if f.endswith(".safetensors"):
             got.update(load_file(os.path.join(out, f)))
     original = tiny_model().state_dict()
+    check_assets(work, out, names=("generation_config.json",))
+    torch_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    config = json.load(open(f"{out}/config.json"))
+    assert config.get("dtype", config.get("torch_dtype")) == torch_name, config
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert all(p.dtype == dtype for p in model.parameters()), "the model did not load in its dtype"
+    with torch.no_grad():
+        logits = model(INPUT).logits
+        # The saved original, loaded by transformers in that dtype: the same
+        # load path (tensor.to(dtype) at load time, buffers as transformers
+        # makes them), so the logits must be equal bit for bit.
+        reference = AutoModelForCausalLM.from_pretrained(f"{work}/model", dtype=dtype).eval()
+        expected = reference(INPUT).logits
+    assert torch.equal(logits, expected), f"{dtype_name} logits differ from the original's"
+    print(f"--dtype {dtype_name} --hf-assets: config.json says {torch_name}, loads as {dtype}, "
+          f"logits equal to the original loaded with dtype={dtype}")
     view = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
     for name, tensor in original.items():
         want = tensor.to(dtype)

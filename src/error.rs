@@ -108,7 +108,7 @@ pub enum Error {
     },
 
     /// Tensors present in the shards have no output file in the mapping.
-    #[error("{} tensor(s) in the shards are not in the mapping {}: {}\n  hint: add them to the mapping (names are matched after --strip-prefix), or pass --unmapped last to put them in the last output file", names.len(), shown_path(mapping), list_names(names))]
+    #[error("{} tensor(s) in the shards are not in the mapping {}: {}\n  hint: add them to the mapping (under their saved or their --strip-prefix name), or pass --unmapped last to put them in the last output file", names.len(), shown_path(mapping), list_names(names))]
     Unmapped {
         /// The mapping or index file.
         mapping: PathBuf,

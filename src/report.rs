@@ -49,6 +49,12 @@ pub struct RunReport {
     pub gb_per_s: f64,
     /// Whether `--verify` ran, and its result.
     pub verify: VerifySummary,
+    /// `--resume`: the output files kept from an earlier run (not written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept: Option<Vec<String>>,
+    /// `--hf-assets`: the files copied besides the weights.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub assets: Vec<String>,
 }
 
 /// What was read, beyond the plan: for the report, the summary and the
@@ -188,15 +194,21 @@ impl RunReport {
                 ran: verified,
                 result: if verified { "passed" } else { "not run" },
             },
+            kept: None,
+            assets: vec![],
         }
     }
 
     /// The human summary printed at the end of a run.
     pub fn human(&self, output_dir: &str) -> String {
         let bytes: u64 = self.ranks.iter().map(|r| r.bytes).sum();
+        let kept = match &self.kept {
+            Some(kept) => format!("kept {}, ", kept.len()),
+            None => String::new(),
+        };
         let mut text = format!(
-            "wrote {} files and model.safetensors.index.json to {output_dir}: {} in {:.2} s ({:.2} GB/s) on {} rank(s){}",
-            self.outputs.len(),
+            "{kept}wrote {} files and model.safetensors.index.json to {output_dir}: {} in {:.2} s ({:.2} GB/s) on {} rank(s){}",
+            self.outputs.len() - self.kept.as_ref().map_or(0, Vec::len),
             human_bytes(bytes),
             self.total_seconds,
             self.gb_per_s,
@@ -213,6 +225,13 @@ impl RunReport {
                     "ies"
                 },
                 shown(&self.input.non_tensors.join(", "))
+            ));
+        }
+        if !self.assets.is_empty() {
+            text.push_str(&format!(
+                "\n  copied {} file(s) besides the weights: {}",
+                self.assets.len(),
+                shown(&self.assets.join(", "))
             ));
         }
         if self.input.excluded_tensors > 0 {

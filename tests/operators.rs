@@ -221,3 +221,53 @@ fn prefixes_are_stripped_and_the_mapping_matches_stripped_names() {
     );
     assert!(text.contains("--strip-prefix"), "{text}");
 }
+
+#[test]
+fn a_mapping_in_saved_names_works_with_strip_prefix() {
+    // The fixture's mapping names tensors as saved ("model.embed_tokens...").
+    let input = torch_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let saved_mapping = input.join("mapping.json");
+    let out = dir.path().join("out");
+    let strip = ["--strip-prefix", "model."];
+    let mut args = strip.to_vec();
+    args.extend(["--mapping", s(&saved_mapping), s(&input), s(&out)]);
+    consolidate_ok(2, &args);
+    let tensors = output_tensors(&out);
+    assert!(tensors.contains_key("embed_tokens.weight"), "{tensors:?}");
+    // Same files as the mapping says for the saved names.
+    let mapping: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&saved_mapping).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    for (saved, file) in &mapping {
+        let output = saved.strip_prefix("model.").unwrap_or(saved);
+        let expected = format!(
+            "model-{:05}-of-{:05}.safetensors",
+            file.as_u64().unwrap(),
+            mapping.values().filter_map(|v| v.as_u64()).max().unwrap()
+        );
+        assert_eq!(index["weight_map"][output], expected.as_str(), "{saved}");
+    }
+
+    // Both names in the mapping, with different files: refused, naming both.
+    let mut clash = mapping.clone();
+    let (saved, file) = mapping
+        .iter()
+        .find(|(k, _)| k.starts_with("model."))
+        .unwrap();
+    let other = if file.as_u64() == Some(1) { 2 } else { 1 };
+    let output = saved.strip_prefix("model.").unwrap().to_string();
+    clash.insert(output.clone(), other.into());
+    let clash_path = dir.path().join("clash.json");
+    std::fs::write(&clash_path, serde_json::to_vec(&clash).unwrap()).unwrap();
+    let out = dir.path().join("clash");
+    let mut args = strip.to_vec();
+    args.extend(["--mapping", s(&clash_path), s(&input), s(&out)]);
+    let expected = format!(
+        "tensor '{saved}' is listed under its output name '{output}' with file {other} and under \
+         its saved name '{saved}' with file {file}"
+    );
+    assert_fails(1, &args, &input, &out, &[&expected]);
+}

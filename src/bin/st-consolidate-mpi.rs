@@ -99,6 +99,19 @@ struct Cli {
     #[arg(long)]
     overwrite: bool,
 
+    /// Continue an interrupted run: keep every output file already complete in OUTPUT_DIR
+    /// (its header and size are this plan's; with --verify its tensor bytes are compared too)
+    /// and write only the others, then the index.
+    #[arg(long, conflicts_with_all = ["dry_run", "verify_only"])]
+    resume: bool,
+
+    /// Also copy every file of DIR that is not weights (config.json, tokenizer files,
+    /// generation_config.json, chat template, *.py, README.md...) into OUTPUT_DIR, e.g. the
+    /// original model's folder; never *.safetensors, *.bin, *.pt, *.pth, index files or hidden
+    /// files. With --dtype, config.json's dtype is updated.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["dry_run", "verify_only"])]
+    hf_assets: Option<PathBuf>,
+
     /// After writing, read every file back and compare each tensor byte with the shards
     /// (before the files get their final names).
     #[arg(long, conflicts_with = "verify_only")]
@@ -156,7 +169,7 @@ struct Cli {
     dtype: Option<ExportDtype>,
 
     /// Remove PREFIX from the start of every tensor name in the output (repeatable; the first
-    /// matching prefix is removed). Mapping files are matched against the stripped names.
+    /// matching prefix is removed). A mapping may name a tensor by its saved or its stripped name.
     #[arg(long, value_name = "PREFIX")]
     strip_prefix: Vec<String>,
 }
@@ -209,6 +222,8 @@ impl Cli {
             },
             threads: self.threads.map(usize::from),
             overwrite: self.overwrite,
+            resume: self.resume,
+            hf_assets: self.hf_assets,
             progress_secs: self.progress,
             report: self.report,
             command_line: std::env::args().collect(),

@@ -1,10 +1,12 @@
 //! Carrying out a plan: copying bytes, output files, verification.
 
+pub mod assets;
 pub mod convert;
 pub mod copy;
 pub mod lock;
 pub mod output;
 pub mod publish;
+pub mod resume;
 pub mod runs;
 pub mod verify;
 pub mod write;

@@ -16,10 +16,12 @@ use std::path::{Path, PathBuf};
 /// clobber inputs or (without `--overwrite`) earlier outputs, and removes
 /// temporaries of killed runs. Nothing already there is replaced or removed
 /// here: `--overwrite` takes effect only when the new output is published.
+/// With `resume`, this plan's own file names and the index are no refusal
+/// (the caller keeps what is complete and rewrites the rest).
 pub fn prepare_output_dir(
     dir: &Path,
     plan: &Plan,
-    overwrite: bool,
+    refusal: Refusal,
     report: Option<&Path>,
     mapping_file: Option<&Path>,
 ) -> Result<OutputLock> {
@@ -60,12 +62,17 @@ pub fn prepare_output_dir(
     if let Some(report) = report {
         check_report_path(report, mapping_file, &canonical_dir, &finals, &inputs)?;
     }
-    if !existing.is_empty() && !overwrite {
+    let refused: Vec<String> = match refusal {
+        Refusal::Nothing => vec![],
+        Refusal::AnyOutput => existing,
+        Refusal::OtherPlans => older_outputs(dir, plan)?,
+    };
+    if !refused.is_empty() {
         return Err(Error::usage(
             format!(
                 "OUTPUT_DIR {} already holds {}",
                 dir.display(),
-                existing.join(", ")
+                refused.join(", ")
             ),
             "pass --overwrite to replace them (they stay until the new output is complete), or choose another OUTPUT_DIR",
         ));
@@ -74,6 +81,17 @@ pub fn prepare_output_dir(
     // Prove OUTPUT_DIR is writable before any rank starts copying.
     drop(PendingFile::create(dir, ".write-probe", 0)?);
     Ok(lock)
+}
+
+/// Which existing outputs stop a run before it writes anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `--overwrite`: none (they are replaced at publish time).
+    Nothing,
+    /// The default: any consolidated output or index.
+    AnyOutput,
+    /// `--resume`: outputs of another plan (other file count).
+    OtherPlans,
 }
 
 /// The consolidated outputs already in `dir`: this plan's final names and
@@ -208,20 +226,18 @@ fn older_outputs(dir: &Path, plan: &Plan) -> Result<Vec<String>> {
 }
 
 /// Rank 0 only: checks that every planned file was reported written by
-/// exactly one rank.
+/// exactly one rank (none for a file kept from an earlier run).
 pub fn check_written_once(plan: &Plan, ranks: &[RankReport]) -> Result<()> {
     let mut written: BTreeMap<u32, usize> = BTreeMap::new();
     for index in ranks.iter().flat_map(|r| &r.files) {
         *written.entry(*index).or_default() += 1;
     }
-    for file in &plan.files {
-        if written.get(&file.index) != Some(&1) {
+    for (f, file) in plan.files.iter().enumerate() {
+        let times = written.get(&file.index).copied().unwrap_or(0);
+        let expected = usize::from(!plan.kept.contains(&f));
+        if times != expected {
             return Err(Error::ranks_disagree(
-                format!(
-                    "{} was written {} times, not once",
-                    file.name,
-                    written.get(&file.index).unwrap_or(&0)
-                ),
+                format!("{} was written {times} times, not {expected}", file.name),
                 "all ranks must run the same command on the same inputs; rerun with --overwrite",
             ));
         }

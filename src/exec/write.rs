@@ -23,10 +23,11 @@ pub struct WriteTiming {
 }
 
 /// Creates this rank's files under temporary names, sized, with their
-/// headers, after checking their replicated pieces.
+/// headers, after checking their replicated pieces (not the files kept from
+/// an earlier run).
 pub fn create_files(dir: &Path, plan: &Plan, rank: usize) -> Result<BTreeMap<usize, PendingFile>> {
     let mut created = BTreeMap::new();
-    for f in plan.files_of(rank) {
+    for f in plan.files_to_write(rank) {
         let file = &plan.files[f];
         let out = PendingFile::create(dir, &file.name, file.len())?;
         std::os::unix::fs::FileExt::write_all_at(out.file(), &file.header, 0)

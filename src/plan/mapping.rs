@@ -50,7 +50,19 @@ pub fn assign(
     source: &MappingSource,
     unmapped: Unmapped,
 ) -> Result<Assignment> {
-    let assignment = assign_unchecked(tensors, source, unmapped)?;
+    let saved: Vec<String> = tensors.iter().map(|(name, _)| name.to_string()).collect();
+    assign_named(tensors, &saved, source, unmapped)
+}
+
+/// [`assign`] for tensors renamed by `--strip-prefix`: `saved[i]` is the
+/// name tensor `i` was saved under. A mapping may name a tensor by either.
+pub fn assign_named(
+    tensors: &[(&str, u64)],
+    saved: &[String],
+    source: &MappingSource,
+    unmapped: Unmapped,
+) -> Result<Assignment> {
+    let assignment = assign_unchecked(tensors, saved, source, unmapped)?;
     if assignment.file_count > MAX_FILES {
         return Err(Error::usage(
             format!(
@@ -65,6 +77,7 @@ pub fn assign(
 
 fn assign_unchecked(
     tensors: &[(&str, u64)],
+    saved: &[String],
     source: &MappingSource,
     unmapped: Unmapped,
 ) -> Result<Assignment> {
@@ -86,23 +99,27 @@ fn assign_unchecked(
     };
     let file_count = by_name.values().copied().max().unwrap_or(1);
     let mut unmapped_names = Vec::new();
-    let file_of = tensors
-        .iter()
-        .map(|(name, _)| match by_name.get(*name) {
-            Some(&index) => index,
+    let mut file_of = Vec::with_capacity(tensors.len());
+    for ((name, _), saved) in tensors.iter().zip(saved) {
+        match lookup(&by_name, name, saved, &mapping_path)? {
+            Some(index) => file_of.push(index),
             None => {
                 unmapped_names.push(name.to_string());
-                file_count
+                file_of.push(file_count);
             }
-        })
-        .collect();
+        }
+    }
     if !unmapped_names.is_empty() && unmapped == Unmapped::Error {
         return Err(Error::Unmapped {
             mapping: mapping_path,
             names: unmapped_names,
         });
     }
-    let present: BTreeSet<&str> = tensors.iter().map(|(name, _)| *name).collect();
+    let present: BTreeSet<&str> = tensors
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(saved.iter().map(String::as_str))
+        .collect();
     let missing = by_name
         .keys()
         .filter(|name| !present.contains(name.as_str()))
@@ -113,6 +130,29 @@ fn assign_unchecked(
         file_count,
         missing,
     })
+}
+
+/// A tensor's file in the mapping, under its output name (`output`) or the
+/// name it was saved under (`saved`, before `--strip-prefix`); an error if
+/// the mapping holds both and they disagree.
+fn lookup(
+    by_name: &BTreeMap<String, u32>,
+    output: &str,
+    saved: &str,
+    path: &Path,
+) -> Result<Option<u32>> {
+    match (by_name.get(output), by_name.get(saved)) {
+        (Some(a), Some(b)) if a != b => Err(Error::Mapping {
+            path: path.to_owned(),
+            reason: format!(
+                "tensor '{saved}' is listed under its output name '{output}' with file {a} \
+                 and under its saved name '{saved}' with file {b}"
+            ),
+            hint: "keep one of the two entries, or make them name the same file",
+        }),
+        (Some(&index), _) | (None, Some(&index)) => Ok(Some(index)),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Hugging Face's greedy sharding: walk tensors in name order and start a new
@@ -290,6 +330,29 @@ mod tests {
         assert!(err.to_string().contains(&listed), "{err}");
         let got = assign(&[("a", 1), ("x", 1)], &source, Unmapped::Last).unwrap();
         assert_eq!(got.file_of, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_mapping_may_use_saved_or_output_names() {
+        let file = json_file(r#"{"_orig_mod.a": 2, "b": 1, "c": 3, "_orig_mod.c": 3, "gone": 1}"#);
+        let source = MappingSource::Mapping(file.path().into());
+        let saved = [
+            "_orig_mod.a".to_string(),
+            "_orig_mod.b".into(),
+            "_orig_mod.c".into(),
+        ];
+        let tensors = [("a", 1), ("b", 1), ("c", 1)];
+        let got = assign_named(&tensors, &saved, &source, Unmapped::Error).unwrap();
+        assert_eq!(got.file_of, vec![2, 1, 3]);
+        assert_eq!(got.missing, vec!["gone".to_string()]);
+        let file = json_file(r#"{"_orig_mod.a": 2, "a": 1}"#);
+        let source = MappingSource::Mapping(file.path().into());
+        let err = assign_named(&tensors[..1], &saved[..1], &source, Unmapped::Error)
+            .unwrap_err()
+            .to_string();
+        let expected = "tensor '_orig_mod.a' is listed under its output name 'a' with file 1 \
+                        and under its saved name '_orig_mod.a' with file 2";
+        assert!(err.contains(expected), "{err}");
     }
 
     #[test]

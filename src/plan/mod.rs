@@ -10,13 +10,13 @@ pub use schedule::{BALANCED_ALIGN, Schedule, WORK_ITEM_BYTES, WorkItem};
 
 use crate::checkpoint::{Checkpoint, FullTensor};
 use crate::error::{Error, Result};
-use crate::plan::mapping::{Assignment, MappingSource, Unmapped, assign};
+use crate::plan::mapping::{Assignment, MappingSource, Unmapped, assign_named};
 use crate::plan::names::strip_prefixes;
 use crate::safetensors::dtype::Dtype;
 use crate::safetensors::dtype::output_dtype;
 use crate::safetensors::header::{MAX_HEADER_LEN, TensorEntry, encode_header};
 use crate::safetensors::naming::output_name;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::path::PathBuf;
 
@@ -87,7 +87,7 @@ pub struct PlanOptions {
 /// (identical on every rank that read the same checkpoint).
 pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) -> Result<Plan> {
     let mut tensors = checkpoint.tensors;
-    strip_prefixes(&mut tensors, &options.strip_prefixes)?;
+    let saved_names = strip_prefixes(&mut tensors, &options.strip_prefixes)?;
     let sizes: Vec<(&str, u64)> = tensors
         .iter()
         .map(|t| {
@@ -95,7 +95,7 @@ pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) ->
             (t.name.as_str(), t.element_count() * size)
         })
         .collect();
-    let assignment = assign(&sizes, &options.mapping, options.unmapped)?;
+    let assignment = assign_named(&sizes, &saved_names, &options.mapping, options.unmapped)?;
     let mut plan = Plan::build(
         checkpoint.files,
         tensors,
@@ -123,6 +123,10 @@ pub struct Plan {
     /// How work is split among the ranks. File creation, renaming and
     /// verification stay with each file's owner whatever the schedule.
     pub schedule: Schedule,
+    /// Files already complete in OUTPUT_DIR (`--resume`): nobody creates
+    /// or writes them, whatever the schedule. Set after the ranks agreed on
+    /// the plan, identically on every rank.
+    pub kept: BTreeSet<usize>,
 }
 
 impl Plan {
@@ -208,7 +212,16 @@ impl Plan {
             missing: assignment.missing,
             world_size,
             schedule: Schedule::Modulo,
+            kept: BTreeSet::new(),
         }
+    }
+
+    /// Indices of the files `rank` writes: the ones it owns and that are
+    /// not kept from an earlier run (it creates, renames and verifies them).
+    pub fn files_to_write(&self, rank: usize) -> Vec<usize> {
+        let mut files = self.files_of(rank);
+        files.retain(|f| !self.kept.contains(f));
+        files
     }
 
     /// Indices of the files `rank` owns: creates, renames and verifies.

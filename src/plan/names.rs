@@ -7,10 +7,12 @@ use std::collections::BTreeMap;
 
 /// Removes the first of `prefixes` that each name starts with, then re-sorts
 /// by the new names. Two tensors that end up with one name are an error
-/// naming both.
-pub fn strip_prefixes(tensors: &mut [FullTensor], prefixes: &[String]) -> Result<()> {
+/// naming both. Returns each tensor's saved name, in the new order (a
+/// mapping may use either name).
+pub fn strip_prefixes(tensors: &mut [FullTensor], prefixes: &[String]) -> Result<Vec<String>> {
+    let saved: Vec<String> = tensors.iter().map(|t| t.name.clone()).collect();
     if prefixes.is_empty() {
-        return Ok(());
+        return Ok(saved);
     }
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     for tensor in tensors.iter_mut() {
@@ -41,8 +43,12 @@ pub fn strip_prefixes(tensors: &mut [FullTensor], prefixes: &[String]) -> Result
             ));
         }
     }
+    // Output names are unique (checked above): one order for both lists.
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| tensors[a].name.cmp(&tensors[b].name));
+    let saved = order.iter().map(|&i| saved[i].clone()).collect();
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(())
+    Ok(saved)
 }
 
 #[cfg(test)]
@@ -65,9 +71,10 @@ mod tests {
     #[test]
     fn prefixes_are_stripped_and_names_resorted() {
         let mut list = tensors(&["_orig_mod.b", "_orig_mod.model.a", "c"]);
-        strip_prefixes(&mut list, &["_orig_mod.".into(), "model.".into()]).unwrap();
+        let saved = strip_prefixes(&mut list, &["_orig_mod.".into(), "model.".into()]).unwrap();
         let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["b", "c", "model.a"]);
+        assert_eq!(saved, ["_orig_mod.b", "c", "_orig_mod.model.a"]);
     }
 
     #[test]

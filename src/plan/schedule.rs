@@ -38,9 +38,13 @@ pub const BALANCED_ALIGN: u64 = 4096;
 impl Plan {
     /// The work items of `rank` under the plan's schedule, each at most
     /// [`WORK_ITEM_BYTES`], so that threads share even a single large file.
+    /// Files in [`Plan::kept`] have no work items: their bytes are done.
     pub fn work_items(&self, rank: usize) -> Vec<WorkItem> {
         let mut items = Vec::new();
         let mut push = |file: usize, range: std::ops::Range<u64>| {
+            if self.kept.contains(&file) {
+                return;
+            }
             let mut start = range.start;
             while start < range.end {
                 let end = (start + WORK_ITEM_BYTES).min(range.end);
@@ -108,6 +112,16 @@ impl Plan {
     /// Tensor data bytes each rank writes under the plan's schedule
     /// (linear in ranks and files, so previews of many ranks stay fast).
     pub fn bytes_per_rank(&self) -> Vec<u64> {
+        if !self.kept.is_empty() {
+            return (0..self.world_size)
+                .map(|r| {
+                    self.work_items(r)
+                        .iter()
+                        .map(|i| i.bytes.end - i.bytes.start)
+                        .sum()
+                })
+                .collect();
+        }
         match self.schedule {
             Schedule::Modulo => {
                 let mut bytes = vec![0; self.world_size];
@@ -181,6 +195,21 @@ mod tests {
                 .map(|r| plan.work_items(r).iter().map(|i| i.bytes.end - i.bytes.start).sum())
                 .collect();
             prop_assert_eq!(plan.bytes_per_rank(), per_rank);
+        }
+    }
+
+    #[test]
+    fn kept_files_have_no_work_items_under_either_schedule() {
+        let sizes = [300_000, 200_000, 100_000];
+        for schedule in [Schedule::Modulo, Schedule::Balanced] {
+            let mut plan = plan_with(&sizes, 3, schedule);
+            plan.kept.insert(1);
+            let items: Vec<WorkItem> = (0..3).flat_map(|r| plan.work_items(r)).collect();
+            assert!(items.iter().all(|i| i.file != 1), "{schedule:?}");
+            let written: u64 = items.iter().map(|i| i.bytes.end - i.bytes.start).sum();
+            assert_eq!(written, 400_000, "{schedule:?}");
+            assert_eq!(plan.bytes_per_rank().iter().sum::<u64>(), 400_000);
+            assert!(plan.files_to_write(plan.files[1].owner).is_empty());
         }
     }
 

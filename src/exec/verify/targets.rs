@@ -25,7 +25,7 @@ pub struct Target {
 
 /// The files `rank` just wrote, at their temporary paths.
 pub fn written_targets(plan: &Plan, rank: usize, temp_paths: &[PathBuf]) -> Vec<Target> {
-    plan.files_of(rank)
+    plan.files_to_write(rank)
         .into_iter()
         .zip(temp_paths)
         .map(|(f, path)| {

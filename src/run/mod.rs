@@ -8,6 +8,8 @@
 //! waiting, and only the lowest failing rank reports its error. The work of
 //! each phase lives with its owner; this module only sequences them.
 
+mod resume;
+
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::format::InputFormat;
 use crate::checkpoint::identity;
@@ -17,9 +19,10 @@ use crate::comm::collectives::{
     same_plan_everywhere,
 };
 use crate::error::{Error, Result, shown};
+use crate::exec::assets::{asset_names, check_assets_absent, stage_assets, ties_word_embeddings};
 use crate::exec::output::sync_dir;
 use crate::exec::publish::{
-    check_written_once, prepare_output_dir, retire_old_index, stage_index_and_report,
+    Refusal, check_written_once, prepare_output_dir, retire_old_index, stage_index_and_report,
 };
 use crate::exec::verify::{compare, existing_targets, written_targets};
 use crate::exec::write::{WriteTiming, copy_and_sync, create_files, default_threads};
@@ -49,6 +52,10 @@ pub struct Config {
     pub threads: Option<usize>,
     /// Replace existing consolidated outputs (at publish time).
     pub overwrite: bool,
+    /// Keep this plan's outputs that an earlier run completed (`--resume`).
+    pub resume: bool,
+    /// Copy the non-weight files of this folder into OUTPUT_DIR (`--hf-assets`).
+    pub hf_assets: Option<PathBuf>,
     /// Seconds between progress reports; zero turns them off.
     pub progress_secs: f64,
     /// Where rank 0 writes the JSON run report, if anywhere.
@@ -153,7 +160,15 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     let plan_options = plan_options_for(config, format);
     let plan = job.agree(|| plan::make(checkpoint, &plan_options, plan_ranks))?;
     agree(comm, same_plan_everywhere(comm, &plan))?;
+    let tied = config
+        .hf_assets
+        .as_deref()
+        .is_some_and(ties_word_embeddings);
     for name in &plan.missing {
+        if tied && name == "lm_head.weight" {
+            job.say("note: 'lm_head.weight' is in the mapping but in no shard, as expected: config.json ties it to the input embeddings (tie_word_embeddings)");
+            continue;
+        }
         job.say(&format!(
             "warning: '{}' is in the mapping but in no shard; it is left out",
             shown(name)
@@ -167,7 +182,7 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
             Ok(Summary::default())
         }
         Mode::VerifyOnly => verify_existing(&job, &plan),
-        Mode::Consolidate { verify } => consolidate(&job, &plan, &facts, verify, headers_read),
+        Mode::Consolidate { verify } => consolidate(&job, plan, &facts, verify, headers_read),
     }
 }
 
@@ -252,7 +267,7 @@ fn verify_existing(job: &Job, plan: &Plan) -> Result<Summary> {
 /// Writes, verifies and publishes the consolidated files.
 fn consolidate(
     job: &Job,
-    plan: &Plan,
+    mut plan: Plan,
     facts: &InputFacts,
     verify: bool,
     headers_read: usize,
@@ -267,9 +282,24 @@ fn consolidate(
         _ => None,
     };
     let report_path = config.report.as_deref();
-    let lock = job
-        .on_rank0(|| prepare_output_dir(out, plan, config.overwrite, report_path, mapping_file))?;
+    let refusal = match (config.overwrite, config.resume) {
+        (true, _) => Refusal::Nothing,
+        (false, true) => Refusal::OtherPlans,
+        (false, false) => Refusal::AnyOutput,
+    };
+    let lock = job.on_rank0(|| {
+        let lock = prepare_output_dir(out, &plan, refusal, report_path, mapping_file)?;
+        // Assets are rewritten on --resume (they are small), never clobbered otherwise.
+        if let (Some(assets), Refusal::AnyOutput) = (&config.hf_assets, refusal) {
+            check_assets_absent(out, &asset_names(assets)?)?;
+        }
+        Ok(lock)
+    })?;
     agree(comm, same_output_dir(comm, out, lock.as_ref()))?;
+    if config.resume {
+        plan.kept = resume::keep_complete_files(job, &plan, verify)?;
+    }
+    let plan = &plan;
     job.say(&format!(
         "consolidating {} tensors ({}) from {} input files into {} files on {} rank(s) x {} thread(s)",
         plan.tensors.len(),
@@ -294,7 +324,7 @@ fn consolidate(
     let mine = RankReport {
         rank,
         files: plan
-            .files_of(rank)
+            .files_to_write(rank)
             .iter()
             .map(|&f| plan.files[f].index)
             .collect(),
@@ -311,14 +341,37 @@ fn consolidate(
         let ranks = ranks.unwrap_or_default();
         check_written_once(plan, &ranks)?;
         identity::check_unchanged(&plan.shards, inputs.as_deref().unwrap_or_default())?;
-        let report = RunReport::new(plan, facts, config.command_line.clone(), &ranks, verify);
-        stage_index_and_report(out, report_path, plan, report)
+        let mut report = RunReport::new(plan, facts, config.command_line.clone(), &ranks, verify);
+        if config.resume {
+            report.kept = Some(
+                plan.kept
+                    .iter()
+                    .map(|&f| plan.files[f].name.clone())
+                    .collect(),
+            );
+        }
+        // Staged before the index, renamed with the weights: the index
+        // stays the last file to appear.
+        let assets = match &config.hf_assets {
+            Some(dir) => stage_assets(dir, out, config.plan.dtype)?,
+            None => vec![],
+        };
+        report.assets = assets.iter().map(|(name, _)| name.clone()).collect();
+        Ok((
+            stage_index_and_report(out, report_path, plan, report)?,
+            assets,
+        ))
     })?;
+    let (staged, assets) = match staged {
+        Some((staged, assets)) => (Some(staged), assets),
+        None => (None, vec![]),
+    };
     // An old index goes before any model file is replaced, so that a crash
     // part-way never leaves an index describing a mix of old and new files.
     job.on_rank0(|| retire_old_index(out))?;
     let committed = pending
         .into_iter()
+        .chain(assets.into_iter().map(|(_, file)| file))
         .try_for_each(|file| file.commit().map(drop))
         .and_then(|()| sync_dir(out));
     agree(comm, committed)?;
@@ -354,7 +407,8 @@ fn copy_with_progress(
         });
         if config.progress_secs > 0.0 && config.verbosity > Verbosity::Quiet {
             let interval = Duration::from_secs_f64(config.progress_secs);
-            watch(job.comm, interval, plan.total_bytes(), &counters, rank == 0);
+            let total = plan.bytes_per_rank().iter().sum();
+            watch(job.comm, interval, total, &counters, rank == 0);
         }
         worker
             .join()

@@ -1,0 +1,198 @@
+//! `--hf-assets DIR`: the files besides the weights are copied into
+//! OUTPUT_DIR (never weights, indices or hidden files), config.json follows
+//! `--dtype`, and existing files need `--overwrite`.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+/// Everything an original model folder holds: assets and weights.
+fn model_folder(dir: &Path, config: &str) {
+    std::fs::create_dir_all(dir.join("subfolder")).unwrap();
+    for (name, text) in [
+        ("config.json", config),
+        ("generation_config.json", r#"{"do_sample": false}"#),
+        ("tokenizer.json", r#"{"model": {}}"#),
+        ("tokenizer_config.json", "{}"),
+        ("special_tokens_map.json", "{}"),
+        ("chat_template.jinja", "{{ messages }}"),
+        ("merges.txt", "a b\n"),
+        ("modeling_custom.py", "import torch\n"),
+        ("README.md", "# model\n"),
+        ("model.safetensors", "weights"),
+        ("model-00001-of-00002.safetensors", "weights"),
+        ("model.safetensors.index.json", "{}"),
+        ("pytorch_model.bin", "weights"),
+        ("pytorch_model.bin.index.json", "{}"),
+        ("optimizer.pt", "weights"),
+        ("rng.pth", "weights"),
+        (".gitattributes", "hidden"),
+        ("subfolder/inner.json", "{}"),
+    ] {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+const ASSETS: [&str; 9] = [
+    "README.md",
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "merges.txt",
+    "modeling_custom.py",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+];
+
+#[test]
+fn every_asset_and_no_weight_is_copied_and_listed() {
+    let input = torch_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let assets = dir.path().join("orig");
+    let config = r#"{"torch_dtype": "float32", "hidden_size": 16}"#;
+    model_folder(&assets, config);
+    let before = snapshot(&assets);
+    let out = dir.path().join("out");
+    let report = dir.path().join("report.json");
+    let mapping = input.join("mapping.json");
+    let args = [
+        "--hf-assets",
+        s(&assets),
+        "--report",
+        s(&report),
+        "--mapping",
+        s(&mapping),
+    ];
+    let mut args = args.to_vec();
+    args.extend([s(&input), s(&out)]);
+    let text = stderr(&consolidate_ok(2, &args));
+    assert_eq!(
+        snapshot(&assets),
+        before,
+        "the assets folder is left as it was"
+    );
+    let copied: Vec<String> = names(&out)
+        .into_iter()
+        .filter(|n| !n.starts_with("model-") && !n.starts_with("model.safetensors"))
+        .collect();
+    assert_eq!(copied, ASSETS, "{:?}", names(&out));
+    for name in ASSETS {
+        let (a, b) = (
+            std::fs::read(assets.join(name)),
+            std::fs::read(out.join(name)),
+        );
+        assert_eq!(
+            a.unwrap(),
+            b.unwrap(),
+            "{name}: copied as it is without --dtype"
+        );
+    }
+    // The weights are the consolidated ones, not the folder's.
+    assert_matches_manifest(&out, &input.join("manifest.json"));
+    assert!(
+        text.contains("copied 9 file(s) besides the weights: README.md, chat_template.jinja"),
+        "{text}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["assets"], serde_json::json!(ASSETS));
+}
+
+#[test]
+fn dtype_updates_the_config_field_present() {
+    let input = torch_fixture();
+    for (config, field) in [
+        (
+            r#"{"torch_dtype": "float32", "vocab_size": 7}"#,
+            "torch_dtype",
+        ),
+        (r#"{"dtype": "float32", "vocab_size": 7}"#, "dtype"),
+        (r#"{"vocab_size": 7}"#, "dtype"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let assets = dir.path().join("orig");
+        model_folder(&assets, config);
+        let out = dir.path().join("out");
+        let args = [
+            "--dtype",
+            "bf16",
+            "--hf-assets",
+            s(&assets),
+            s(&input),
+            s(&out),
+        ];
+        consolidate_ok(1, &args);
+        let got: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        let mut want: serde_json::Value = serde_json::from_str(config).unwrap();
+        want[field] = "bfloat16".into();
+        assert_eq!(got, want, "{config}");
+    }
+}
+
+#[test]
+fn existing_assets_need_overwrite() {
+    let input = torch_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let assets = dir.path().join("orig");
+    model_folder(&assets, "{}");
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("tokenizer.json"), "mine").unwrap();
+    let args = ["--hf-assets", s(&assets), s(&input), s(&out)];
+    let run = consolidate(2, &args);
+    let text = stderr(&run);
+    assert!(!run.status.success(), "{text}");
+    assert!(
+        text.contains("already holds tokenizer.json (files --hf-assets would copy)"),
+        "{text}"
+    );
+    assert!(text.contains("hint: pass --overwrite"), "{text}");
+    assert_eq!(names(&out), ["tokenizer.json"]);
+    assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), b"mine");
+    let mut args = args.to_vec();
+    args.insert(0, "--overwrite");
+    consolidate_ok(2, &args);
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        b"{\"model\": {}}"
+    );
+}
+
+#[test]
+fn a_tied_lm_head_missing_from_the_shards_is_a_note() {
+    let input = torch_fixture();
+    let mapping = input.join("mapping.json");
+    for (config, expected, unexpected) in [
+        (
+            r#"{"tie_word_embeddings": true}"#,
+            "note: 'lm_head.weight'",
+            "warning:",
+        ),
+        (
+            r#"{"tie_word_embeddings": false}"#,
+            "warning: 'lm_head.weight'",
+            "note:",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let assets = dir.path().join("orig");
+        model_folder(&assets, config);
+        let out = dir.path().join("out");
+        let args = [
+            "--exclude",
+            "lm_head.weight",
+            "--mapping",
+            s(&mapping),
+            "--hf-assets",
+            s(&assets),
+            s(&input),
+            s(&out),
+        ];
+        let text = stderr(&consolidate_ok(2, &args));
+        assert_eq!(text.matches(expected).count(), 1, "{text}");
+        assert!(!text.contains(unexpected), "{text}");
+        assert!(!output_tensors(&out).contains_key("lm_head.weight"));
+    }
+}

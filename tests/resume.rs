@@ -1,0 +1,310 @@
+//! `--resume`: outputs an earlier run completed are kept untouched, every
+//! other planned file is rewritten, under both schedules and any ranks.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const INDEX: &str = "model.safetensors.index.json";
+
+/// (inode, mtime in ns) of every model file in `dir`.
+fn identities(dir: &Path) -> BTreeMap<String, (u64, i64)> {
+    names(dir)
+        .into_iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .map(|n| {
+            let meta = std::fs::metadata(dir.join(&n)).unwrap();
+            (
+                n,
+                (meta.ino(), meta.mtime() * 1_000_000_000 + meta.mtime_nsec()),
+            )
+        })
+        .collect()
+}
+
+/// A checkpoint whose mapping gives several output files, consolidated once.
+fn consolidated() -> (tempfile::TempDir, tempfile::TempDir) {
+    let ckpt = tempfile::tempdir().unwrap();
+    make_shards(ckpt.path(), &["--layout", "zoo", "--ranks", "6"]);
+    let out = tempfile::tempdir().unwrap();
+    let mapping = ckpt.path().join("mapping.json");
+    consolidate_ok(
+        2,
+        &["--mapping", s(&mapping), s(ckpt.path()), s(out.path())],
+    );
+    assert!(identities(out.path()).len() >= 3, "{:?}", names(out.path()));
+    (ckpt, out)
+}
+
+fn resume(ranks: usize, extra: &[&str], ckpt: &Path, out: &Path) -> String {
+    let mapping = ckpt.join("mapping.json");
+    let mut args = extra.to_vec();
+    args.extend(["--resume", "--mapping", s(&mapping), s(ckpt), s(out)]);
+    stderr(&consolidate_ok(ranks, &args))
+}
+
+/// The files whose inode or mtime changed between two listings.
+fn rewritten(
+    before: &BTreeMap<String, (u64, i64)>,
+    after: &BTreeMap<String, (u64, i64)>,
+) -> Vec<String> {
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    before
+        .iter()
+        .filter(|(name, id)| after[*name] != **id)
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+#[test]
+fn only_a_deleted_file_is_rewritten_under_both_schedules() {
+    let (ckpt, out) = consolidated();
+    let manifest = ckpt.path().join("manifest.json");
+    for (schedule, ranks) in [("modulo", 2), ("balanced", 3), ("balanced", 1)] {
+        let before = identities(out.path());
+        let files: Vec<&String> = before.keys().collect();
+        let gone = files[1].clone();
+        std::fs::remove_file(out.path().join(&gone)).unwrap();
+        std::fs::remove_file(out.path().join(INDEX)).unwrap();
+        let text = resume(ranks, &["--schedule", schedule], ckpt.path(), out.path());
+        let expected = format!("kept {}, wrote 1 files", files.len() - 1);
+        assert!(text.contains(&expected), "{schedule}: {text}");
+        assert_eq!(
+            rewritten(&before, &identities(out.path())),
+            [gone.as_str()],
+            "{schedule}"
+        );
+        assert_matches_manifest(out.path(), &manifest);
+        assert!(!names(out.path()).iter().any(|n| n.starts_with('.')));
+    }
+}
+
+#[test]
+fn a_file_cut_short_or_of_another_plan_or_with_wrong_bytes_is_rewritten() {
+    let (ckpt, out) = consolidated();
+    let manifest = ckpt.path().join("manifest.json");
+    // Cut short: a final-named file can only be that way by someone else's
+    // hand, but it must not be kept.
+    let before = identities(out.path());
+    let first = before.keys().next().unwrap().clone();
+    let path = out.path().join(&first);
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let text = resume(2, &[], ckpt.path(), out.path());
+    assert!(
+        text.contains(&format!("kept {}, wrote 1 files", before.len() - 1)),
+        "{text}"
+    );
+    let after = identities(out.path());
+    assert_eq!(rewritten(&before, &after), [first.as_str()]);
+    assert_matches_manifest(out.path(), &manifest);
+
+    // Same size and header, one tensor byte changed: with --verify the
+    // tensor bytes are compared too, and the file is rewritten.
+    let before = after;
+    let bytes = std::fs::read(&path).unwrap();
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0xff;
+    std::fs::write(&path, &flipped).unwrap();
+    let before = BTreeMap::from_iter(before.into_iter().map(|(n, id)| {
+        let id = if n == first {
+            identities(out.path())[&n]
+        } else {
+            id
+        };
+        (n, id)
+    }));
+    let text = resume(3, &["--verify"], ckpt.path(), out.path());
+    assert!(
+        text.contains(&format!("{first} differs from the inputs")),
+        "{text}"
+    );
+    assert_eq!(
+        rewritten(&before, &identities(out.path())),
+        [first.as_str()]
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+
+    // Another mapping: the same file names, tensors moved between files 1
+    // and 2. Both change header; every other file is kept.
+    let mapping: BTreeMap<String, u32> =
+        serde_json::from_slice(&std::fs::read(ckpt.path().join("mapping.json")).unwrap()).unwrap();
+    let swapped: BTreeMap<String, u32> = mapping
+        .iter()
+        .map(|(k, &v)| {
+            (
+                k.clone(),
+                match v {
+                    1 => 2,
+                    2 => 1,
+                    v => v,
+                },
+            )
+        })
+        .collect();
+    let other = out.path().join("../other-mapping.json");
+    std::fs::write(&other, serde_json::to_vec(&swapped).unwrap()).unwrap();
+    let before = identities(out.path());
+    let args = [
+        "--resume",
+        "--mapping",
+        s(&other),
+        s(ckpt.path()),
+        s(out.path()),
+    ];
+    let text = stderr(&consolidate_ok(2, &args));
+    assert!(
+        text.contains(&format!("kept {}, wrote 2 files", before.len() - 2)),
+        "{text}"
+    );
+    let changed = rewritten(&before, &identities(out.path()));
+    assert_eq!(changed.len(), 2, "{changed:?}");
+    assert_matches_manifest(out.path(), &manifest);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join(INDEX)).unwrap()).unwrap();
+    let (name, &file) = swapped.iter().next().unwrap();
+    assert!(
+        index["weight_map"][name]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("model-{file:05}"))
+    );
+    std::fs::remove_file(other).unwrap();
+}
+
+#[test]
+fn outputs_of_another_file_count_still_need_overwrite() {
+    let (ckpt, out) = consolidated();
+    let stray = out.path().join("model-00001-of-00009.safetensors");
+    std::fs::write(&stray, b"older").unwrap();
+    let mapping = ckpt.path().join("mapping.json");
+    let args = [
+        "--resume",
+        "--mapping",
+        s(&mapping),
+        s(ckpt.path()),
+        s(out.path()),
+    ];
+    let run = consolidate(2, &args);
+    let text = stderr(&run);
+    assert!(!run.status.success(), "{text}");
+    assert!(
+        text.contains("already holds model-00001-of-00009.safetensors"),
+        "{text}"
+    );
+    assert!(text.contains("hint:"), "{text}");
+    assert_eq!(std::fs::read(&stray).unwrap(), b"older");
+}
+
+/// Direct children of `pid`, from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        if after.split(' ').nth(1).unwrap().parse::<u32>().unwrap() == pid {
+            kids.push(child);
+        }
+    }
+    kids
+}
+
+/// Whether `pid` is a process that has not exited (zombies have).
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !matches!(
+            stat[stat.rfind(')').unwrap() + 2..].chars().next(),
+            Some('Z' | 'X')
+        )
+    })
+}
+
+#[test]
+fn a_killed_run_resumes_and_verifies() {
+    let ckpt = tempfile::tempdir().unwrap();
+    let args = [
+        "--layout", "tp", "--ranks", "8", "--files", "4", "--layers", "9", "--hidden", "2048",
+        "--vocab", "32000",
+    ];
+    make_shards(ckpt.path(), &args);
+    let mapping = ckpt.path().join("mapping.json");
+    let out = tempfile::tempdir().unwrap();
+    let run_args = [
+        "--threads",
+        "1",
+        "--mapping",
+        s(&mapping),
+        s(ckpt.path()),
+        s(out.path()),
+    ];
+    let mut launcher = Command::new("mpirun")
+        .args(["-n", "2", BIN, "-q", "--resume"])
+        .args(run_args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !names(out.path()).iter().any(|n| n.ends_with(".tmp")) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never started writing"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ranks = children(launcher.id());
+    assert_eq!(ranks.len(), 2, "mpirun's children: {ranks:?}");
+    Command::new("kill")
+        .args(["-KILL", &ranks[1].to_string()])
+        .status()
+        .unwrap();
+    Command::new("kill")
+        .args(["-TERM", &launcher.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        !launcher.wait().unwrap().success(),
+        "the run must have been cut short"
+    );
+    let started = Instant::now();
+    while ranks.iter().any(|&pid| is_running(pid)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a rank outlived its launcher"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        names(out.path()).iter().all(|n| n.starts_with('.')),
+        "{:?}",
+        names(out.path())
+    );
+    let mut rerun = vec!["--resume"];
+    rerun.extend(run_args);
+    let text = stderr(&consolidate_ok(2, &rerun));
+    assert!(text.contains("kept 0, wrote"), "{text}");
+    let mut check = vec!["--verify-only"];
+    check.extend(&run_args[2..]);
+    consolidate_ok(2, &check);
+    assert_matches_manifest(out.path(), &ckpt.path().join("manifest.json"));
+}
