@@ -42,7 +42,7 @@ scripts/test-transformers.sh | tee -a "$log"
 echo "== benchmark smoke (20 MB, 1 run; real numbers come from scripts/bench.sh)"
 BENCH_DIR=$(mktemp -d) scripts/bench.sh 0.02 1 | grep -E "^\| (mixed|tp) "
 
-echo "== fuzz the header parser (cargo fuzz, 20 s)"
+echo "== fuzz the header parser and the pickle interpreter (cargo fuzz, 20 s each)"
 scripts/fuzz.sh 20
 
 # One closing line for the whole run, summed over every test binary.

@@ -147,6 +147,69 @@ pub enum Error {
         size: usize,
     },
 
+    /// An in-kernel copy between two files failed without saying which side.
+    #[error(
+        "tensor '{}': cannot copy {} into {}: {}\n  hint: {}",
+        shown(tensor),
+        shown_path(from),
+        shown_path(to),
+        shown(&source.to_string()),
+        io_hint(source)
+    )]
+    CopyBetween {
+        /// The tensor being copied.
+        tensor: String,
+        /// The input file.
+        from: PathBuf,
+        /// The output file.
+        to: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// A checkpoint's metadata file (DCP's `.metadata`) cannot be used.
+    #[error("{}: {}\n  hint: {}", shown_path(path), shown(reason), shown(hint))]
+    BadCheckpoint {
+        /// The metadata file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+        /// What the user can do.
+        hint: String,
+    },
+
+    /// An existing output's `model.safetensors.index.json` is unusable
+    /// (`--verify-only`).
+    #[error("{}: {}\n  hint: {hint}", shown_path(path), shown(reason))]
+    BadIndex {
+        /// The index file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+        /// What the user can do.
+        hint: &'static str,
+    },
+
+    /// The ranks do not agree: different plans, different OUTPUT_DIRs, or
+    /// messages another rank sent that cannot be read.
+    #[error("{}\n  hint: {}", shown(reason), shown(hint))]
+    RanksDisagree {
+        /// What differs between ranks.
+        reason: String,
+        /// What the user can do.
+        hint: String,
+    },
+
+    /// Something that cannot happen did: a bug in this program.
+    #[error(
+        "internal error: {}\n  hint: this is a bug; please report it with the command line",
+        shown(reason)
+    )]
+    Internal {
+        /// What went wrong.
+        reason: String,
+    },
+
     /// Another rank failed; it reports its own error, so this one stays quiet.
     #[error("rank {0} failed")]
     PeerFailed(usize),
@@ -162,11 +225,27 @@ impl Error {
         }
     }
 
-    /// Builds an [`Error::Usage`].
+    /// Builds an [`Error::Usage`]: the command line or the directories do
+    /// not allow a run.
     pub fn usage(reason: impl Into<String>, hint: impl Into<String>) -> Self {
         Error::Usage {
             reason: reason.into(),
             hint: hint.into(),
+        }
+    }
+
+    /// Builds an [`Error::RanksDisagree`].
+    pub fn ranks_disagree(reason: impl Into<String>, hint: impl Into<String>) -> Self {
+        Error::RanksDisagree {
+            reason: reason.into(),
+            hint: hint.into(),
+        }
+    }
+
+    /// Builds an [`Error::Internal`].
+    pub fn internal(reason: impl Into<String>) -> Self {
+        Error::Internal {
+            reason: reason.into(),
         }
     }
 }

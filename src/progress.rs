@@ -9,7 +9,7 @@
 //! is left waiting.
 
 use crate::comm::Communicator;
-use crate::run::human_bytes;
+use crate::report::human_bytes;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -79,7 +79,7 @@ pub fn watch(
         }
         let still_copying = u64::from(!counters.finished.load(Ordering::Acquire));
         let [done, copying] =
-            comm.sum_nonblocking([counters.copied.load(Ordering::Relaxed), still_copying]);
+            comm.sum_polled([counters.copied.load(Ordering::Relaxed), still_copying]);
         match &display {
             Display::Bar(bar) => bar.set_position(done),
             Display::Lines => eprintln!("{}", line(done, total, started.elapsed())),
@@ -173,7 +173,7 @@ mod tests {
         fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
             vec![bytes.to_vec(), Vec::new()]
         }
-        fn sum_nonblocking(&self, [bytes, copying]: [u64; 2]) -> [u64; 2] {
+        fn sum_polled(&self, [bytes, copying]: [u64; 2]) -> [u64; 2] {
             let mut rounds = self.rounds.lock().unwrap();
             let peer_copying = u64::from(rounds.len() < self.peer_busy_rounds);
             let sum = [bytes + self.peer_bytes, copying + peer_copying];

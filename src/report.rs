@@ -1,9 +1,11 @@
-//! The run report: what each rank sends rank 0 after writing, the JSON that
-//! `--report` writes, and the human summary printed at the end.
+//! What people and tools read about a run: what each rank sends rank 0
+//! after writing, the JSON that `--report` writes, the human summary printed
+//! at the end, the `--dry-run` table, and byte counts for people.
 
-use crate::plan::Plan;
-use crate::run::human_bytes;
+use crate::error::shown;
+use crate::plan::{Plan, Schedule};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// What one rank did, sent to rank 0 at the end.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -49,11 +51,33 @@ pub struct RunReport {
     pub verify: VerifySummary,
 }
 
+/// What was read, beyond the plan: for the report, the summary and the
+/// dry-run table.
+#[derive(Clone, Debug, Default)]
+pub struct InputFacts {
+    /// The input folder, for people.
+    pub dir: String,
+    /// `dcp` or `hf-shards`.
+    pub format: &'static str,
+    /// Saved values that are not tensors (not exported).
+    pub non_tensors: Vec<String>,
+    /// Every tensor as saved, with its bytes and whether it is exported.
+    pub tensors: Vec<(String, u64, bool)>,
+}
+
 /// The input side of a run.
 #[derive(Clone, Debug, Serialize)]
 pub struct InputSummary {
     /// The input folder.
     pub dir: String,
+    /// `dcp` or `hf-shards`.
+    pub format: &'static str,
+    /// Saved values that are not tensors, skipped (not weights).
+    pub non_tensors: Vec<String>,
+    /// Tensors left out by `--include`/`--exclude`.
+    pub excluded_tensors: usize,
+    /// Their bytes.
+    pub excluded_bytes: u64,
     /// Shard files.
     pub files: usize,
     /// Distinct tensors.
@@ -110,7 +134,7 @@ impl RunReport {
     /// Builds the report from the plan and every rank's [`RankReport`].
     pub fn new(
         plan: &Plan,
-        input_dir: &str,
+        facts: &InputFacts,
         command_line: Vec<String>,
         ranks: &[RankReport],
         verified: bool,
@@ -123,7 +147,11 @@ impl RunReport {
             world_size: plan.world_size,
             threads_per_rank: ranks.iter().map(|r| r.threads).collect(),
             input: InputSummary {
-                dir: input_dir.to_string(),
+                dir: facts.dir.clone(),
+                format: facts.format,
+                non_tensors: facts.non_tensors.clone(),
+                excluded_tensors: facts.tensors.iter().filter(|t| !t.2).count(),
+                excluded_bytes: facts.tensors.iter().filter(|t| !t.2).map(|t| t.1).sum(),
                 files: plan.shards.len(),
                 tensors: plan.tensors.len(),
                 bytes: plan.tensors.iter().map(|t| t.byte_len()).sum(),
@@ -175,6 +203,25 @@ impl RunReport {
             self.world_size,
             if self.verify.ran { ", verified" } else { "" }
         );
+        if !self.input.non_tensors.is_empty() {
+            text.push_str(&format!(
+                "\n  skipped {} non-tensor entr{} (not weights): {}",
+                self.input.non_tensors.len(),
+                if self.input.non_tensors.len() == 1 {
+                    "y"
+                } else {
+                    "ies"
+                },
+                shown(&self.input.non_tensors.join(", "))
+            ));
+        }
+        if self.input.excluded_tensors > 0 {
+            text.push_str(&format!(
+                "\n  left out {} tensor(s) ({}) by --include/--exclude",
+                self.input.excluded_tensors,
+                human_bytes(self.input.excluded_bytes)
+            ));
+        }
         const SHOWN: usize = 16;
         for r in self.ranks.iter().take(SHOWN) {
             text.push_str(&format!(
@@ -194,5 +241,178 @@ impl RunReport {
             ));
         }
         text
+    }
+}
+
+/// The `--dry-run` report: what the checkpoint holds by name prefix, then
+/// files, tensors, bytes, owners, bytes per rank.
+pub fn describe(plan: &Plan, facts: &InputFacts) -> String {
+    let mut out = prefixes(facts);
+    out.push_str(&format!(
+        "plan: {} tensors, {} from {} shard files into {} output files on {} rank(s)\n",
+        plan.tensors.len(),
+        human_bytes(plan.total_bytes()),
+        plan.shards.len(),
+        plan.files.len(),
+        plan.world_size
+    ));
+    out.push_str(&format!(
+        "{:<36} {:>8} {:>14} {:>6}\n",
+        "file", "tensors", "bytes", "rank"
+    ));
+    for file in &plan.files {
+        out.push_str(&format!(
+            "{:<36} {:>8} {:>14} {:>6}\n",
+            file.name,
+            file.entries.len(),
+            file.len(),
+            file.owner
+        ));
+    }
+    out.push_str(&format!(
+        "{:<10} {:>9} {:>16} {:>16} {:>11}{}\n",
+        "schedule",
+        "max/mean",
+        "max bytes/rank",
+        "mean bytes/rank",
+        "idle ranks",
+        if plan.world_size <= 16 {
+            "   bytes per rank"
+        } else {
+            ""
+        }
+    ));
+    for schedule in [Schedule::Modulo, Schedule::Balanced] {
+        let mut variant = plan.clone();
+        variant.schedule = schedule;
+        let balance = Balance::of(&variant);
+        out.push_str(&format!(
+            "{:<10} {:>9.3} {:>16} {:>16.0} {:>11}",
+            format!("{schedule:?}").to_lowercase(),
+            balance.max_over_mean,
+            balance.max,
+            balance.mean,
+            balance.idle
+        ));
+        if plan.world_size <= 16 {
+            out.push_str("   ");
+            out.push_str(
+                &balance
+                    .per_rank
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+        if schedule == plan.schedule {
+            out.push_str("   (selected)");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Tensors and bytes per first name component (`model.*`, `optim.*`), so a
+/// user sees at a glance what the checkpoint holds besides the model, and
+/// what `--include`/`--exclude` leave out; then the non-tensor entries.
+fn prefixes(facts: &InputFacts) -> String {
+    // prefix -> (tensors, bytes, exported tensors)
+    let mut groups: BTreeMap<String, (usize, u64, usize)> = BTreeMap::new();
+    for (name, bytes, exported) in &facts.tensors {
+        let prefix = match name.split_once('.') {
+            Some((first, _)) => format!("{first}.*"),
+            None => name.clone(),
+        };
+        let group = groups.entry(prefix).or_default();
+        group.0 += 1;
+        group.1 += bytes;
+        group.2 += usize::from(*exported);
+    }
+    let total: u64 = groups.values().map(|g| g.1).sum();
+    let mut out = format!(
+        "checkpoint ({}): {} tensors, {}\n{:<36} {:>8} {:>14} {:>7}  {}\n",
+        facts.format,
+        facts.tensors.len(),
+        human_bytes(total),
+        "name prefix",
+        "tensors",
+        "bytes",
+        "share",
+        "exported"
+    );
+    for (prefix, (count, bytes, exported)) in &groups {
+        let share = if total > 0 {
+            100.0 * *bytes as f64 / total as f64
+        } else {
+            0.0
+        };
+        let exported = match *exported {
+            e if e == *count => "yes".to_string(),
+            0 => "no (--include/--exclude)".to_string(),
+            e => format!("{e} of {count}"),
+        };
+        out.push_str(&format!(
+            "{:<36} {:>8} {:>14} {:>6.1}%  {exported}\n",
+            shown(prefix),
+            count,
+            bytes,
+            share
+        ));
+    }
+    if !facts.non_tensors.is_empty() {
+        out.push_str(&format!(
+            "non-tensor entries (skipped, not weights): {}\n",
+            shown(&facts.non_tensors.join(", "))
+        ));
+    }
+    out.push('\n');
+    out
+}
+
+/// How evenly a plan spreads bytes over its ranks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Balance {
+    /// Tensor bytes per rank.
+    pub per_rank: Vec<u64>,
+    /// The busiest rank's bytes.
+    pub max: u64,
+    /// Mean bytes per rank.
+    pub mean: f64,
+    /// max / mean (1.0 is perfect).
+    pub max_over_mean: f64,
+    /// Ranks with nothing to write.
+    pub idle: usize,
+}
+
+impl Balance {
+    /// The balance of `plan` under its schedule.
+    pub fn of(plan: &Plan) -> Balance {
+        let per_rank = plan.bytes_per_rank();
+        let max = per_rank.iter().copied().max().unwrap_or(0);
+        let mean = plan.total_bytes() as f64 / plan.world_size.max(1) as f64;
+        Balance {
+            max,
+            mean,
+            max_over_mean: if mean > 0.0 { max as f64 / mean } else { 1.0 },
+            idle: per_rank.iter().filter(|&&b| b == 0).count(),
+            per_rank,
+        }
+    }
+}
+
+/// Formats a byte count for people.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
     }
 }

@@ -5,8 +5,9 @@
 
 mod common;
 use common::*;
-use st_consolidate_mpi::exec::convert::{convert, output_dtype};
+use st_consolidate_mpi::exec::convert::convert;
 use st_consolidate_mpi::safetensors::dtype::Dtype;
+use st_consolidate_mpi::safetensors::dtype::output_dtype;
 use st_consolidate_mpi::safetensors::header::read_header;
 use std::collections::BTreeMap;
 use std::path::Path;

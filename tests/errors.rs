@@ -327,39 +327,6 @@ fn replicas_with_different_bytes_are_refused() {
     );
 }
 
-/// A small tmpfs, unmounted on drop.
-struct SmallDisk(tempfile::TempDir);
-
-impl SmallDisk {
-    fn new(size: &str) -> SmallDisk {
-        let dir = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "tmpfs",
-                s(dir.path()),
-            ])
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "this test mounts a small tmpfs and needs root"
-        );
-        SmallDisk(dir)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.0.path())
-            .status();
-    }
-}
-
 #[test]
 fn a_full_disk_is_reported_and_cleaned_up() {
     // 200 KB holds one of the two ~155 KB outputs but not both: one rank

@@ -12,28 +12,6 @@ use std::time::{Duration, Instant};
 
 const INDEX: &str = "model.safetensors.index.json";
 
-/// A small tmpfs, unmounted on drop (needs root, as CI has).
-struct SmallDisk(tempfile::TempDir);
-
-impl SmallDisk {
-    fn new(size: &str) -> SmallDisk {
-        let dir = tempfile::tempdir().unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "mounting a tmpfs needs root");
-        SmallDisk(dir)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 fn fixture_args<'a>(mapping: &'a Path, out: &'a Path) -> Vec<&'a str> {
     vec!["--mapping", s(mapping), s(torch_fixture_ref()), s(out)]
 }

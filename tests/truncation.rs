@@ -2,8 +2,8 @@
 //! file and tensor, never a signal, and no files left behind. Shards are
 //! read, not memory-mapped, so a short file cannot raise SIGBUS.
 
-mod library;
-use library::*;
+mod common;
+use common::*;
 use st_consolidate_mpi::Error;
 use st_consolidate_mpi::checkpoint::{FullTensor, Location};
 use st_consolidate_mpi::exec::copy::{DIRECT_MIN_RUN, TRUNCATED_DURING_RUN, check_replicas};

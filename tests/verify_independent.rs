@@ -2,8 +2,8 @@
 //! correct outputs of every layout, and exact about which tensor is wrong
 //! when a byte, a piece's placement or a replica is off.
 
-mod library;
-use library::*;
+mod common;
+use common::*;
 use st_consolidate_mpi::exec::verify::{compare, written_targets};
 use st_consolidate_mpi::plan::Plan;
 use st_consolidate_mpi::safetensors::dtype::Dtype;

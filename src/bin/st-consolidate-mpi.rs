@@ -2,42 +2,69 @@
 
 use clap::{ArgGroup, Parser};
 use st_consolidate_mpi::Error;
+use st_consolidate_mpi::checkpoint::ReadOptions;
+use st_consolidate_mpi::checkpoint::format::InputFormat;
 use st_consolidate_mpi::checkpoint::hf_shards::HeaderReading;
+use st_consolidate_mpi::checkpoint::select::Selection;
 use st_consolidate_mpi::comm::{
     Communicator, MpiWorld, SingleProcess, check_world, launcher_tasks,
 };
+use st_consolidate_mpi::plan::PlanOptions;
 use st_consolidate_mpi::plan::Schedule;
 use st_consolidate_mpi::plan::mapping::{MappingSource, Unmapped, parse_size};
-use st_consolidate_mpi::run::{Config, run};
+use st_consolidate_mpi::run::{Config, Mode, Verbosity, run};
 use st_consolidate_mpi::safetensors::dtype::Dtype;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Consolidate a PyTorch Distributed Checkpoint saved as per-rank safetensors
-/// shards into Hugging Face safetensors files, in parallel across MPI ranks.
+/// Consolidate a PyTorch Distributed Checkpoint into Hugging Face safetensors files, in
+/// parallel across MPI ranks. Reads DCP's default format (.metadata + __R_I.distcp, written by
+/// torch.distributed.checkpoint.save: torchtitan, Megatron torch_dist, accelerate FSDP) and
+/// per-rank safetensors shards (HuggingFaceStorageWriter(save_distributed=True)).
 #[derive(Debug, Parser)]
 #[command(
     version,
     group(ArgGroup::new("source").args(["mapping", "hf_index", "max_shard_size"])),
     after_help = "\
-Which tensor goes to which file: --mapping, --hf-index or --max-shard-size;
-with none of them everything goes into model-00001-of-00001.safetensors.
+Which tensor goes to which file: --mapping, --hf-index or --max-shard-size.
+With none of them, a DCP checkpoint is written as Hugging Face does it (files
+of at most 5 GB, filled in name order) and an HF-shards checkpoint into
+model-00001-of-00001.safetensors. Non-tensor entries of a DCP checkpoint
+(step, dataloader state) are skipped and listed in the summary.
 
 Each rank writes the output files whose index % world size == its rank.
 Outputs appear under their final names only once every rank has succeeded;
 model.safetensors.index.json is written last.
 
 Examples:
+  st-consolidate-mpi --exclude 'optim.*' outputs/checkpoint/step-1000 hf-out/
+  mpirun -n 4 st-consolidate-mpi --include 'model.*' ckpt/pytorch_model_fsdp_0 hf-out/
   st-consolidate-mpi --mapping ckpt/mapping.json ckpt/sharded out/
   mpirun -n 4 st-consolidate-mpi --hf-index orig/model.safetensors.index.json ckpt out
   srun -n 64 --mpi=pmix st-consolidate-mpi --max-shard-size 5GB ckpt out"
 )]
 struct Cli {
-    /// Folder holding the shard-*.safetensors files (or a sharded/ subfolder).
+    /// The checkpoint folder: .metadata + *.distcp (DCP format), or shard-*.safetensors files
+    /// (or a sharded/ subfolder of them).
     input_dir: PathBuf,
 
     /// Folder for model-*.safetensors and model.safetensors.index.json (created if missing).
     output_dir: PathBuf,
+
+    /// The input's format; auto decides from the folder (.metadata: dcp; shard-*.safetensors:
+    /// hf-shards) and refuses a folder holding both or neither.
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    input_format: FormatArg,
+
+    /// Export only tensors whose saved name matches GLOB (`*` any characters, `?` one;
+    /// repeatable), e.g. --include 'model.*'. Applied before mapping and --strip-prefix.
+    #[arg(long, value_name = "GLOB")]
+    include: Vec<String>,
+
+    /// Leave out tensors whose saved name matches GLOB (repeatable), e.g. --exclude 'optim.*'
+    /// to export the model without the optimizer state. --dry-run lists name prefixes and sizes.
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
 
     /// JSON {"tensor.name": index, ...} with file indices from 1 (PyTorch's fqn_to_index_mapping).
     #[arg(long, value_name = "FILE")]
@@ -52,8 +79,8 @@ struct Cli {
     max_shard_size: Option<u64>,
 
     /// What to do with tensors the mapping does not name: stop with an error, or put them in the last file.
-    #[arg(long, value_enum, default_value_t = Unmapped::Error)]
-    unmapped: Unmapped,
+    #[arg(long, value_enum, default_value_t = UnmappedArg::Error)]
+    unmapped: UnmappedArg,
 
     /// Copy threads per rank, at most 1024 [default: cores on the node / ranks on the node].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=MAX_THREADS))]
@@ -114,14 +141,14 @@ struct Cli {
     /// i % ranks; one writer per file, safe on every filesystem, NFS included) or balanced
     /// (equal contiguous byte blocks; several ranks write disjoint ranges of one file, which
     /// local filesystems, Lustre and GPFS handle, NFS without care may not).
-    #[arg(long, value_enum, default_value_t = Schedule::Modulo)]
-    schedule: Schedule,
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Modulo)]
+    schedule: ScheduleArg,
 
     /// Who reads the shard headers: all (every rank reads every header) or shared (each rank
     /// reads 1/ranks of them and the ranks exchange a validated summary, so each file is opened
     /// once per job: use it for thousands of shards on Lustre or GPFS).
-    #[arg(long, value_enum, default_value_t = HeaderReading::All)]
-    headers: HeaderReading,
+    #[arg(long, value_enum, default_value_t = HeadersArg::All)]
+    headers: HeadersArg,
 
     /// Convert every floating-point tensor (F16, BF16, F32, F64) to this type, rounding to
     /// nearest even exactly as PyTorch's tensor.to(dtype); integer, bool, fp8 and complex tensors stay.
@@ -142,28 +169,115 @@ impl Cli {
             (_, _, Some(size)) => MappingSource::MaxShardSize(size),
             _ => MappingSource::SingleFile,
         };
+        let mode = if self.dry_run {
+            Mode::DryRun {
+                ranks: self.ranks.map(|n| n as usize),
+            }
+        } else if self.verify_only {
+            Mode::VerifyOnly
+        } else {
+            Mode::Consolidate {
+                verify: self.verify,
+            }
+        };
+        let verbosity = match (self.quiet, self.verbose) {
+            (true, _) => Verbosity::Quiet,
+            (_, true) => Verbosity::Verbose,
+            _ => Verbosity::Normal,
+        };
         Config {
             input: self.input_dir,
             output: self.output_dir,
-            mapping,
-            unmapped: self.unmapped,
+            mode,
+            verbosity,
+            read: ReadOptions {
+                format: self.input_format.into(),
+                select: Selection {
+                    include: self.include,
+                    exclude: self.exclude,
+                },
+                allow_missing_shard_files: self.allow_missing_shard_files,
+                source_ranks: self.source_ranks,
+                headers: self.headers.into(),
+            },
+            plan: PlanOptions {
+                mapping,
+                unmapped: self.unmapped.into(),
+                strip_prefixes: self.strip_prefix,
+                dtype: self.dtype.map(ExportDtype::dtype),
+                schedule: self.schedule.into(),
+            },
             threads: self.threads.map(usize::from),
-            dry_run: self.dry_run,
-            plan_ranks: self.ranks.map(|n| n as usize),
             overwrite: self.overwrite,
-            verify: self.verify,
-            verify_only: self.verify_only,
-            allow_missing_shard_files: self.allow_missing_shard_files,
-            source_ranks: self.source_ranks,
-            quiet: self.quiet,
-            verbose: self.verbose,
             progress_secs: self.progress,
             report: self.report,
-            strip_prefixes: self.strip_prefix,
             command_line: std::env::args().collect(),
-            dtype: self.dtype.map(ExportDtype::dtype),
-            schedule: self.schedule,
-            headers: self.headers,
+        }
+    }
+}
+
+/// The `--input-format` choices (mirroring [`InputFormat`]).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum FormatArg {
+    Auto,
+    HfShards,
+    Dcp,
+}
+
+impl From<FormatArg> for InputFormat {
+    fn from(arg: FormatArg) -> InputFormat {
+        match arg {
+            FormatArg::Auto => InputFormat::Auto,
+            FormatArg::HfShards => InputFormat::HfShards,
+            FormatArg::Dcp => InputFormat::Dcp,
+        }
+    }
+}
+
+/// The `--unmapped` choices (mirroring [`Unmapped`]).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum UnmappedArg {
+    Error,
+    Last,
+}
+
+impl From<UnmappedArg> for Unmapped {
+    fn from(arg: UnmappedArg) -> Unmapped {
+        match arg {
+            UnmappedArg::Error => Unmapped::Error,
+            UnmappedArg::Last => Unmapped::Last,
+        }
+    }
+}
+
+/// The `--schedule` choices (mirroring [`Schedule`]).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ScheduleArg {
+    Modulo,
+    Balanced,
+}
+
+impl From<ScheduleArg> for Schedule {
+    fn from(arg: ScheduleArg) -> Schedule {
+        match arg {
+            ScheduleArg::Modulo => Schedule::Modulo,
+            ScheduleArg::Balanced => Schedule::Balanced,
+        }
+    }
+}
+
+/// The `--headers` choices (mirroring [`HeaderReading`]).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum HeadersArg {
+    All,
+    Shared,
+}
+
+impl From<HeadersArg> for HeaderReading {
+    fn from(arg: HeadersArg) -> HeaderReading {
+        match arg {
+            HeadersArg::All => HeaderReading::All,
+            HeadersArg::Shared => HeaderReading::Shared,
         }
     }
 }

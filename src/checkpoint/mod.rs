@@ -6,8 +6,10 @@
 
 pub mod coverage;
 pub mod dcp;
+pub mod format;
 pub mod hf_shards;
 pub mod identity;
+pub mod select;
 
 use crate::checkpoint::coverage::{CoverageFault, check_coverage, region};
 use crate::error::{Error, Result};
@@ -16,8 +18,24 @@ use crate::safetensors::header::{byte_len, element_count};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// How the checkpoint is read, from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct ReadOptions {
+    /// `--input-format`.
+    pub format: format::InputFormat,
+    /// `--include` / `--exclude`.
+    pub select: select::Selection,
+    /// Accept a shard file set with (rank, index) files missing.
+    pub allow_missing_shard_files: bool,
+    /// How many ranks saved the checkpoint, if the user knows.
+    pub source_ranks: Option<u32>,
+    /// Whether every rank reads every header (or `.metadata`), or the work
+    /// is shared and the results exchanged.
+    pub headers: hf_shards::HeaderReading,
+}
+
 /// A checkpoint as read from disk, whatever its format.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Checkpoint {
     /// The input files pieces live in, indexed by `Location::shard`.
     pub files: Vec<PathBuf>,
@@ -29,10 +47,12 @@ pub struct Checkpoint {
     /// Saved values that are not tensors (a step count, dataloader state):
     /// not weights, so not exported.
     pub non_tensors: Vec<String>,
+    /// Tensors left out by `--include`/`--exclude`, with their bytes.
+    pub excluded: Vec<(String, u64)>,
 }
 
 /// Where a piece's bytes live: an input file and an absolute byte offset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Location {
     /// Index into the list of shards.
     pub shard: usize,
@@ -41,7 +61,7 @@ pub struct Location {
 }
 
 /// One saved piece of a tensor: a dense row-major block of the full tensor.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Piece {
     /// Where the piece's bytes are.
     pub location: Location,
@@ -68,7 +88,7 @@ impl Piece {
 }
 
 /// A full tensor reassembled from its pieces.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FullTensor {
     /// The tensor's name.
     pub name: String,

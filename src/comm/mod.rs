@@ -5,6 +5,8 @@
 //! everything in one process (unit tests, `--dry-run` previews); [`MpiWorld`]
 //! is the real thing.
 
+pub mod collectives;
+
 use mpi::Threading;
 use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
@@ -29,11 +31,11 @@ pub trait Communicator {
     /// Collective: every rank receives every rank's bytes, in rank order.
     /// Payloads of any size arrive whole.
     fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>>;
-    /// Collective: element-wise sums over all ranks, by a non-blocking
-    /// all-reduce on a communicator of its own (so it never mixes with the
-    /// other collectives), polled until done. Used for progress while
-    /// worker threads copy.
-    fn sum_nonblocking(&self, values: [u64; 2]) -> [u64; 2];
+    /// Collective: element-wise sums over all ranks. It waits for them, but
+    /// by polling a non-blocking all-reduce on a communicator of its own (so
+    /// it never mixes with the other collectives and never parks in MPI
+    /// while worker threads copy). Used for progress.
+    fn sum_polled(&self, values: [u64; 2]) -> [u64; 2];
 }
 
 /// The number of tasks the launcher says it started, and the variable that
@@ -82,7 +84,7 @@ impl Communicator for SingleProcess {
     fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
         Some(vec![bytes.to_vec()])
     }
-    fn sum_nonblocking(&self, values: [u64; 2]) -> [u64; 2] {
+    fn sum_polled(&self, values: [u64; 2]) -> [u64; 2] {
         values
     }
     fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
@@ -143,7 +145,7 @@ impl Communicator for MpiWorld {
         (lowest < size).then(|| usize::try_from(lowest).unwrap_or(0))
     }
 
-    fn sum_nonblocking(&self, values: [u64; 2]) -> [u64; 2] {
+    fn sum_polled(&self, values: [u64; 2]) -> [u64; 2] {
         let mut sums = [0u64; 2];
         mpi::request::scope(|scope| {
             let mut request = self.progress.immediate_all_reduce_into(

@@ -12,32 +12,12 @@
 //!   F16C instruction does.
 
 use crate::safetensors::dtype::Dtype;
-
-/// Whether `dtype` is one that `--dtype` converts.
-pub fn is_convertible(dtype: Dtype) -> bool {
-    matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
-}
-
-/// The dtypes `--dtype` can convert to.
-pub const TARGETS: [Dtype; 3] = [Dtype::BF16, Dtype::F16, Dtype::F32];
-
-/// Whether [`convert`] handles `from` → `to`.
-pub fn can_convert(from: Dtype, to: Dtype) -> bool {
-    from == to || (is_convertible(from) && TARGETS.contains(&to))
-}
-
-/// The output dtype of a tensor of `dtype` under `--dtype target`:
-/// floating-point tensors take the target, all others keep their type.
-pub fn output_dtype(dtype: Dtype, target: Option<Dtype>) -> Dtype {
-    match target {
-        Some(target) if is_convertible(dtype) => target,
-        _ => dtype,
-    }
-}
+#[cfg(test)]
+use crate::safetensors::dtype::{TARGETS, can_convert, output_dtype};
 
 /// Converts `src` (elements of `from`) into `dst` (elements of `to`).
 /// `dst` must hold exactly as many elements as `src`, and the pair must
-/// pass [`can_convert`].
+/// pass [`crate::safetensors::dtype::can_convert`].
 pub fn convert(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) {
     use Dtype::*;
     debug_assert_eq!(src.len() as u64 / from.size(), dst.len() as u64 / to.size());

@@ -86,10 +86,7 @@ impl OutputLock {
     pub fn acquire(dir: &Path, holder: &Holder) -> Result<OutputLock> {
         let path = dir.join(LOCK_NAME);
         let mut token = serde_json::to_vec(holder).map_err(|e| {
-            Error::usage(
-                format!("cannot encode the lock of {}: {e}", path.display()),
-                "this is a bug; please report it",
-            )
+            Error::internal(format!("cannot encode the lock of {}: {e}", path.display()))
         })?;
         token.push(b'\n');
         // Two attempts: the second after removing a dead holder's lock.

@@ -4,5 +4,7 @@ pub mod convert;
 pub mod copy;
 pub mod lock;
 pub mod output;
+pub mod publish;
 pub mod runs;
 pub mod verify;
+pub mod write;

@@ -2,16 +2,17 @@
 //! `--max-shard-size`, or a single file.
 
 use crate::error::{Error, Result};
-use crate::safetensors::header::{JsonError, parse_unique_json};
+use crate::safetensors::json::{JsonError, parse_unique_json};
 use crate::safetensors::naming::{MAX_FILES, parse_output_name};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Where the tensor-to-file assignment comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum MappingSource {
     /// Everything in `model-00001-of-00001.safetensors`.
+    #[default]
     SingleFile,
     /// A JSON `{fqn: index}` file (PyTorch's `fqn_to_index_mapping`).
     Mapping(PathBuf),
@@ -22,7 +23,7 @@ pub enum MappingSource {
 }
 
 /// What to do with tensors that the mapping does not name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Unmapped {
     /// Stop with an error listing them.
     #[default]

@@ -127,6 +127,31 @@ impl fmt::Display for Dtype {
     }
 }
 
+// What `--dtype` converts, decided where the plan (which sizes outputs)
+// and verification (which checks them) can both see it.
+
+/// Whether `dtype` is one that `--dtype` converts.
+pub fn is_convertible(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+}
+
+/// The dtypes `--dtype` can convert to.
+pub const TARGETS: [Dtype; 3] = [Dtype::BF16, Dtype::F16, Dtype::F32];
+
+/// Whether [`convert`] handles `from` → `to`.
+pub fn can_convert(from: Dtype, to: Dtype) -> bool {
+    from == to || (is_convertible(from) && TARGETS.contains(&to))
+}
+
+/// The output dtype of a tensor of `dtype` under `--dtype target`:
+/// floating-point tensors take the target, all others keep their type.
+pub fn output_dtype(dtype: Dtype, target: Option<Dtype>) -> Dtype {
+    match target {
+        Some(target) if is_convertible(dtype) => target,
+        _ => dtype,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,10 @@
 //! mpirun when asked) and checking outputs byte for byte.
 #![allow(dead_code)]
 
+mod library;
+#[allow(unused_imports)] // not every test binary uses the library helpers
+pub use library::*;
+
 use sha2::{Digest, Sha256};
 use st_consolidate_mpi::safetensors::header::read_header;
 use st_synth::hex;
@@ -235,4 +239,29 @@ pub fn assert_fails(
     );
     assert_eq!(snapshot(input), before, "inputs must be untouched");
     text
+}
+
+/// A small tmpfs, unmounted on drop (mounting needs root, as CI has).
+pub struct SmallDisk(pub tempfile::TempDir);
+
+impl SmallDisk {
+    pub fn new(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "this test mounts a small tmpfs and needs root"
+        );
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
 }

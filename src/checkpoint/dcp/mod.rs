@@ -12,9 +12,9 @@ pub mod metadata;
 pub mod pickle;
 pub mod torch_types;
 
-use crate::checkpoint::hf_shards::sharding::{
-    CoverageFault, FullTensor, Location, Piece, check_coverage, region,
-};
+use crate::checkpoint::coverage::{CoverageFault, check_coverage, region};
+use crate::checkpoint::select::Selection;
+use crate::checkpoint::{Checkpoint, FullTensor, Location, Piece};
 use crate::error::{Error, Result};
 use crate::safetensors::dtype::Dtype;
 use crate::safetensors::header::byte_len;
@@ -45,6 +45,8 @@ pub struct DcpCheckpoint {
     pub unsupported: Vec<UnsupportedTensor>,
     /// Tensors the filter left out; their chunks were not read.
     pub skipped: Vec<String>,
+    /// The same, with each one's bytes (for the dry-run table).
+    pub excluded: Vec<(String, u64)>,
 }
 
 /// A tensor and where its pieces are.
@@ -133,6 +135,26 @@ impl DcpCheckpoint {
     }
 }
 
+/// Reads a DCP checkpoint into the checkpoint model every format shares:
+/// the tensors `select` keeps, located and checked; the names of non-tensor
+/// entries; and the tensors left out, with their bytes. A kept tensor of a
+/// dtype safetensors cannot hold is an error naming it.
+pub fn read_checkpoint(dir: &Path, select: &Selection) -> Result<Checkpoint> {
+    let dcp = read_dcp_checkpoint_with(dir, &|name| select.keeps(name))?;
+    if let Some(unsupported) = dcp.unsupported.first() {
+        return Err(unsupported.error(dir));
+    }
+    let (files, mut tensors) = dcp.to_full_tensors();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Checkpoint {
+        files,
+        tensors,
+        skipped_outputs: Vec::new(),
+        non_tensors: dcp.non_tensors,
+        excluded: dcp.excluded,
+    })
+}
+
 /// Whether `dir` looks like a DCP FileSystemWriter checkpoint.
 pub fn is_dcp_checkpoint(dir: &Path) -> bool {
     dir.join(METADATA_FILE).is_file()
@@ -155,6 +177,7 @@ pub fn read_dcp_checkpoint_with(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Resu
         non_tensors: Vec::new(),
         unsupported: Vec::new(),
         skipped: Vec::new(),
+        excluded: Vec::new(),
     };
     let mut files = OpenFiles::default();
     for entry in &metadata.entries {
@@ -166,6 +189,11 @@ pub fn read_dcp_checkpoint_with(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Resu
             Entry::Tensor(tensor) => tensor,
         };
         if !keep(&tensor.name) {
+            let bytes = match tensor.dtype {
+                TorchDtype::Supported(dtype) => byte_len(&tensor.shape, dtype).unwrap_or(0),
+                TorchDtype::Unsupported(_) => 0,
+            };
+            checkpoint.excluded.push((tensor.name.clone(), bytes));
             checkpoint.skipped.push(tensor.name.clone());
             continue;
         }
@@ -222,16 +250,13 @@ fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// A `.metadata` file that cannot be used. `Error::BadFile` would call it an
-/// invalid safetensors file, so this uses the generic variant.
+/// A `.metadata` file that cannot be used.
 fn bad_metadata(path: &Path, reason: String, hint: &str) -> Error {
-    Error::usage(
-        format!(
-            "{}: not a usable DCP checkpoint metadata file: {reason}",
-            path.display()
-        ),
-        hint,
-    )
+    Error::BadCheckpoint {
+        path: path.to_owned(),
+        reason: format!("not a usable DCP checkpoint metadata file: {reason}"),
+        hint: hint.to_owned(),
+    }
 }
 
 fn metadata_error(path: &Path, err: MetadataError) -> Error {

@@ -2,7 +2,8 @@
 
 pub mod sharding;
 
-use crate::checkpoint::hf_shards::sharding::{Shard, sharding_info};
+use crate::checkpoint::Checkpoint;
+use crate::checkpoint::hf_shards::sharding::{ShardFile, index_pieces, sharding_info};
 use crate::error::{Error, Result};
 use crate::safetensors::header::read_header;
 use crate::safetensors::naming::{parse_output_name, parse_shard_name};
@@ -14,16 +15,11 @@ use std::path::{Path, PathBuf};
 /// Per-tensor piece offsets of one shard.
 pub type ShardingInfo = HashMap<String, Vec<u64>>;
 
-/// The checkpoint as read from disk.
-#[derive(Debug)]
-pub struct Checkpoint {
-    /// The shard files, sorted by path.
-    pub shards: Vec<Shard>,
-    /// Each shard's decoded sharding info, in the same order.
-    pub infos: Vec<HashMap<String, Vec<u64>>>,
-    /// Consolidated outputs of an earlier run found among the inputs and
-    /// ignored (when OUTPUT_DIR is INPUT_DIR).
-    pub skipped: Vec<PathBuf>,
+/// The shard files of a checkpoint with their decoded sharding info.
+struct ShardSet {
+    shards: Vec<ShardFile>,
+    infos: Vec<ShardingInfo>,
+    skipped: Vec<PathBuf>,
 }
 
 /// Lists the `*.safetensors` files of `dir` (not recursive; hidden names
@@ -106,7 +102,7 @@ fn unusable_entries(mut unusable: Vec<(PathBuf, String)>) -> Error {
 }
 
 /// Who reads the shard headers (`--headers`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HeaderReading {
     /// Every rank reads every header (the design card's way).
     #[default]
@@ -121,9 +117,9 @@ pub enum HeaderReading {
 /// (`None` when the file carries no DCP metadata). Small enough to send to
 /// other ranks (`--headers shared`): the raw metadata is dropped once decoded.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ParsedShard {
+pub struct ShardSummary {
     /// The file and its header.
-    pub shard: Shard,
+    pub shard: ShardFile,
     /// Per-tensor piece offsets.
     pub info: Option<ShardingInfo>,
 }
@@ -140,38 +136,56 @@ pub fn list_shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Reads and validates the headers of `paths`, in parallel.
-pub fn read_shards(paths: &[PathBuf]) -> Result<Vec<ParsedShard>> {
+pub fn read_shards(paths: &[PathBuf]) -> Result<Vec<ShardSummary>> {
     paths
         .par_iter()
         .map(|path| {
             let header = read_header(path)?;
-            let mut shard = Shard {
+            let mut shard = ShardFile {
                 path: path.clone(),
                 header,
             };
             let info = sharding_info(&shard)?;
             shard.header.metadata.clear();
-            Ok(ParsedShard { shard, info })
+            Ok(ShardSummary { shard, info })
         })
         .collect()
 }
 
-/// Builds the checkpoint from the parsed files of `dir` (in listing order),
-/// skipping earlier consolidated outputs and refusing other non-shards.
-/// Checks that no (rank, index) file is missing (with `allow_missing`, only
-/// that no whole rank is), up to `source_ranks` ranks if given.
-pub fn assemble(
+/// Builds the checkpoint from the parsed files of `dir` (in listing order):
+/// skips earlier consolidated outputs, refuses other non-shards, checks that
+/// no (rank, index) file is missing (with `allow_missing`, only that no whole
+/// rank is, up to `source_ranks` ranks if given), and groups every tensor's
+/// pieces, which must tile it.
+pub fn checkpoint_from(
     dir: &Path,
-    parsed: Vec<ParsedShard>,
+    parsed: Vec<ShardSummary>,
     allow_missing: bool,
     source_ranks: Option<u32>,
 ) -> Result<Checkpoint> {
-    let mut checkpoint = Checkpoint {
+    let set = shard_set(dir, parsed, allow_missing, source_ranks)?;
+    let tensors = index_pieces(&set.shards, &set.infos)?;
+    Ok(Checkpoint {
+        files: set.shards.into_iter().map(|s| s.path).collect(),
+        tensors,
+        skipped_outputs: set.skipped,
+        non_tensors: Vec::new(),
+        excluded: Vec::new(),
+    })
+}
+
+fn shard_set(
+    dir: &Path,
+    parsed: Vec<ShardSummary>,
+    allow_missing: bool,
+    source_ranks: Option<u32>,
+) -> Result<ShardSet> {
+    let mut checkpoint = ShardSet {
         shards: Vec::new(),
         infos: Vec::new(),
         skipped: Vec::new(),
     };
-    for ParsedShard { shard, info } in parsed {
+    for ShardSummary { shard, info } in parsed {
         match info {
             Some(info) => {
                 checkpoint.shards.push(shard);
@@ -204,7 +218,7 @@ pub fn assemble(
 /// unless `--source-ranks` says how many ranks saved the checkpoint: only
 /// that catches the loss of every file of the highest rank.
 fn check_file_set(
-    shards: &[Shard],
+    shards: &[ShardFile],
     expected_ranks: Option<u32>,
     allow_missing: bool,
 ) -> Result<()> {

@@ -6,19 +6,18 @@ use crate::checkpoint::tensor_from_pieces;
 pub use crate::checkpoint::{FullTensor, Location, Piece};
 use crate::error::{Error, Result};
 use crate::safetensors::dtype::Dtype;
-use crate::safetensors::header::{Header, JsonError, parse_unique_json};
+use crate::safetensors::header::Header;
+use crate::safetensors::json::{JsonError, parse_unique_json};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-
-pub use crate::checkpoint::coverage::{CoverageFault, check_coverage, region};
 
 /// The metadata key holding the JSON-encoded sharding information.
 pub const SHARDING_INFO_KEY: &str = "DCP_SHARDING_INFO";
 
 /// One input shard file and its parsed header.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct Shard {
+pub struct ShardFile {
     /// Path of the shard file.
     pub path: PathBuf,
     /// Its validated header.
@@ -28,7 +27,7 @@ pub struct Shard {
 /// Decodes a shard's `DCP_SHARDING_INFO` into per-tensor piece offsets.
 ///
 /// Returns `Ok(None)` when the file carries no DCP metadata at all.
-pub fn sharding_info(shard: &Shard) -> Result<Option<HashMap<String, Vec<u64>>>> {
+pub fn sharding_info(shard: &ShardFile) -> Result<Option<HashMap<String, Vec<u64>>>> {
     let Some(text) = shard.header.metadata.get(SHARDING_INFO_KEY) else {
         return Ok(None);
     };
@@ -93,7 +92,7 @@ pub fn sharding_info(shard: &Shard) -> Result<Option<HashMap<String, Vec<u64>>>>
 /// Groups the pieces of every tensor across all shards, checks that they
 /// agree and tile their full tensor exactly. Tensors come back sorted by name.
 pub fn index_pieces(
-    shards: &[Shard],
+    shards: &[ShardFile],
     infos: &[HashMap<String, Vec<u64>>],
 ) -> Result<Vec<FullTensor>> {
     // name -> (dtype, first file that defined it, pieces)
@@ -144,13 +143,13 @@ pub fn index_pieces(
 mod tests {
     use super::*;
 
-    fn shard_with_info(info: &str) -> Shard {
+    fn shard_with_info(info: &str) -> ShardFile {
         let json = r#"{"__metadata__":{"DCP_SHARDING_INFO":"@@"},"w":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#
             .replace("@@", &info.replace('"', "\\\""));
         let header =
             crate::safetensors::header::parse_header(json.as_bytes(), 8 + json.len() as u64 + 2)
                 .unwrap();
-        Shard {
+        ShardFile {
             path: PathBuf::from("shard-00001-model-00001-of-00001.safetensors"),
             header,
         }

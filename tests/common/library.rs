@@ -1,13 +1,11 @@
-//! Helpers for library-level tests: a plan built as the binary builds it,
+//! Helpers for library-level tests (no binary, no MPI): a plan built as the binary builds it,
 //! and output files written with the real copy, without MPI.
-#![allow(dead_code)]
 
 use sha2::{Digest, Sha256};
-use st_consolidate_mpi::checkpoint::hf_shards::{HeaderReading, list_shard_files, read_shards};
+use st_consolidate_mpi::checkpoint::hf_shards::{checkpoint_from, list_shard_files, read_shards};
 use st_consolidate_mpi::exec::copy::copy_item;
-use st_consolidate_mpi::plan::mapping::{MappingSource, Unmapped};
-use st_consolidate_mpi::plan::{Plan, Schedule};
-use st_consolidate_mpi::run::{Config, make_plan};
+use st_consolidate_mpi::plan::mapping::MappingSource;
+use st_consolidate_mpi::plan::{self, Plan, PlanOptions};
 use st_consolidate_mpi::safetensors::dtype::Dtype;
 use st_synth::hex;
 use std::collections::BTreeMap;
@@ -16,44 +14,17 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 
-/// Writes a synthetic checkpoint with `st-make-shards`'s command line.
-pub fn make_shards(dir: &Path, args: &[&str]) {
-    let mut argv = vec!["st-make-shards", dir.to_str().unwrap()];
-    argv.extend_from_slice(args);
-    assert_eq!(
-        st_synth::cli::main_with(argv),
-        std::process::ExitCode::SUCCESS
-    );
-}
-
 /// The plan one rank builds for `input` with its `mapping.json`, exporting
 /// floating-point tensors as `dtype` if given.
 pub fn plan_for(input: &Path, dtype: Option<Dtype>) -> Plan {
-    let config = Config {
-        input: input.to_owned(),
-        output: PathBuf::from("unused"),
-        mapping: MappingSource::Mapping(input.join("mapping.json")),
-        unmapped: Unmapped::Error,
-        threads: None,
-        dry_run: false,
-        plan_ranks: None,
-        overwrite: false,
-        verify: false,
-        verify_only: false,
-        allow_missing_shard_files: false,
-        source_ranks: None,
-        quiet: true,
-        verbose: false,
-        progress_secs: 0.0,
-        report: None,
-        strip_prefixes: Vec::new(),
-        command_line: Vec::new(),
-        dtype,
-        schedule: Schedule::Modulo,
-        headers: HeaderReading::All,
-    };
     let files = list_shard_files(input).unwrap();
-    make_plan(&config, 1, read_shards(&files).unwrap()).unwrap()
+    let checkpoint = checkpoint_from(input, read_shards(&files).unwrap(), false, None).unwrap();
+    let options = PlanOptions {
+        mapping: MappingSource::Mapping(input.join("mapping.json")),
+        dtype,
+        ..PlanOptions::default()
+    };
+    plan::make(checkpoint, &options, 1).unwrap()
 }
 
 /// Writes every output file of a one-rank `plan` into `dir` (under its

@@ -6,7 +6,7 @@
 //!   tensors), each run is copied file-to-file inside the kernel with
 //!   `copy_file_range`, touching no user memory;
 //! - *gathered*: when runs are short (column- or mesh-sharded tensors), a
-//!   bounded window of the output is assembled from positioned reads of the
+//!   bounded window of the output is gathered from positioned reads of the
 //!   pieces and written with one positioned write.
 //!
 //! Memory stays flat: at most three window-sized buffers per thread. Shards
@@ -14,60 +14,33 @@
 //! shard truncated by another process during the run is an error naming the
 //! file and tensor, not a SIGBUS.
 
-use crate::checkpoint::hf_shards::sharding::{FullTensor, Location};
+mod inputs;
+mod replicas;
+
+use crate::checkpoint::{FullTensor, Location};
 use crate::error::{Error, Result};
 use crate::exec::convert::convert;
 use crate::exec::runs::Runs;
 use crate::plan::{Plan, WorkItem};
 use crate::safetensors::dtype::Dtype;
+pub use inputs::{OpenInputs, TRUNCATED_DURING_RUN, read_shard_at};
+pub use replicas::check_replicas;
 use rustix::fs::copy_file_range;
 use rustix::io::Errno;
-use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Runs at least this long are copied in the kernel; shorter runs are gathered.
 pub const DIRECT_MIN_RUN: u64 = 256 << 10;
 
-/// Bytes of output assembled at a time on the gathered path.
+/// Bytes of output gathered at a time on the gathered path.
 pub const WINDOW_BYTES: u64 = 8 << 20;
 
 /// Set once `copy_file_range` has proved unusable on this system.
 static NO_COPY_FILE_RANGE: AtomicBool = AtomicBool::new(false);
-
-/// Shard files, opened on first use and kept open for one unit of work.
-pub struct ShardFiles<'a> {
-    paths: &'a [PathBuf],
-    open: HashMap<usize, File>,
-}
-
-impl<'a> ShardFiles<'a> {
-    /// No file is opened until it is needed.
-    pub fn new(paths: &'a [PathBuf]) -> Self {
-        ShardFiles {
-            paths,
-            open: HashMap::new(),
-        }
-    }
-
-    /// The path of shard `shard`.
-    pub fn path(&self, shard: usize) -> &'a Path {
-        &self.paths[shard]
-    }
-
-    /// Shard `shard` (an index into the plan's shards), opened for reading.
-    pub fn get(&mut self, shard: usize) -> Result<&File> {
-        if !self.open.contains_key(&shard) {
-            let path = &self.paths[shard];
-            let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
-            self.open.insert(shard, file);
-        }
-        Ok(&self.open[&shard])
-    }
-}
 
 /// Copies one work item into `out`, whose data section starts at
 /// `plan.files[item.file].data_start()`.
@@ -79,7 +52,7 @@ pub fn copy_item(
     copied: &AtomicU64,
 ) -> Result<()> {
     let file = &plan.files[item.file];
-    let mut inputs = ShardFiles::new(&plan.shards);
+    let mut inputs = OpenInputs::new(&plan.shards);
     for entry in &file.entries {
         let lo = entry.bytes.start.max(item.bytes.start);
         let hi = entry.bytes.end.min(item.bytes.end);
@@ -109,7 +82,7 @@ pub fn copy_item(
     Ok(())
 }
 
-/// One tensor's pieces, ready to be copied or assembled.
+/// One tensor's pieces, ready to be copied or gathered.
 struct TensorCopy<'a> {
     tensor: &'a FullTensor,
     pieces: Vec<(Location, Runs)>,
@@ -151,7 +124,7 @@ impl<'a> TensorCopy<'a> {
     fn copy_direct(
         &self,
         range: Range<u64>,
-        inputs: &mut ShardFiles,
+        inputs: &mut OpenInputs,
         out: &File,
         out_path: &Path,
         out_base: u64,
@@ -168,14 +141,12 @@ impl<'a> TensorCopy<'a> {
                     |(side, e)| match side {
                         Side::Read => self.fail("read", &paths[location.shard], e),
                         Side::Write => self.fail("write", out_path, e),
-                        Side::Either => {
-                            let both = format!(
-                                "{} into {}",
-                                paths[location.shard].display(),
-                                out_path.display()
-                            );
-                            self.fail("copy", Path::new(&both), e)
-                        }
+                        Side::Either => Error::CopyBetween {
+                            tensor: self.tensor.name.clone(),
+                            from: paths[location.shard].clone(),
+                            to: out_path.to_owned(),
+                            source: e,
+                        },
                     },
                 )?;
             }
@@ -191,7 +162,7 @@ impl<'a> TensorCopy<'a> {
         &self,
         to: Dtype,
         range: Range<u64>,
-        inputs: &mut ShardFiles,
+        inputs: &mut OpenInputs,
         out: &File,
         out_path: &Path,
         out_base: u64,
@@ -202,7 +173,7 @@ impl<'a> TensorCopy<'a> {
         let (mut element, end) = (range.start / size, range.end / size);
         while element < end {
             let stop = (element + self.window_elements(to)).min(end);
-            let window = self.assemble_as(to, element..stop, inputs, &mut buffers)?;
+            let window = self.gather_as(to, element..stop, inputs, &mut buffers)?;
             out.write_all_at(window, out_base + element * size)
                 .map_err(|e| self.fail("write", out_path, e))?;
             copied.fetch_add(window.len() as u64, Ordering::Relaxed);
@@ -221,11 +192,11 @@ impl<'a> TensorCopy<'a> {
     /// the output buffer, or into the scratch buffer and converted when `to`
     /// is not the source dtype. Buffers keep their capacity between calls,
     /// and every byte is overwritten because the pieces tile the tensor.
-    fn assemble_as<'b>(
+    fn gather_as<'b>(
         &self,
         to: Dtype,
         elements: Range<u64>,
-        inputs: &mut ShardFiles,
+        inputs: &mut OpenInputs,
         buffers: &'b mut Buffers,
     ) -> Result<&'b [u8]> {
         let from = self.tensor.dtype;
@@ -238,10 +209,10 @@ impl<'a> TensorCopy<'a> {
         } = buffers;
         window.resize(count * to.size() as usize, 0);
         if to == from {
-            self.assemble(source, inputs, pieces, window)?;
+            self.gather(source, inputs, pieces, window)?;
         } else {
             scratch.resize(count * from.size() as usize, 0);
-            self.assemble(source, inputs, pieces, scratch)?;
+            self.gather(source, inputs, pieces, scratch)?;
             convert(from, to, scratch, window);
         }
         Ok(window)
@@ -255,10 +226,10 @@ impl<'a> TensorCopy<'a> {
     /// inside the window), so `pieces` stays within [`WINDOW_BYTES`].
     /// Reads, unlike memory maps, turn a shard truncated during the run
     /// into an error instead of a SIGBUS.
-    fn assemble(
+    fn gather(
         &self,
         range: Range<u64>,
-        inputs: &mut ShardFiles,
+        inputs: &mut OpenInputs,
         pieces: &mut Vec<u8>,
         window: &mut [u8],
     ) -> Result<()> {
@@ -299,28 +270,6 @@ struct Buffers {
     scratch: Vec<u8>,
     /// The window as written.
     window: Vec<u8>,
-}
-
-/// What a shard that ends before its header says means: the header was
-/// checked against the file's length when the run started.
-pub const TRUNCATED_DURING_RUN: &str = "file is shorter than its header says: it was truncated or overwritten during the run; rerun when no process writes to INPUT_DIR";
-
-/// Reads exactly `buffer.len()` bytes of a shard file at `offset`. A short
-/// read becomes an [`std::io::ErrorKind::UnexpectedEof`] error that says the
-/// file changed during the run.
-pub fn read_shard_at(input: &File, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
-    input
-        .read_exact_at(buffer, offset)
-        .map_err(explain_short_read)
-}
-
-/// Replaces std's "failed to fill whole buffer" with [`TRUNCATED_DURING_RUN`].
-fn explain_short_read(err: std::io::Error) -> std::io::Error {
-    if err.kind() == std::io::ErrorKind::UnexpectedEof {
-        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, TRUNCATED_DURING_RUN)
-    } else {
-        err
-    }
 }
 
 /// Which file an I/O error came from.
@@ -394,54 +343,6 @@ fn copy_through_buffer(
         src += chunk.len() as u64;
         dst += chunk.len() as u64;
         len -= chunk.len() as u64;
-    }
-    Ok(())
-}
-
-/// Checks that every replica of a replicated piece holds the same bytes as
-/// the piece, for the tensors of output file `file`.
-pub fn check_replicas(plan: &Plan, file: usize) -> Result<()> {
-    let mut inputs = ShardFiles::new(&plan.shards);
-    let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    for entry in &plan.files[file].entries {
-        let tensor = &plan.tensors[entry.tensor];
-        for piece in &tensor.pieces {
-            let len = crate::safetensors::header::byte_len(&piece.shape, tensor.dtype).unwrap_or(0);
-            for replica in &piece.replicas {
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(a.len() as u64) as usize;
-                    for (location, buffer) in [(&piece.location, &mut a), (replica, &mut b)] {
-                        let path = &plan.shards[location.shard];
-                        let input = inputs.get(location.shard)?;
-                        read_shard_at(input, &mut buffer[..n], location.offset + done).map_err(
-                            |e| Error::Copy {
-                                tensor: tensor.name.clone(),
-                                action: "read",
-                                path: path.clone(),
-                                source: e,
-                            },
-                        )?;
-                    }
-                    if a[..n] != b[..n] {
-                        return Err(Error::Inconsistent {
-                            tensor: tensor.name.clone(),
-                            reason: format!(
-                                "replicated piece {} differs between {} and {}",
-                                crate::checkpoint::hf_shards::sharding::region(
-                                    &piece.offsets,
-                                    &piece.shape
-                                ),
-                                plan.shards[piece.location.shard].display(),
-                                plan.shards[replica.shard].display()
-                            ),
-                            hint: "the shards come from different saves; use one checkpoint's files only",
-                        });
-                    }
-                    done += n as u64;
-                }
-            }
-        }
     }
     Ok(())
 }

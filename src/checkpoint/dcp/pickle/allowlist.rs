@@ -1,0 +1,113 @@
+//! The globals a DCP pickle may name: DCP's metadata classes, torch dtypes,
+//! storages, layouts and memory formats, and tensor rebuild functions.
+
+use super::Global;
+use crate::checkpoint::dcp::torch_types::{LAYOUTS, MEMORY_FORMATS, TORCH_DTYPES, TYPED_STORAGES};
+
+/// Modules whose listed names are allowed, besides torch's dtypes, storages,
+/// layouts and memory formats (see [`allowed_global`]).
+const FIXED_GLOBALS: &[(&str, &[&str])] = &[
+    (
+        "torch.distributed.checkpoint.metadata",
+        &[
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        ],
+    ),
+    // Where TensorProperties and its enum lived before PyTorch 2.1.
+    (
+        "torch.distributed._shard.sharded_tensor.metadata",
+        &[
+            "TensorProperties",
+            "MEM_FORMAT_ENCODING",
+            "_MEM_FORMAT_ENCODING",
+        ],
+    ),
+    ("torch.distributed.checkpoint.filesystem", &["_StorageInfo"]),
+    ("torch", &["Size", "UntypedStorage"]),
+    ("torch.storage", &["UntypedStorage"]),
+    ("torch.serialization", &["_get_layout"]),
+    (
+        "torch._utils",
+        &["_rebuild_tensor_v2", "_rebuild_tensor_v3"],
+    ),
+    ("collections", &["OrderedDict"]),
+    // StorageMeta.checkpoint_id may be a path; Python 3.13 moved the classes
+    // to pathlib._local.
+    (
+        "pathlib",
+        &[
+            "Path",
+            "PosixPath",
+            "WindowsPath",
+            "PurePath",
+            "PurePosixPath",
+            "PureWindowsPath",
+        ],
+    ),
+    (
+        "pathlib._local",
+        &[
+            "Path",
+            "PosixPath",
+            "WindowsPath",
+            "PurePath",
+            "PurePosixPath",
+            "PureWindowsPath",
+        ],
+    ),
+];
+
+/// The allowlist: `Some` for a global a DCP pickle may name.
+pub fn allowed_global(module: &str, name: &str) -> Option<Global> {
+    for (allowed_module, names) in FIXED_GLOBALS {
+        if *allowed_module != module {
+            continue;
+        }
+        if let Some(allowed) = names.iter().find(|n| **n == name) {
+            return Some(Global {
+                module: allowed_module,
+                name: allowed,
+            });
+        }
+    }
+    if module != "torch" {
+        return None;
+    }
+    TORCH_DTYPES
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(TYPED_STORAGES.iter().map(|(n, _)| *n))
+        .chain(LAYOUTS.iter().copied())
+        .chain(MEMORY_FORMATS.iter().copied())
+        .find(|n| *n == name)
+        .map(|name| Global {
+            module: "torch",
+            name,
+        })
+}
+
+/// Every allowed global, for documentation and tests.
+pub fn allowlist() -> Vec<Global> {
+    let mut all: Vec<Global> = FIXED_GLOBALS
+        .iter()
+        .flat_map(|(module, names)| names.iter().map(move |name| Global { module, name }))
+        .collect();
+    let torch_names = TORCH_DTYPES
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(TYPED_STORAGES.iter().map(|(n, _)| *n))
+        .chain(LAYOUTS.iter().copied())
+        .chain(MEMORY_FORMATS.iter().copied());
+    all.extend(torch_names.map(|name| Global {
+        module: "torch",
+        name,
+    }));
+    all
+}

@@ -1,0 +1,113 @@
+//! Which on-disk format INPUT_DIR holds: PyTorch DCP's default
+//! (`.metadata` + `__R_I.distcp`) or HF shards
+//! (`shard-RRRRR-model-IIIII-of-NNNNN.safetensors`).
+
+use crate::checkpoint::dcp::METADATA_FILE;
+use crate::checkpoint::hf_shards::find_shard_files;
+use crate::error::{Error, Result};
+use crate::safetensors::naming::parse_output_name;
+use std::path::Path;
+
+/// `--input-format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InputFormat {
+    /// Decide from the folder's contents.
+    #[default]
+    Auto,
+    /// Per-rank safetensors shards from `HuggingFaceStorageWriter`.
+    HfShards,
+    /// DCP's default `FileSystemWriter` format.
+    Dcp,
+}
+
+const LOOKS: &str = "a DCP checkpoint holds .metadata and __R_I.distcp files (torch.distributed.checkpoint.save); \
+an HF-shards checkpoint holds shard-RRRRR-model-IIIII-of-NNNNN.safetensors files (HuggingFaceStorageWriter(save_distributed=True)), or a sharded/ subfolder of them";
+
+/// The format of `dir`: `asked`, or what the folder holds with `Auto`.
+/// A folder holding both, or neither, is an error saying what was found.
+pub fn detect(dir: &Path, asked: InputFormat) -> Result<InputFormat> {
+    if !dir.is_dir() {
+        return Err(Error::usage(
+            format!("INPUT_DIR {} is not a directory", dir.display()),
+            format!("pass the checkpoint folder: {LOOKS}"),
+        ));
+    }
+    if asked != InputFormat::Auto {
+        return Ok(asked);
+    }
+    let has_metadata = dir.join(METADATA_FILE).is_file();
+    // Consolidated outputs of an earlier run into this folder are not shards.
+    let shards = find_shard_files(dir)?
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_none_or(|n| parse_output_name(n).is_none())
+        })
+        .count();
+    match (has_metadata, shards > 0) {
+        (true, false) => Ok(InputFormat::Dcp),
+        (false, true) => Ok(InputFormat::HfShards),
+        (true, true) => Err(Error::usage(
+            format!(
+                "INPUT_DIR {} holds both a DCP .metadata file and {shards} *.safetensors file(s): which checkpoint is meant?",
+                dir.display()
+            ),
+            format!(
+                "pass --input-format dcp or --input-format hf-shards, or separate the two; {LOOKS}"
+            ),
+        )),
+        (false, false) => Err(Error::usage(
+            format!(
+                "INPUT_DIR {} holds no checkpoint: no .metadata file and no shard *.safetensors files",
+                dir.display()
+            ),
+            format!("pass the checkpoint folder: {LOOKS}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_are_told_apart_and_ambiguity_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = detect(dir.path(), InputFormat::Auto)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("holds no checkpoint") && err.contains(".distcp"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join(".metadata"), b"x").unwrap();
+        assert_eq!(
+            detect(dir.path(), InputFormat::Auto).unwrap(),
+            InputFormat::Dcp
+        );
+        std::fs::write(dir.path().join("model-00001-of-00001.safetensors"), b"x").unwrap();
+        assert_eq!(
+            detect(dir.path(), InputFormat::Auto).unwrap(),
+            InputFormat::Dcp
+        );
+        let shard = "shard-00001-model-00001-of-00001.safetensors";
+        std::fs::write(dir.path().join(shard), b"x").unwrap();
+        let err = detect(dir.path(), InputFormat::Auto)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("both") && err.contains("--input-format"),
+            "{err}"
+        );
+        assert_eq!(
+            detect(dir.path(), InputFormat::HfShards).unwrap(),
+            InputFormat::HfShards
+        );
+        std::fs::remove_file(dir.path().join(".metadata")).unwrap();
+        assert_eq!(
+            detect(dir.path(), InputFormat::Auto).unwrap(),
+            InputFormat::HfShards
+        );
+    }
+}

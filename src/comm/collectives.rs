@@ -1,0 +1,258 @@
+//! Collectives built on the [`Communicator`]: agreeing on each phase's
+//! outcome, checking that every rank planned the same and sees the same
+//! OUTPUT_DIR, sharing header reads, and gathering results to rank 0.
+
+use crate::checkpoint::format::{InputFormat, detect};
+use crate::checkpoint::hf_shards::{
+    self, HeaderReading, ShardSummary, list_shard_files, read_shards,
+};
+use crate::checkpoint::{Checkpoint, ReadOptions, dcp};
+use crate::comm::Communicator;
+use crate::error::{Error, Result};
+use crate::exec::lock::{OutputLock, host_name, read_token};
+use crate::plan::Plan;
+use crate::report::RankReport;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Turns this rank's result into the job's: if any rank failed, every rank
+/// returns an error, but only the lowest failing rank returns its own.
+pub fn agree<T>(comm: &dyn Communicator, result: Result<T>) -> Result<T> {
+    match comm.lowest_failed(result.is_err()) {
+        Some(failed) if failed != comm.rank() => Err(Error::PeerFailed(failed)),
+        _ => result,
+    }
+}
+
+/// Collective: every rank checks that all ranks built the same plan. Ranks
+/// on different nodes list and read INPUT_DIR on their own; a stale
+/// listing or a copy still in progress would otherwise have them write
+/// different layouts into the same files.
+pub fn same_plan_everywhere(comm: &dyn Communicator, plan: &Plan) -> Result<()> {
+    let digests = comm.all_gather(&plan.fingerprint());
+    match digests.iter().position(|d| d != &digests[0]) {
+        None => Ok(()),
+        Some(rank) => Err(Error::ranks_disagree(
+            format!(
+                "rank {rank} built a different plan from rank 0: the ranks see different shard files or headers"
+            ),
+            "make sure every node sees the same, complete INPUT_DIR (wait for copies to finish; on NFS, check attribute caching) and runs the same command",
+        )),
+    }
+}
+
+/// Collective: every rank reads the lock token rank 0 wrote in OUTPUT_DIR
+/// and all compare, so that a node-local OUTPUT_DIR (each node writing into
+/// a folder of its own under the same path) is refused before any byte is
+/// written. The ranks and hosts that do not see rank 0's folder are named.
+pub fn same_output_dir(
+    comm: &dyn Communicator,
+    dir: &Path,
+    lock: Option<&OutputLock>,
+) -> Result<()> {
+    let seen = match lock {
+        Some(lock) => lock.token().to_vec(),
+        None => read_token_patiently(dir),
+    };
+    let mine = serde_json::to_vec(&(host_name(), seen)).unwrap_or_default();
+    let all = comm.all_gather(&mine);
+    let decoded: Vec<(String, Vec<u8>)> = all
+        .iter()
+        .map(|bytes| serde_json::from_slice(bytes).unwrap_or_default())
+        .collect();
+    let expected = &decoded[0].1;
+    let blind: Vec<String> = decoded
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, token))| token != expected || token.is_empty())
+        .map(|(rank, (host, _))| format!("rank {rank} on {host}"))
+        .collect();
+    if blind.is_empty() {
+        return Ok(());
+    }
+    Err(Error::ranks_disagree(
+        format!(
+            "OUTPUT_DIR {} is not the same folder on every rank: {} do(es) not see the folder rank 0 on {} prepared",
+            dir.display(),
+            blind.join(", "),
+            decoded[0].0
+        ),
+        "OUTPUT_DIR must be on a filesystem shared by every node (not node-local scratch such as /tmp); nothing was written",
+    ))
+}
+
+/// The lock token in `dir`, waiting briefly for it to appear, since a shared
+/// filesystem may show a new file on other nodes a moment later. Empty if it
+/// never does.
+fn read_token_patiently(dir: &Path) -> Vec<u8> {
+    for attempt in 0..10 {
+        match read_token(dir) {
+            Ok(token) => return token,
+            Err(_) if attempt < 9 => std::thread::sleep(Duration::from_millis(200)),
+            Err(_) => {}
+        }
+    }
+    Vec::new()
+}
+
+/// Collective: the parsed headers of every shard file, on every rank, and
+/// how many of them this rank read itself. With `--headers all` each rank
+/// reads them all; with `shared` each reads every size-th file and the ranks
+/// exchange what they validated.
+pub fn read_shard_headers(
+    input: &Path,
+    headers: HeaderReading,
+    comm: &dyn Communicator,
+    pool: &rayon::ThreadPool,
+) -> Result<(Vec<ShardSummary>, usize)> {
+    let files = agree(comm, list_shard_files(input))?;
+    let (rank, size) = (comm.rank(), comm.size());
+    if headers == HeaderReading::All || size == 1 {
+        let parsed = agree(comm, pool.install(|| read_shards(&files)))?;
+        return Ok((parsed, files.len()));
+    }
+    let mine: Vec<PathBuf> = files.iter().skip(rank).step_by(size).cloned().collect();
+    let encoded = pool.install(|| read_shards(&mine)).and_then(|parsed| {
+        serde_json::to_vec(&parsed).map_err(|e| {
+            Error::ranks_disagree(
+                format!("cannot encode the headers read on rank {rank}: {e}"),
+                "shard paths must be valid UTF-8 for --headers shared; use --headers all",
+            )
+        })
+    });
+    let encoded = agree(comm, encoded)?;
+    let parts = comm.all_gather(&encoded);
+    let garbled = |what: String| {
+        Error::ranks_disagree(
+            what,
+            "all ranks must run the same st-consolidate-mpi binary",
+        )
+    };
+    let decoded: Result<Vec<Vec<ShardSummary>>> = parts
+        .iter()
+        .map(|bytes| {
+            serde_json::from_slice(bytes)
+                .map_err(|e| garbled(format!("unreadable header summary: {e}")))
+        })
+        .collect();
+    // File i was read by rank i % size, as its (i / size)-th file.
+    let ordered = decoded.and_then(|per_rank| {
+        let mut per_rank: Vec<_> = per_rank.into_iter().map(Vec::into_iter).collect();
+        (0..files.len())
+            .map(|i| {
+                per_rank[i % size]
+                    .next()
+                    .ok_or_else(|| garbled("a rank sent fewer headers than it read".into()))
+            })
+            .collect::<Result<Vec<_>>>()
+    });
+    Ok((agree(comm, ordered)?, mine.len()))
+}
+
+/// Collective: gathers every rank's mismatch lines to rank 0, which fails
+/// with all of them if there are any.
+pub fn collect_mismatches(comm: &dyn Communicator, mine: &[String]) -> Result<()> {
+    let payload = serde_json::to_vec(mine).unwrap_or_default();
+    let Some(all) = comm.gather(&payload) else {
+        return Ok(());
+    };
+    let mut mismatches = Vec::new();
+    for (rank, bytes) in all.iter().enumerate() {
+        // An unreadable list must never pass for an empty one.
+        let lines: Vec<String> = serde_json::from_slice(bytes).map_err(|e| {
+            Error::ranks_disagree(
+                format!("rank {rank} sent an unreadable verification result: {e}"),
+                "all ranks must run the same st-consolidate-mpi binary; the output was not published",
+            )
+        })?;
+        mismatches.extend(lines);
+    }
+    if mismatches.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Mismatch { mismatches })
+    }
+}
+
+/// Collective: rank 0 receives every rank's report (the others `None`).
+/// A report that cannot be decoded fails the job, never passes as empty.
+pub fn gather_reports(
+    comm: &dyn Communicator,
+    mine: &RankReport,
+) -> Result<Option<Vec<RankReport>>> {
+    let payload = serde_json::to_vec(mine).unwrap_or_default();
+    let Some(payloads) = comm.gather(&payload) else {
+        return Ok(None);
+    };
+    payloads
+        .iter()
+        .enumerate()
+        .map(|(rank, bytes)| {
+            serde_json::from_slice(bytes).map_err(|e| {
+                Error::ranks_disagree(
+                    format!("rank {rank} sent an unreadable report: {e}"),
+                    "all ranks must run the same st-consolidate-mpi binary",
+                )
+            })
+        })
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
+/// Collective: the checkpoint in `dir`, in whatever format it is, read the
+/// same on every rank, its format, and how many input headers (shard headers, or the
+/// `.metadata` file) this rank read itself. With `--headers shared`, HF
+/// shards' headers are read a share per rank and exchanged, and a DCP
+/// `.metadata` is read by rank 0 alone and the checkpoint sent to all.
+pub fn read_checkpoint(
+    dir: &Path,
+    options: &ReadOptions,
+    comm: &dyn Communicator,
+    pool: &rayon::ThreadPool,
+) -> Result<(Checkpoint, InputFormat, usize)> {
+    let format = agree(comm, detect(dir, options.format))?;
+    let shared = options.headers == HeaderReading::Shared && comm.size() > 1;
+    if format == InputFormat::HfShards {
+        let (parsed, read) = read_shard_headers(dir, options.headers, comm, pool)?;
+        let checkpoint = pool.install(|| {
+            let mut checkpoint = hf_shards::checkpoint_from(
+                dir,
+                parsed,
+                options.allow_missing_shard_files,
+                options.source_ranks,
+            )?;
+            options.select.apply(&mut checkpoint);
+            Ok(checkpoint)
+        });
+        return Ok((agree(comm, checkpoint)?, format, read));
+    }
+    let reader = !shared || comm.rank() == 0;
+    let mine = if reader {
+        pool.install(|| dcp::read_checkpoint(dir, &options.select))
+            .map(Some)
+    } else {
+        Ok(None)
+    };
+    let mine = agree(comm, mine)?;
+    if !shared {
+        return Ok((mine.unwrap_or_default(), format, 1));
+    }
+    let payload = match &mine {
+        Some(checkpoint) => serde_json::to_vec(checkpoint).map_err(|e| {
+            Error::ranks_disagree(
+                format!("cannot encode the checkpoint read on rank 0: {e}"),
+                "file paths must be valid UTF-8 for --headers shared; use --headers all",
+            )
+        }),
+        None => Ok(Vec::new()),
+    };
+    let payload = agree(comm, payload)?;
+    let parts = comm.all_gather(&payload);
+    let decoded = serde_json::from_slice(&parts[0]).map_err(|e| {
+        Error::ranks_disagree(
+            format!("the checkpoint rank 0 sent cannot be read: {e}"),
+            "all ranks must run the same st-consolidate-mpi binary",
+        )
+    });
+    Ok((agree(comm, decoded)?, format, usize::from(reader)))
+}

@@ -1,0 +1,263 @@
+//! OUTPUT_DIR from start to finish: preparing it (lock, refusals, stale
+//! temporaries) and publishing into it (report and index staged under
+//! temporary names, then only renames, the index last; an older set removed
+//! after the new index is in place).
+
+use crate::error::{Error, Result};
+use crate::exec::lock::{Holder, OutputLock};
+use crate::exec::output::{PendingFile, remove_stale_temps, sync_dir};
+use crate::plan::Plan;
+use crate::report::{RankReport, RunReport};
+use crate::safetensors::naming::{INDEX_NAME, parse_output_name};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Rank 0 only: creates OUTPUT_DIR and locks it for this run, refuses to
+/// clobber inputs or (without `--overwrite`) earlier outputs, and removes
+/// temporaries of killed runs. Nothing already there is replaced or removed
+/// here: `--overwrite` takes effect only when the new output is published.
+pub fn prepare_output_dir(
+    dir: &Path,
+    plan: &Plan,
+    overwrite: bool,
+    report: Option<&Path>,
+    mapping_file: Option<&Path>,
+) -> Result<OutputLock> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create OUTPUT_DIR", dir, e))?;
+    // Before anything else in the folder: another run may be writing there.
+    let lock = OutputLock::acquire(dir, &Holder::me())?;
+    let mut finals: Vec<String> = plan.files.iter().map(|f| f.name.clone()).collect();
+    finals.push(INDEX_NAME.to_string());
+    let inputs: Vec<PathBuf> = plan
+        .shards
+        .iter()
+        .filter_map(|p| p.canonicalize().ok())
+        .collect();
+    let canonical_dir = dir
+        .canonicalize()
+        .map_err(|e| Error::io("resolve", dir, e))?;
+    for name in &finals {
+        let target = canonical_dir.join(name);
+        if inputs.contains(&target) {
+            return Err(Error::usage(
+                format!("output {} would overwrite an input shard", target.display()),
+                "choose an OUTPUT_DIR that does not hold the shard files",
+            ));
+        }
+    }
+    // lstat: a symlink at a final name, even a dangling one, is an existing
+    // output (a rename replaces the link, never what it points to).
+    let existing = existing_outputs(dir, plan)?;
+    for name in &existing {
+        let target = dir.join(name);
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::usage(
+                format!("{} exists and is not a regular file", target.display()),
+                "move it out of OUTPUT_DIR; --overwrite replaces only files",
+            ));
+        }
+    }
+    if let Some(report) = report {
+        check_report_path(report, mapping_file, &canonical_dir, &finals, &inputs)?;
+    }
+    if !existing.is_empty() && !overwrite {
+        return Err(Error::usage(
+            format!(
+                "OUTPUT_DIR {} already holds {}",
+                dir.display(),
+                existing.join(", ")
+            ),
+            "pass --overwrite to replace them (they stay until the new output is complete), or choose another OUTPUT_DIR",
+        ));
+    }
+    remove_stale_temps(dir)?;
+    // Prove OUTPUT_DIR is writable before any rank starts copying.
+    drop(PendingFile::create(dir, ".write-probe", 0)?);
+    Ok(lock)
+}
+
+/// The consolidated outputs already in `dir`: this plan's final names and
+/// any other `model-IIIII-of-NNNNN.safetensors` (an older set of another
+/// size), by `lstat`, so symlinks count whatever they point to.
+fn existing_outputs(dir: &Path, plan: &Plan) -> Result<Vec<String>> {
+    let mut names: Vec<String> = plan
+        .files
+        .iter()
+        .map(|f| f.name.clone())
+        .chain([INDEX_NAME.to_string()])
+        .filter(|name| std::fs::symlink_metadata(dir.join(name)).is_ok())
+        .collect();
+    for older in older_outputs(dir, plan)? {
+        names.push(older);
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The `--report` file must go in an existing folder and must not replace an
+/// input (a shard, the mapping) or an output.
+fn check_report_path(
+    report: &Path,
+    mapping_file: Option<&Path>,
+    output_dir: &Path,
+    finals: &[String],
+    inputs: &[PathBuf],
+) -> Result<()> {
+    let (dir, name) = split_path(report);
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| Error::io("find the folder of --report", dir, e))?;
+    let target = dir.join(&name);
+    let mapping = mapping_file.and_then(|path| path.canonicalize().ok());
+    let clobbers = inputs.contains(&target)
+        || mapping.as_ref() == Some(&target)
+        || (dir == output_dir && finals.contains(&name));
+    if clobbers || target.is_dir() {
+        return Err(Error::usage(
+            format!(
+                "--report {} would replace an input or output",
+                report.display()
+            ),
+            "choose another file name for the report",
+        ));
+    }
+    Ok(())
+}
+
+/// Rank 0's part of publishing, written and synced but not yet in place.
+pub struct Staged {
+    report: RunReport,
+    report_file: Option<PendingFile>,
+    index_file: PendingFile,
+}
+
+impl Staged {
+    /// Puts the report and then the index in place, and removes files of an
+    /// older output set that the new index does not list (`--overwrite`).
+    pub fn commit(self, dir: &Path, plan: &Plan) -> Result<RunReport> {
+        if let Some(report_file) = self.report_file {
+            let path = report_file.commit()?;
+            sync_dir(split_path(&path).0)?;
+        }
+        self.index_file.commit()?;
+        sync_dir(dir)?;
+        remove_older_outputs(dir, plan)?;
+        Ok(self.report)
+    }
+}
+
+/// Rank 0: writes the JSON report (if asked) and the index under temporary
+/// names, synced: after this only renames are left.
+pub fn stage_index_and_report(
+    dir: &Path,
+    report_path: Option<&Path>,
+    plan: &Plan,
+    report: RunReport,
+) -> Result<Staged> {
+    let report_file = match report_path {
+        Some(path) => {
+            let (folder, name) = split_path(path);
+            let mut json = serde_json::to_vec_pretty(&report).unwrap_or_default();
+            json.push(b'\n');
+            Some(PendingFile::with_contents(folder, &name, &json)?)
+        }
+        None => None,
+    };
+    let index_file = PendingFile::with_contents(dir, INDEX_NAME, &index_json(plan))?;
+    Ok(Staged {
+        report,
+        report_file,
+        index_file,
+    })
+}
+
+/// Rank 0, at publish: removes the index of an earlier output (`--overwrite`).
+pub fn retire_old_index(dir: &Path) -> Result<()> {
+    let index = dir.join(INDEX_NAME);
+    match std::fs::remove_file(&index) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io("remove the old", &index, e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Rank 0, after the new index is in place: removes the files of an older
+/// output set that the new index does not list (`--overwrite` only gets
+/// here with such files present).
+fn remove_older_outputs(dir: &Path, plan: &Plan) -> Result<()> {
+    for name in older_outputs(dir, plan)? {
+        let path = dir.join(&name);
+        std::fs::remove_file(&path).map_err(|e| Error::io("remove the older output", &path, e))?;
+    }
+    Ok(())
+}
+
+/// `model-IIIII-of-NNNNN.safetensors` entries in `dir` that are not in `plan`.
+fn older_outputs(dir: &Path, plan: &Plan) -> Result<Vec<String>> {
+    let mut older = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
+        let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if parse_output_name(&name).is_some() && !plan.files.iter().any(|f| f.name == name) {
+            older.push(name);
+        }
+    }
+    older.sort();
+    Ok(older)
+}
+
+/// Rank 0 only: checks that every planned file was reported written by
+/// exactly one rank.
+pub fn check_written_once(plan: &Plan, ranks: &[RankReport]) -> Result<()> {
+    let mut written: BTreeMap<u32, usize> = BTreeMap::new();
+    for index in ranks.iter().flat_map(|r| &r.files) {
+        *written.entry(*index).or_default() += 1;
+    }
+    for file in &plan.files {
+        if written.get(&file.index) != Some(&1) {
+            return Err(Error::ranks_disagree(
+                format!(
+                    "{} was written {} times, not once",
+                    file.name,
+                    written.get(&file.index).unwrap_or(&0)
+                ),
+                "all ranks must run the same command on the same inputs; rerun with --overwrite",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The Hugging Face index: total tensor bytes and the file of each tensor.
+pub fn index_json(plan: &Plan) -> Vec<u8> {
+    let weight_map: BTreeMap<&str, &str> = plan
+        .files
+        .iter()
+        .flat_map(|file| {
+            file.entries
+                .iter()
+                .map(move |e| (plan.tensors[e.tensor].name.as_str(), file.name.as_str()))
+        })
+        .collect();
+    let index = serde_json::json!({
+        "metadata": {"total_size": plan.total_bytes()},
+        "weight_map": weight_map,
+    });
+    let mut text = serde_json::to_vec_pretty(&index).unwrap_or_default();
+    text.push(b'\n');
+    text
+}
+
+/// A file path's folder ("." for a bare name) and file name.
+pub fn split_path(path: &Path) -> (&Path, String) {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    (dir, name)
+}
