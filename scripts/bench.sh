@@ -15,10 +15,18 @@
 # The table is printed and saved to target/bench/results.md, followed by the
 # scale simulation of scripts/scale.sh (70B and 405B layouts, sparse).
 #
+# The DCP section (issue 12) times the same on a checkpoint of about GB bytes
+# in PyTorch DCP's default format (.metadata + __R_I.distcp), written by
+# PyTorch's own dcp.save from 2 gloo ranks (scripts/make_dcp_bench.py), and
+# adds a peer: `accelerate merge-weights`, timed as a whole process with its
+# peak RSS, min(RUNS, 3) times. PyTorch and accelerate come from PyPI into
+# target/torch-venv (created, or completed, when missing).
+#
 # Environment: BENCH_DIR (work folder, default target/bench); BENCH_BIN (the
 # st-consolidate-mpi binary to time, default the one just built: time an
 # older build against a newer one back to back); BENCH_COPY_ONLY=1 skips the
-# coverage benchmark and the scale simulation.
+# coverage benchmark and the scale simulation; BENCH_DCP_ONLY=1 runs only the
+# DCP section.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gb=${1:-1}
@@ -48,10 +56,14 @@ timed() {
 }
 
 results=$work/results.md
+: > "$results"
+# The safetensors-shard checkpoints of st-make-shards (not indented: the
+# Python heredocs inside must start at column 0).
+if [ "${BENCH_DCP_ONLY:-0}" != 1 ]; then
 {
     echo "| layout | GB | baseline s | 1 rank s | ratio to baseline | 2 ranks s | 2 ranks / 1 rank | 1 rank, 1 thread s | 2 ranks / (1 rank, 1 thread) | GB/s (2 ranks) | peak RSS MB per rank |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|"
-} > "$results"
+} >> "$results"
 
 for layout in mixed tp; do
     ckpt=$work/ckpt-$layout
@@ -115,9 +127,77 @@ print("|---|---|---|---|---|---|---|")
 print(f"| f32 → bf16 | {size/1e9:.2f} | {base:.2f} | {plain:.2f} | {cast:.2f} | {cast/plain:.2f} | {cast/base:.2f} |")
 PY
 rm -rf "$ckpt" "$work/out"
+fi
 
+# DCP format (issue 12): PyTorch's own FileSystemWriter output, consolidated
+# with no mapping (format detected from .metadata), against the same cat
+# baseline and against accelerate merge-weights.
+venv=$PWD/target/torch-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -c "import torch, accelerate, numpy" 2>/dev/null ||
+    "$venv/bin/pip" install -q "torch==2.15.0" "accelerate==1.15.0" numpy
+dcp=$work/dcp
+ckpt=$dcp/checkpoint
+rm -rf "$dcp" "$work/out"
+"$venv/bin/python" scripts/make_dcp_bench.py "$dcp" --gb "$gb" >&2
+bytes=$(cat "$ckpt"/*.distcp | wc -c)
+acc_runs=$(( runs < 3 ? runs : 3 ))
+for name in base one two acc acc_sync rss rss.acc; do : > "$work/t.dcp.$name"; done
+for run in $(seq "$runs"); do
+    rm -rf "$work/out"; mkdir -p "$work/out"; sync
+    timed "$work/t.dcp.base" sh -c "cat $ckpt/*.distcp > $work/out/cat.bin && sync $work/out/cat.bin"
+
+    # Outputs are checked on the first run, so a wrong one stops the
+    # benchmark before the other runs.
+    rm -rf "$work/out"; sync
+    timed "$work/t.dcp.one" /usr/bin/time -f %M -a -o "$work/t.dcp.rss" "$bin" -q "$ckpt" "$work/out"
+    [ "$run" != 1 ] || python3 scripts/check_manifest.py "$work/out" "$dcp/manifest.json" | tail -n 1
+
+    rm -rf "$work/out"; sync
+    timed "$work/t.dcp.two" mpirun -n 2 /usr/bin/time -f %M -a -o "$work/t.dcp.rss" "$bin" -q "$ckpt" "$work/out"
+    [ "$run" != 1 ] || python3 scripts/check_manifest.py "$work/out" "$dcp/manifest.json" | tail -n 1
+
+    if [ "$run" -le "$acc_runs" ]; then
+        rm -rf "$work/out"; sync
+        timed "$work/t.dcp.acc" /usr/bin/time -f %M -a -o "$work/t.dcp.rss.acc" \
+            "$venv/bin/accelerate" merge-weights "$ckpt" "$work/out"
+        # accelerate does not fsync its output; its sync is timed apart and
+        # not counted in its time (which favours accelerate).
+        timed "$work/t.dcp.acc_sync" sync "$work/out/model.safetensors"
+        [ "$run" != 1 ] || "$venv/bin/python" - "$work/out/model.safetensors" "$dcp/manifest.json" <<'PY'
+import hashlib, json, sys
+import safetensors
+manifest = json.load(open(sys.argv[2]))
+want = {n: (d["shape"], d["dtype"], d["sha256"]) for n, d in manifest.items()}
+with open(sys.argv[1], "rb") as f:
+    got = {n: (list(t["shape"]), t["dtype"], hashlib.sha256(t["data"]).hexdigest())
+           for n, t in safetensors.deserialize(f.read())}
+bad = sorted(n for n in set(want) | set(got) if want.get(n) != got.get(n))
+for n in bad:
+    print("MISMATCH accelerate", n, got.get(n), want.get(n))
+print(f"accelerate: {len(want) - len(bad)} passed, {len(bad)} failed")
+sys.exit(1 if bad else 0)
+PY
+    fi
+done
+rm -rf "$work/out"
+python3 - "$bytes" "$work" "$acc_runs" >> "$results" <<'PY'
+import statistics, sys
+size, work, acc_runs = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+med = lambda name: statistics.median(float(x) for x in open(f"{work}/t.dcp.{name}"))
+peak_mb = lambda name: max(int(x) for x in open(f"{work}/t.dcp.{name}")) / 1024
+base, one, two, acc, acc_sync = med("base"), med("one"), med("two"), med("acc"), med("acc_sync")
+print()
+print("| format | GB | baseline s | 1 rank s | ratio to baseline | 2 ranks s | accelerate s | accelerate / 1 rank | peak RSS MB per rank (ours) | peak RSS MB (accelerate) |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+print(f"| dcp | {size/1e9:.2f} | {base:.2f} | {one:.2f} | {one/base:.2f} | {two:.2f} | {acc:.2f} | "
+      f"{acc/one:.1f} | {peak_mb('rss'):.0f} | {peak_mb('rss.acc'):.0f} |")
+print(f"accelerate: median of {acc_runs} runs, the process alone; the sync of its output "
+      f"(it does not fsync) took {acc_sync:.2f} s more, not counted")
+PY
+rm -rf "$dcp"
 echo "medians of $runs runs; $(nproc) cores; $(uname -sr); $bin" >> "$results"
-if [ "${BENCH_COPY_ONLY:-0}" != 1 ]; then
+if [ "${BENCH_COPY_ONLY:-0}" != 1 ] && [ "${BENCH_DCP_ONLY:-0}" != 1 ]; then
     target/release/examples/coverage_bench >> "$results"
     echo >> "$results"
     scripts/scale.sh >> "$results"
