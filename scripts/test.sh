@@ -59,7 +59,7 @@ echo "dcp-reference: $dcp_passed passed, $dcp_failed failed" | tee -a "$log"
 [ "$dcp_failed" -eq 0 ]
 
 echo "== benchmark smoke (20 MB, 1 run; real numbers come from scripts/bench.sh)"
-BENCH_DIR=$(mktemp -d) scripts/bench.sh 0.02 1 | grep -E "^\| (mixed|tp) "
+BENCH_DIR=$(mktemp -d) scripts/bench.sh 0.02 1 | grep -E "^\| (mixed|tp|dcp) "
 
 echo "== fuzz the header parser and the pickle interpreter (cargo fuzz, 20 s each)"
 scripts/fuzz.sh 20
