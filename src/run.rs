@@ -13,8 +13,8 @@ use crate::checkpoint::format::InputFormat;
 use crate::checkpoint::identity;
 use crate::comm::Communicator;
 use crate::comm::collectives::{
-    agree, collect_mismatches, gather_reports, read_checkpoint, same_output_dir,
-    same_plan_everywhere,
+    agree, collect_mismatches, gather_reports, read_checkpoint, same_inputs_everywhere,
+    same_output_dir, same_plan_everywhere,
 };
 use crate::error::{Error, Result, shown};
 use crate::exec::output::sync_dir;
@@ -153,6 +153,7 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     let plan_options = plan_options_for(config, format);
     let plan = job.agree(|| plan::make(checkpoint, &plan_options, plan_ranks))?;
     agree(comm, same_plan_everywhere(comm, &plan))?;
+    agree(comm, same_inputs_everywhere(comm, &plan.shards, &job.pool))?;
     for name in &plan.missing {
         job.say(&format!(
             "warning: '{}' is in the mapping but in no shard; it is left out",
@@ -293,6 +294,7 @@ fn consolidate(
     }
     let mine = RankReport {
         rank,
+        host: crate::exec::lock::host_name(),
         files: plan
             .files_of(rank)
             .iter()
@@ -370,10 +372,12 @@ fn report_timing(job: &Job, plan: &Plan, files: usize, timing: &WriteTiming) {
     let rank = job.rank();
     let bytes = plan.bytes_per_rank()[rank];
     eprintln!(
-        "rank {rank}: {files} files, {} copied in {:.2} s ({:.2} GB/s), synced in {:.2} s",
+        "rank {rank} on {}: {files} files, {} copied in {:.2} s ({:.2} GB/s) by {} thread(s), synced in {:.2} s",
+        crate::exec::lock::host_name(),
         human_bytes(bytes),
         timing.copy,
         bytes as f64 / 1e9 / timing.copy.max(1e-9),
+        job.threads,
         timing.sync
     );
 }
