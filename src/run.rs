@@ -70,6 +70,8 @@ pub enum Mode {
     DryRun {
         /// `--ranks N`.
         ranks: Option<usize>,
+        /// `--ranks-per-node K`: also show bytes per node.
+        ranks_per_node: Option<usize>,
     },
     /// Write nothing; check the output already in OUTPUT_DIR.
     VerifyOnly,
@@ -144,7 +146,9 @@ impl Job<'_> {
 pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     let job = start(config, comm)?;
     let plan_ranks = match config.mode {
-        Mode::DryRun { ranks: Some(ranks) } => ranks,
+        Mode::DryRun {
+            ranks: Some(ranks), ..
+        } => ranks,
         _ => comm.size(),
     };
     let (checkpoint, format, headers_read) =
@@ -161,9 +165,12 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         ));
     }
     match config.mode {
-        Mode::DryRun { .. } => {
+        Mode::DryRun { ranks_per_node, .. } => {
             if job.rank() == 0 {
                 print!("{}", describe(&plan, &facts));
+                if let Some(k) = ranks_per_node {
+                    print!("{}", crate::report::per_node_view(&plan, k));
+                }
             }
             Ok(Summary::default())
         }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 mod nodes;
-pub use nodes::{NodeSummary, by_node};
+pub use nodes::{NodeSummary, by_node, per_node_view};
 
 /// What one rank did, sent to rank 0 at the end.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

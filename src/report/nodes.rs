@@ -1,7 +1,8 @@
 //! The per-node roll-up of a run: which host ran which ranks, and how many
 //! bytes they wrote how fast, for `--report` and the summary.
 
-use super::{RankReport, rate};
+use super::{Balance, RankReport, rate};
+use crate::plan::{Plan, Schedule};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -72,6 +73,48 @@ pub fn node_lines(nodes: &[NodeSummary]) -> String {
         .collect()
 }
 
+/// The `--dry-run --ranks-per-node K` view: the plan's ranks placed on
+/// nodes of K consecutive ranks (srun's and mpirun's default block
+/// placement), and the tensor bytes each node writes under both schedules.
+pub fn per_node_view(plan: &Plan, ranks_per_node: usize) -> String {
+    let k = ranks_per_node.max(1);
+    let nodes = plan.world_size.div_ceil(k);
+    let mut out = format!(
+        "per node: {} rank(s) on {nodes} node(s) of {k} (node n runs ranks n*{k}..)\n{:<10} {:>9} {:>16} {:>11}{}\n",
+        plan.world_size,
+        "schedule",
+        "max/mean",
+        "max bytes/node",
+        "idle nodes",
+        if nodes <= 16 { "   bytes per node" } else { "" }
+    );
+    for schedule in [Schedule::Modulo, Schedule::Balanced] {
+        let mut variant = plan.clone();
+        variant.schedule = schedule;
+        let per_node = bytes_per_node(&Balance::of(&variant).per_rank, k);
+        let max = per_node.iter().copied().max().unwrap_or(0);
+        let mean = plan.total_bytes() as f64 / nodes.max(1) as f64;
+        out.push_str(&format!(
+            "{:<10} {:>9.3} {:>16} {:>11}",
+            format!("{schedule:?}").to_lowercase(),
+            if mean > 0.0 { max as f64 / mean } else { 1.0 },
+            max,
+            per_node.iter().filter(|&&b| b == 0).count()
+        ));
+        if nodes <= 16 {
+            let shown: Vec<String> = per_node.iter().map(u64::to_string).collect();
+            out.push_str(&format!("   {}", shown.join(" ")));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Sums bytes per rank over nodes of `k` consecutive ranks.
+fn bytes_per_node(per_rank: &[u64], k: usize) -> Vec<u64> {
+    per_rank.chunks(k).map(|node| node.iter().sum()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +150,12 @@ mod tests {
         let lines = node_lines(&nodes);
         assert!(lines.contains("node nodeb: 2 rank(s) (0,2), 3.00 GB in 3.00 s (1.00 GB/s)"));
         assert!(lines.contains("node nodea: 2 rank(s) (1,3)"));
+    }
+
+    #[test]
+    fn bytes_per_node_sums_consecutive_ranks_and_a_short_last_node() {
+        assert_eq!(bytes_per_node(&[1, 2, 3, 4, 5], 2), vec![3, 7, 5]);
+        assert_eq!(bytes_per_node(&[1, 2, 3], 1), vec![1, 2, 3]);
+        assert_eq!(bytes_per_node(&[1, 2, 3], 8), vec![6]);
     }
 }
