@@ -5,7 +5,8 @@
 # Checked: output byte-identical to a one-node run (both schedules, --headers,
 # --verify, --dtype), uneven ranks per node and per-node default threads, a
 # node-local OUTPUT_DIR refused, node-local INPUT_DIR copies compared, a node
-# killed mid-copy, one progress stream and summary, hosts in the report.
+# killed mid-copy, one progress stream and summary, hosts in the report, and
+# srun -N 2 on two slurmd nodes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -16,7 +17,14 @@ bin=$PWD/target/release/st-consolidate-mpi
 agent=$PWD/scripts/node-agent.sh
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# The Slurm case's folder: not under /tmp, which each slurmd node replaces.
+slurm_dir=$(mktemp -d -p /var/tmp)
+cleanup() {
+    SLURM_CONF=$slurm_dir/slurm.conf scontrol shutdown >/dev/null 2>&1 || true
+    sleep 1
+    rm -rf "$work" "$slurm_dir"
+}
+trap cleanup EXIT
 export NODE_SESSION_DIR=$work/sessions
 
 passed=0 failed=0
@@ -31,6 +39,10 @@ on_nodes() {
     timeout 120 mpirun --mca plm_rsh_agent "$agent" --mca plm_rsh_no_tree_spawn 1 \
         ${MPIRUN_TAG:+--tag-output} --host "$hosts" -n "$np" "$bin" "$@"
 }
+# untag RANKS: the lines of the ranks matching RANKS (a sed pattern) from
+# mpirun --tag-output (MPIRUN_TAG=1), where each line is whole and tagged
+# [job,rank]<stderr>:.
+untag() { sed -n "s/^\[[0-9]*,$1\]<std...>://p"; }
 # Final-named outputs (no temporaries, no lock) anywhere under a folder.
 finals() { find "$1" -name 'model*' ! -name '.*' 2>/dev/null; }
 
@@ -57,10 +69,10 @@ done
 #    on each node (the per-rank -v lines say which).
 cores=$(nproc)
 one_rank=$((cores)) three_ranks=$((cores / 3 > 0 ? cores / 3 : 1))
-if out=$(on_nodes nodea:1,nodeb:3 -v "${map[@]}" "$ckpt" "$work/out-uneven" 2>&1) &&
+if out=$(MPIRUN_TAG=1 on_nodes nodea:1,nodeb:3 -v "${map[@]}" "$ckpt" "$work/out-uneven" 2>&1) &&
     matches "$work/out-uneven" "$ckpt" &&
-    grep -q "^rank 0 on nodea: .* by $one_rank thread(s)" <<<"$out" &&
-    [ "$(grep -c "^rank [123] on nodeb: .* by $three_ranks thread(s)" <<<"$out")" = 3 ]; then
+    untag 0 <<<"$out" | grep -q "^rank 0 on nodea: .* by $one_rank thread(s)" &&
+    [ "$(untag '[123]' <<<"$out" | grep -c "^rank [123] on nodeb: .* by $three_ranks thread(s)")" = 3 ]; then
     pass "nodea:1,nodeb:3: correct; threads $one_rank on nodea, $three_ranks per rank on nodeb"
 else
     fail "nodea:1,nodeb:3" "$out"
@@ -128,7 +140,7 @@ wait "$launcher" || rc=$?
 ranks_alive() {
     local proc
     for proc in /proc/[0-9]*; do
-        tr '\0' ' ' <"$proc/cmdline" 2>/dev/null | grep -qF "$bin -q --threads 1 --mapping $big/mapping.json $big $out_kill" &&
+        tr '\0' ' ' 2>/dev/null <"$proc/cmdline" | grep -qF "$bin -q --threads 1 --mapping $big/mapping.json $big $out_kill" &&
             echo "${proc#/proc/}"
     done
     return 0
@@ -151,7 +163,6 @@ fi
 #    mpirun's --tag-output shows ([job,rank]<stderr>:); progress only moves
 #    forward (every rank printing would repeat each job-wide figure); and the
 #    report names both hosts, with a per-node roll-up.
-untag() { sed -n "s/^\[[0-9]*,$1\]<std...>://p"; }
 if out=$(MPIRUN_TAG=1 on_nodes nodeb:2,nodea:2 --threads 1 --progress 0.1 --report "$work/report.json" \
     --mapping "$big/mapping.json" "$big" "$work/out-progress" 2>&1) &&
     rank0=$(untag 0 <<<"$out") && others=$(untag '[1-9]' <<<"$out") &&
@@ -171,6 +182,68 @@ PY
     pass "progress and summary once, from rank 0 on nodeb; the report names both hosts with a roll-up"
 else
     fail "summary/progress once, report hosts" "${out:-}" "$(cat "$work/report.json" 2>/dev/null)"
+fi
+
+# 7. Slurm across 2 nodes: Debian's slurmd (built without
+#    --enable-multiple-slurmd) runs once per emulated node, each in its own
+#    hostname and mount namespace (NodeHostname nodea/nodeb, a port each,
+#    its own /tmp: PMIx puts per-step folders there), and srun -N 2 runs the
+#    tool across them.
+slurm_up() {
+    local n
+    mkdir -p "$slurm_dir/state"
+    cat >"$slurm_dir/slurm.conf" <<CONF
+ClusterName=twonodes
+SlurmctldHost=$(hostname -s)
+SlurmctldPort=6957
+SlurmdPort=6958
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/none
+CredType=cred/none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=pmix
+ReturnToService=2
+SlurmdParameters=config_overrides
+StateSaveLocation=$slurm_dir/state
+SlurmdSpoolDir=$slurm_dir/spool/%n
+SlurmctldPidFile=$slurm_dir/slurmctld.pid
+SlurmdPidFile=$slurm_dir/slurmd-%n.pid
+SlurmctldLogFile=$slurm_dir/slurmctld.log
+SlurmdLogFile=$slurm_dir/slurmd-%n.log
+NodeName=nodea NodeHostname=nodea NodeAddr=127.0.0.1 Port=6961 CPUs=2 State=UNKNOWN
+NodeName=nodeb NodeHostname=nodeb NodeAddr=127.0.0.1 Port=6962 CPUs=2 State=UNKNOWN
+PartitionName=two Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+CONF
+    export SLURM_CONF=$slurm_dir/slurm.conf
+    slurmctld
+    for n in nodea nodeb; do
+        mkdir -p "$slurm_dir/spool/$n" "$slurm_dir/tmp/$n"
+        setsid unshare --uts --mount bash -c "hostname $n; mount --bind $slurm_dir/tmp/$n /tmp; exec slurmd -N $n"
+    done
+    for _ in $(seq 100); do
+        [ "$(sinfo -h -o %T 2>/dev/null | sort -u)" = idle ] && [ "$(sinfo -h -o %D)" = 2 ] && return
+        sleep 0.2
+    done
+    return 1
+}
+if command -v slurmd >/dev/null && slurm_up; then
+    cp -a "$ckpt" "$slurm_dir/ckpt"
+    if out=$(timeout 120 srun -N 2 -n 4 --mpi=pmix "$bin" -v --report "$slurm_dir/report.json" \
+        --mapping "$slurm_dir/ckpt/mapping.json" "$slurm_dir/ckpt" "$slurm_dir/out" 2>&1) &&
+        matches "$slurm_dir/out" "$ckpt" && grep -q '^  node nodea: 2 rank(s) (0,1)' <<<"$out" &&
+        grep -q '^  node nodeb: 2 rank(s) (2,3)' <<<"$out"; then
+        pass "srun -N 2 -n 4 on two slurmd nodes: correct, ranks 0,1 on nodea and 2,3 on nodeb"
+    else
+        fail "srun -N 2" "$out" "$(tail -n 5 "$slurm_dir"/*.log)"
+    fi
+else
+    fail "two slurmd nodes did not come up" "$(tail -n 5 "$slurm_dir"/*.log 2>/dev/null)"
 fi
 
 echo "nodes: $passed passed, $failed failed"

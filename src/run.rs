@@ -378,7 +378,9 @@ fn report_timing(job: &Job, plan: &Plan, files: usize, timing: &WriteTiming) {
     }
     let rank = job.rank();
     let bytes = plan.bytes_per_rank()[rank];
-    eprintln!(
+    // One write per line: stderr is unbuffered, and a line written in
+    // pieces interleaves with other ranks' lines in mpirun's forwarding.
+    let line = format!(
         "rank {rank} on {}: {files} files, {} copied in {:.2} s ({:.2} GB/s) by {} thread(s), synced in {:.2} s",
         crate::exec::lock::host_name(),
         human_bytes(bytes),
@@ -387,4 +389,5 @@ fn report_timing(job: &Job, plan: &Plan, files: usize, timing: &WriteTiming) {
         job.threads,
         timing.sync
     );
+    eprintln!("{line}");
 }
