@@ -35,6 +35,7 @@ mpirun -n 3 target/release/st-consolidate-mpi -q --mapping "$zoo/in/mapping.json
 "$venv/bin/python" scripts/check_manifest.py "$zoo/out" "$zoo/in/manifest.json"
 echo "== launchers: Slurm (sbatch, srun pmix/pmi2), MPICH, 64 ranks"
 scripts/test-launchers.sh | tee -a "$log"
+echo "== emulated nodes (node-agent.sh: hostnames, node-local dirs, TCP, a node killed)"; scripts/test-nodes.sh | tee -a "$log"
 
 echo "== transformers round trip (PyTorch writer, AutoModelForCausalLM, --dtype vs torch casts)"
 scripts/test-transformers.sh | tee -a "$log"
@@ -65,5 +66,5 @@ echo "== fuzz the header parser and the pickle interpreter (cargo fuzz, 20 s eac
 scripts/fuzz.sh 20
 
 # One closing line for the whole run, summed over every test binary.
-awk '/^test result:/ { p += $4; f += $6 } /^(launchers|transformers|setup|dcp-reference):/ { p += $2; f += $4 }
+awk '/^test result:/ { p += $4; f += $6 } /^(launchers|nodes|transformers|setup|dcp-reference):/ { p += $2; f += $4 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -95,6 +95,11 @@ struct Cli {
     #[arg(long, value_name = "N", requires = "dry_run", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     ranks: Option<u32>,
 
+    /// With --dry-run: group the ranks into nodes of K consecutive ranks (as srun and mpirun
+    /// place them by default) and show the bytes per node for both schedules.
+    #[arg(long, value_name = "K", requires = "dry_run", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    ranks_per_node: Option<u32>,
+
     /// Replace consolidated files already in OUTPUT_DIR.
     #[arg(long)]
     overwrite: bool,
@@ -185,6 +190,7 @@ impl Cli {
         let mode = if self.dry_run {
             Mode::DryRun {
                 ranks: self.ranks.map(|n| n as usize),
+                ranks_per_node: self.ranks_per_node.map(|k| k as usize),
             }
         } else if self.verify_only {
             Mode::VerifyOnly

@@ -1,11 +1,13 @@
 //! Collectives built on the [`Communicator`]: agreeing on each phase's
-//! outcome, checking that every rank planned the same and sees the same
-//! OUTPUT_DIR, sharing header reads, and gathering results to rank 0.
+//! outcome, checking that every rank planned the same, reads the same
+//! input bytes and sees the same OUTPUT_DIR, sharing header reads, and
+//! gathering results to rank 0.
 
 use crate::checkpoint::format::{InputFormat, detect};
 use crate::checkpoint::hf_shards::{
     self, HeaderReading, ShardSummary, list_shard_files, read_shards,
 };
+use crate::checkpoint::identity::content_signature;
 use crate::checkpoint::{Checkpoint, ReadOptions, dcp};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
@@ -39,6 +41,57 @@ pub fn same_plan_everywhere(comm: &dyn Communicator, plan: &Plan) -> Result<()> 
             "make sure every node sees the same, complete INPUT_DIR (wait for copies to finish; on NFS, check attribute caching) and runs the same command",
         )),
     }
+}
+
+/// Collective: every rank signs each input file's contents (size and both
+/// ends, see [`content_signature`]) and all compare with rank 0, so that
+/// node-local copies of INPUT_DIR whose headers agree but whose data differ
+/// are refused before anything is written. Names the first file that
+/// differs and the ranks and hosts that see it differently.
+pub fn same_inputs_everywhere(
+    comm: &dyn Communicator,
+    inputs: &[PathBuf],
+    pool: &rayon::ThreadPool,
+) -> Result<()> {
+    use rayon::prelude::*;
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let signed = pool.install(|| {
+        inputs
+            .par_iter()
+            .map(|path| content_signature(path))
+            .collect::<Result<Vec<String>>>()
+    });
+    let signed = agree(comm, signed)?;
+    let mine = serde_json::to_vec(&(host_name(), signed)).unwrap_or_default();
+    let decoded: Vec<(String, Vec<String>)> = comm
+        .all_gather(&mine)
+        .iter()
+        .map(|bytes| serde_json::from_slice(bytes).unwrap_or_default())
+        .collect();
+    let (host0, expected) = &decoded[0];
+    let Some(file) = (0..inputs.len()).find(|&i| {
+        decoded
+            .iter()
+            .any(|(_, sigs)| sigs.get(i) != expected.get(i))
+    }) else {
+        return Ok(());
+    };
+    let differing: Vec<String> = decoded
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, sigs))| sigs.get(file) != expected.get(file))
+        .map(|(rank, (host, _))| format!("rank {rank} on {host}"))
+        .collect();
+    Err(Error::ranks_disagree(
+        format!(
+            "input {} does not hold the same bytes on every rank: {} read(s) different contents (size or first/last 64 KiB) from rank 0 on {host0}",
+            inputs[file].display(),
+            differing.join(", ")
+        ),
+        "every node must see the same, complete INPUT_DIR: recopy the node-local copies (or use a shared filesystem) and rerun; nothing was written",
+    ))
 }
 
 /// Collective: every rank reads the lock token rank 0 wrote in OUTPUT_DIR

@@ -15,8 +15,8 @@ use crate::checkpoint::format::InputFormat;
 use crate::checkpoint::identity;
 use crate::comm::Communicator;
 use crate::comm::collectives::{
-    agree, collect_mismatches, gather_reports, read_checkpoint, same_output_dir,
-    same_plan_everywhere,
+    agree, collect_mismatches, gather_reports, read_checkpoint, same_inputs_everywhere,
+    same_output_dir, same_plan_everywhere,
 };
 use crate::error::{Error, Result, shown};
 use crate::exec::assets::{asset_names, check_assets_absent, stage_assets, ties_word_embeddings};
@@ -77,6 +77,8 @@ pub enum Mode {
     DryRun {
         /// `--ranks N`.
         ranks: Option<usize>,
+        /// `--ranks-per-node K`: also show bytes per node.
+        ranks_per_node: Option<usize>,
     },
     /// Write nothing; check the output already in OUTPUT_DIR.
     VerifyOnly,
@@ -151,7 +153,9 @@ impl Job<'_> {
 pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     let job = start(config, comm)?;
     let plan_ranks = match config.mode {
-        Mode::DryRun { ranks: Some(ranks) } => ranks,
+        Mode::DryRun {
+            ranks: Some(ranks), ..
+        } => ranks,
         _ => comm.size(),
     };
     let (checkpoint, format, headers_read) =
@@ -160,6 +164,7 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     let plan_options = plan_options_for(config, format);
     let plan = job.agree(|| plan::make(checkpoint, &plan_options, plan_ranks))?;
     agree(comm, same_plan_everywhere(comm, &plan))?;
+    agree(comm, same_inputs_everywhere(comm, &plan.shards, &job.pool))?;
     let tied = config
         .hf_assets
         .as_deref()
@@ -175,9 +180,12 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         ));
     }
     match config.mode {
-        Mode::DryRun { .. } => {
+        Mode::DryRun { ranks_per_node, .. } => {
             if job.rank() == 0 {
                 print!("{}", describe(&plan, &facts));
+                if let Some(k) = ranks_per_node {
+                    print!("{}", crate::report::per_node_view(&plan, k));
+                }
             }
             Ok(Summary::default())
         }
@@ -323,6 +331,7 @@ fn consolidate(
     }
     let mine = RankReport {
         rank,
+        host: crate::exec::lock::host_name(),
         files: plan
             .files_to_write(rank)
             .iter()
@@ -423,11 +432,16 @@ fn report_timing(job: &Job, plan: &Plan, files: usize, timing: &WriteTiming) {
     }
     let rank = job.rank();
     let bytes = plan.bytes_per_rank()[rank];
-    eprintln!(
-        "rank {rank}: {files} files, {} copied in {:.2} s ({:.2} GB/s), synced in {:.2} s",
+    // One write per line: stderr is unbuffered, and a line written in
+    // pieces interleaves with other ranks' lines in mpirun's forwarding.
+    let line = format!(
+        "rank {rank} on {}: {files} files, {} copied in {:.2} s ({:.2} GB/s) by {} thread(s), synced in {:.2} s",
+        crate::exec::lock::host_name(),
         human_bytes(bytes),
         timing.copy,
         bytes as f64 / 1e9 / timing.copy.max(1e-9),
+        job.threads,
         timing.sync
     );
+    eprintln!("{line}");
 }

@@ -7,11 +7,17 @@ use crate::plan::{Plan, Schedule};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+mod nodes;
+pub use nodes::{NodeSummary, by_node, per_node_view};
+
 /// What one rank did, sent to rank 0 at the end.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RankReport {
     /// The rank.
     pub rank: usize,
+    /// The host it ran on.
+    #[serde(default)]
+    pub host: String,
     /// Output indices it wrote.
     pub files: Vec<u32>,
     /// Tensor bytes it wrote.
@@ -43,6 +49,8 @@ pub struct RunReport {
     pub outputs: Vec<OutputSummary>,
     /// One entry per rank.
     pub ranks: Vec<RankSummary>,
+    /// One entry per node (host), rank 0's first.
+    pub nodes: Vec<NodeSummary>,
     /// Wall time of the job (the slowest rank), in seconds.
     pub total_seconds: f64,
     /// Tensor bytes written per second over the whole job, in GB/s.
@@ -110,6 +118,8 @@ pub struct OutputSummary {
 pub struct RankSummary {
     /// The rank.
     pub rank: usize,
+    /// The host it ran on.
+    pub host: String,
     /// Output files it wrote.
     pub files: Vec<String>,
     /// Tensor bytes it wrote.
@@ -176,6 +186,7 @@ impl RunReport {
                 .iter()
                 .map(|r| RankSummary {
                     rank: r.rank,
+                    host: r.host.clone(),
                     files: r
                         .files
                         .iter()
@@ -188,6 +199,7 @@ impl RunReport {
                     header_files_read: r.header_files_read,
                 })
                 .collect(),
+            nodes: by_node(ranks),
             total_seconds,
             gb_per_s: rate(plan.total_bytes(), total_seconds),
             verify: VerifySummary {
@@ -251,6 +263,9 @@ impl RunReport {
                 r.seconds,
                 r.gb_per_s
             ));
+        }
+        if self.nodes.len() > 1 {
+            text.push_str(&nodes::node_lines(&self.nodes));
         }
         if self.ranks.len() > SHOWN {
             let idle = self.ranks.iter().filter(|r| r.bytes == 0).count();
