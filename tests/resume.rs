@@ -6,8 +6,6 @@ use common::*;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 const INDEX: &str = "model.safetensors.index.json";
 
@@ -209,34 +207,6 @@ fn outputs_of_another_file_count_still_need_overwrite() {
     assert_eq!(std::fs::read(&stray).unwrap(), b"older");
 }
 
-/// Direct children of `pid`, from /proc.
-fn children(pid: u32) -> Vec<u32> {
-    let mut kids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        if after.split(' ').nth(1).unwrap().parse::<u32>().unwrap() == pid {
-            kids.push(child);
-        }
-    }
-    kids
-}
-
-/// Whether `pid` is a process that has not exited (zombies have).
-fn is_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !matches!(
-            stat[stat.rfind(')').unwrap() + 2..].chars().next(),
-            Some('Z' | 'X')
-        )
-    })
-}
-
 #[test]
 fn a_killed_run_resumes_and_verifies() {
     let ckpt = tempfile::tempdir().unwrap();
@@ -255,45 +225,9 @@ fn a_killed_run_resumes_and_verifies() {
         s(ckpt.path()),
         s(out.path()),
     ];
-    let mut launcher = Command::new("mpirun")
-        .args(["-n", "2", BIN, "-q", "--resume"])
-        .args(run_args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !names(out.path()).iter().any(|n| n.ends_with(".tmp")) {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "never started writing"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let ranks = children(launcher.id());
-    assert_eq!(ranks.len(), 2, "mpirun's children: {ranks:?}");
-    Command::new("kill")
-        .args(["-KILL", &ranks[1].to_string()])
-        .status()
-        .unwrap();
-    Command::new("kill")
-        .args(["-TERM", &launcher.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(
-        !launcher.wait().unwrap().success(),
-        "the run must have been cut short"
-    );
-    let started = Instant::now();
-    while ranks.iter().any(|&pid| is_running(pid)) {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "a rank outlived its launcher"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut first = vec!["--resume"];
+    first.extend(run_args);
+    kill_mid_copy(&first, out.path());
     assert!(
         names(out.path()).iter().all(|n| n.starts_with('.')),
         "{:?}",

@@ -265,3 +265,77 @@ impl Drop for SmallDisk {
         let _ = Command::new("umount").arg(self.0.path()).status();
     }
 }
+
+/// Starts `mpirun -n 2 st-consolidate-mpi -q ARGS` writing into `out`, and
+/// once copying has begun (temporary files exist) SIGKILLs one rank and
+/// SIGTERMs the launcher; returns once every rank has exited (a rank still
+/// alive rightly holds OUTPUT_DIR, so a rerun must wait for it).
+pub fn kill_mid_copy(args: &[&str], out: &Path) {
+    let mut launcher = Command::new("mpirun")
+        .args(["-n", "2", BIN, "-q"])
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !names(out).iter().any(|n| n.ends_with(".tmp")) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the run never started writing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let ranks = children(launcher.id());
+    assert_eq!(ranks.len(), 2, "mpirun's children: {ranks:?}");
+    for (signal, pid) in [("-KILL", ranks[1]), ("-TERM", launcher.id())] {
+        Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+    }
+    assert!(
+        !launcher.wait().unwrap().success(),
+        "the run must have been cut short"
+    );
+    let started = std::time::Instant::now();
+    while ranks.iter().any(|&pid| is_running(pid)) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "a rank outlived its launcher"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Direct children of `pid`, from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command name: state, ppid, ...
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
+        if ppid == pid {
+            kids.push(child);
+        }
+    }
+    kids
+}
+
+/// Whether `pid` is a process that has not exited (zombies have).
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !matches!(
+            stat[stat.rfind(')').unwrap() + 2..].chars().next(),
+            Some('Z' | 'X')
+        )
+    })
+}
