@@ -234,7 +234,10 @@ CONF
 }
 if command -v slurmd >/dev/null && slurm_up; then
     cp -a "$ckpt" "$slurm_dir/ckpt"
-    if out=$(timeout 120 srun -N 2 -n 4 --mpi=pmix "$bin" -v --report "$slurm_dir/report.json" \
+    # Each node has a /tmp of its own: a checkout under /tmp (CI's clone may
+    # be) is invisible there, so the nodes run a copy from the Slurm folder.
+    cp "$bin" "$slurm_dir/st-consolidate-mpi"
+    if out=$(timeout 120 srun -N 2 -n 4 --mpi=pmix --chdir "$slurm_dir" "$slurm_dir/st-consolidate-mpi" -v --report "$slurm_dir/report.json" \
         --mapping "$slurm_dir/ckpt/mapping.json" "$slurm_dir/ckpt" "$slurm_dir/out" 2>&1) &&
         matches "$slurm_dir/out" "$ckpt" && grep -q '^  node nodea: 2 rank(s) (0,1)' <<<"$out" &&
         grep -q '^  node nodeb: 2 rank(s) (2,3)' <<<"$out"; then
