@@ -5,7 +5,7 @@
 //! compares its tensor bytes too. Anything else is rewritten.
 
 use crate::error::{Error, Result};
-use crate::exec::verify::Target;
+use crate::exec::verify::{Target, planned_target};
 use crate::plan::Plan;
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -41,18 +41,7 @@ pub fn kept_targets(dir: &Path, plan: &Plan, rank: usize) -> Vec<Target> {
     plan.files_of(rank)
         .into_iter()
         .filter(|f| plan.kept.contains(f))
-        .map(|f| {
-            let file = &plan.files[f];
-            Target {
-                path: dir.join(&file.name),
-                name: file.name.clone(),
-                tensors: file
-                    .entries
-                    .iter()
-                    .map(|e| (e.tensor, file.data_start() + e.bytes.start, e.dtype))
-                    .collect(),
-            }
-        })
+        .map(|f| planned_target(plan, f, dir.join(&plan.files[f].name)))
         .collect()
 }
 

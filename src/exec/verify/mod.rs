@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-pub use targets::{Target, existing_targets, written_targets};
+pub use targets::{Target, existing_targets, planned_target, written_targets};
 
 /// Compares every tensor byte of `targets` with the shards, in parallel.
 /// Returns one line per mismatching tensor; I/O failures are errors.

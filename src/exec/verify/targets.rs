@@ -28,19 +28,23 @@ pub fn written_targets(plan: &Plan, rank: usize, temp_paths: &[PathBuf]) -> Vec<
     plan.files_to_write(rank)
         .into_iter()
         .zip(temp_paths)
-        .map(|(f, path)| {
-            let file = &plan.files[f];
-            Target {
-                path: path.clone(),
-                name: file.name.clone(),
-                tensors: file
-                    .entries
-                    .iter()
-                    .map(|e| (e.tensor, file.data_start() + e.bytes.start, e.dtype))
-                    .collect(),
-            }
-        })
+        .map(|(f, path)| planned_target(plan, f, path.clone()))
         .collect()
+}
+
+/// Planned output file `f`, found at `path`: where each of its tensors'
+/// bytes start, as the plan laid them out.
+pub fn planned_target(plan: &Plan, f: usize, path: PathBuf) -> Target {
+    let file = &plan.files[f];
+    Target {
+        path,
+        name: file.name.clone(),
+        tensors: file
+            .entries
+            .iter()
+            .map(|e| (e.tensor, file.data_start() + e.bytes.start, e.dtype))
+            .collect(),
+    }
 }
 
 /// Checks an existing output folder's index and headers against the plan,
