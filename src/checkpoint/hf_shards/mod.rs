@@ -3,6 +3,7 @@
 pub mod sharding;
 
 use crate::checkpoint::Checkpoint;
+use crate::checkpoint::identity::Inputs;
 use crate::checkpoint::hf_shards::sharding::{ShardFile, index_pieces, sharding_info};
 use crate::error::{Error, Result};
 use crate::safetensors::header::read_header;
@@ -165,8 +166,10 @@ pub fn checkpoint_from(
 ) -> Result<Checkpoint> {
     let set = shard_set(dir, parsed, allow_missing, source_ranks)?;
     let tensors = index_pieces(&set.shards, &set.infos)?;
+    let files: Vec<PathBuf> = set.shards.into_iter().map(|s| s.path).collect();
     Ok(Checkpoint {
-        files: set.shards.into_iter().map(|s| s.path).collect(),
+        inputs: Inputs::unopened(&files),
+        files,
         tensors,
         skipped_outputs: set.skipped,
         non_tensors: Vec::new(),

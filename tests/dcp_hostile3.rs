@@ -1,0 +1,216 @@
+//! Hostile round 3 (issue 17) against the DCP reader: inputs replaced while
+//! the run holds them, inputs that are not regular files, duplicate zip
+//! entries, node-local copies whose `.metadata` differ, and bit rot that
+//! only the chunks' stored CRC-32 can reveal.
+
+mod common;
+
+use common::*;
+use st_consolidate_mpi::checkpoint::dcp::HOLD_AFTER_READ_VAR;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A writable copy of a fixture's checkpoint folder (`.metadata` included).
+fn copy_checkpoint(name: &str) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(fixture(name).join("checkpoint")).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+    }
+    copy
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+/// Opens `fifo` for writing once `child` has opened it for reading (the
+/// hook), polling the open without blocking so that a child that exits
+/// before the hook fails the test instead of hanging it.
+fn writer_once_held(fifo: &Path, child: &mut Child) -> fs::File {
+    loop {
+        let opened = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(fifo);
+        match opened {
+            Ok(file) => return file,
+            // ENXIO: no reader yet.
+            Err(e) if e.raw_os_error() == Some(6) => {}
+            Err(e) => panic!("cannot open {}: {e}", fifo.display()),
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut text).unwrap();
+            panic!("the run ended ({status}) before the hook:\n{text}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Runs the binary (no launcher) on `input`, holds it at the hook after the
+/// DCP reader has read everything, lets `change` alter the input, releases
+/// it, and returns its exit code and stderr.
+fn run_changing_input(input: &Path, out: &Path, change: impl FnOnce()) -> (Option<i32>, String) {
+    let work = tempfile::tempdir().unwrap();
+    let fifo = work.path().join("hold");
+    mkfifo(&fifo);
+    let mut child = Command::new(BIN)
+        .args(["-q", s(input), s(out)])
+        .env(HOLD_AFTER_READ_VAR, &fifo)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut writer = writer_once_held(&fifo, &mut child);
+    change();
+    writer.flush().unwrap();
+    drop(writer);
+    let done = child.wait_with_output().unwrap();
+    (done.status.code(), stderr(&done))
+}
+
+/// Replaces `path` (by rename, as `cp` to a temporary name and `mv` do)
+/// with `bytes`.
+fn replace(path: &Path, bytes: &[u8]) {
+    let new = path.with_extension("new");
+    fs::write(&new, bytes).unwrap();
+    fs::rename(&new, path).unwrap();
+}
+
+fn assert_refused_as_changed(code: Option<i32>, text: &str, file: &str, out: &Path) {
+    assert_eq!(code, Some(1), "the run must fail:\n{text}");
+    for needle in [file, "changed during the run", "nothing was published"] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert!(
+        !names(out).iter().any(|n| n.starts_with("model")),
+        "{:?}",
+        names(out)
+    );
+}
+
+#[test]
+fn a_distcp_replaced_after_its_chunks_are_located_stops_the_run() {
+    // Case 1: every archive shifted by 64 bytes, in a new file under the
+    // old name, between locating the chunks and copying them.
+    let input = copy_checkpoint("dcp-v215-w2");
+    let out = tempfile::tempdir().unwrap();
+    let distcp = input.path().join("__0_0.distcp");
+    let (code, text) = run_changing_input(input.path(), out.path(), || {
+        let mut shifted = vec![0u8; 64];
+        shifted.extend(fs::read(&distcp).unwrap());
+        replace(&distcp, &shifted);
+    });
+    assert_refused_as_changed(code, &text, "__0_0.distcp", out.path());
+}
+
+#[test]
+fn a_distcp_rewritten_in_place_after_reading_stops_the_run() {
+    // Same inode and size, other bytes: the modification time (and the
+    // content signature) tell.
+    let input = copy_checkpoint("dcp-v215-w2");
+    let out = tempfile::tempdir().unwrap();
+    let distcp = input.path().join("__1_0.distcp");
+    let mtime = fs::metadata(&distcp).unwrap().modified().unwrap();
+    let (code, text) = run_changing_input(input.path(), out.path(), || {
+        let mut bytes = fs::read(&distcp).unwrap();
+        bytes.rotate_right(64);
+        let mut file = fs::OpenOptions::new().write(true).open(&distcp).unwrap();
+        file.write_all(&bytes).unwrap();
+        file.sync_all().unwrap();
+        // The old modification time back: only the contents differ.
+        file.set_modified(mtime).unwrap();
+    });
+    assert_refused_as_changed(code, &text, "__1_0.distcp", out.path());
+}
+
+#[test]
+fn a_metadata_replaced_after_reading_stops_the_run() {
+    // Case 17: `.metadata` is an input like the others.
+    let input = copy_checkpoint("dcp-v215-w2");
+    let out = tempfile::tempdir().unwrap();
+    let metadata = input.path().join(".metadata");
+    let (code, text) = run_changing_input(input.path(), out.path(), || {
+        replace(&metadata, &fs::read(&metadata).unwrap());
+    });
+    assert_refused_as_changed(code, &text, ".metadata", out.path());
+}
+
+/// A FIFO at `path`, with an end held open by the test (read and write, so
+/// that no open of it ever blocks): a reader that ignores the file type then
+/// fails on an empty file instead of hanging the test.
+fn fifo_held_open(path: &Path) -> fs::File {
+    mkfifo(path);
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap()
+}
+
+fn refused_on_0_and_2_ranks(input: &Path, extra: &[&str], needles: &[&str]) {
+    for ranks in [0, 2] {
+        let out = tempfile::tempdir().unwrap();
+        let mut args = extra.to_vec();
+        args.extend([s(input), s(out.path())]);
+        assert_fails(ranks, &args, input, out.path(), needles);
+    }
+}
+
+#[test]
+fn a_distcp_that_is_a_fifo_or_a_link_to_one_is_refused() {
+    // Case 2.
+    let input = copy_checkpoint("dcp-v215-w2");
+    let distcp = input.path().join("__1_0.distcp");
+    fs::remove_file(&distcp).unwrap();
+    let _held = fifo_held_open(&distcp);
+    let needles = [
+        "__1_0.distcp",
+        "is not a regular file: it is a named pipe (FIFO)",
+    ];
+    refused_on_0_and_2_ranks(input.path(), &[], &needles);
+
+    let input = copy_checkpoint("dcp-v215-w2");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let fifo = elsewhere.path().join("pipe");
+    let _held = fifo_held_open(&fifo);
+    let distcp = input.path().join("__0_0.distcp");
+    fs::remove_file(&distcp).unwrap();
+    std::os::unix::fs::symlink(&fifo, &distcp).unwrap();
+    let needles = [
+        "__0_0.distcp",
+        "is not a regular file: it is a named pipe (FIFO)",
+    ];
+    refused_on_0_and_2_ranks(input.path(), &[], &needles);
+}
+
+#[test]
+fn a_metadata_that_is_a_fifo_or_a_link_to_one_is_refused() {
+    // Case 2: found as a DCP checkpoint, then refused by name.
+    let input = copy_checkpoint("dcp-v215-w2");
+    let metadata = input.path().join(".metadata");
+    fs::remove_file(&metadata).unwrap();
+    let held = fifo_held_open(&metadata);
+    let needles = [".metadata", "is not a regular file: it is a named pipe (FIFO)"];
+    refused_on_0_and_2_ranks(input.path(), &[], &needles);
+    drop(held);
+    // A link to a FIFO, with --input-format dcp and no end held open: a
+    // blocking open would wait for ever for a writer.
+    fs::remove_file(&metadata).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let fifo = elsewhere.path().join("pipe");
+    mkfifo(&fifo);
+    std::os::unix::fs::symlink(&fifo, &metadata).unwrap();
+    refused_on_0_and_2_ranks(input.path(), &["--input-format", "dcp"], &needles);
+}
