@@ -214,3 +214,127 @@ fn a_metadata_that_is_a_fifo_or_a_link_to_one_is_refused() {
     std::os::unix::fs::symlink(&fifo, &metadata).unwrap();
     refused_on_0_and_2_ranks(input.path(), &["--input-format", "dcp"], &needles);
 }
+
+/// Offsets of the central directory records of `path` whose name is `name`.
+fn central_records(bytes: &[u8], name: &[u8]) -> Vec<usize> {
+    (0..bytes.len() - 46)
+        .filter(|&i| bytes[i..i + 4] == *b"PK\x01\x02" && bytes[i + 46..].starts_with(name))
+        .filter(|&i| u16::from_le_bytes([bytes[i + 28], bytes[i + 29]]) as usize == name.len())
+        .collect()
+}
+
+#[test]
+fn a_chunk_archive_naming_an_entry_twice_is_refused() {
+    // Case 3: the first chunk archive's `archive/version` record renamed
+    // `archive/data/0` (its 15th byte kept as a record comment, so the
+    // directory's layout is unchanged) and pointed at the real data entry,
+    // size and CRC included: two entries of one name, both readable.
+    let input = copy_checkpoint("dcp-v215-w2");
+    let path = input.path().join("__0_0.distcp");
+    let mut bytes = fs::read(&path).unwrap();
+    let data = central_records(&bytes, b"archive/data/0")[0];
+    let version = *central_records(&bytes, b"archive/version")
+        .iter()
+        .find(|&&v| v > data)
+        .unwrap();
+    let (crc_sizes, local) = (16..28, 42..46);
+    let copied: Vec<u8> = bytes[data + crc_sizes.start..data + crc_sizes.end].to_vec();
+    bytes[version + crc_sizes.start..version + crc_sizes.end].copy_from_slice(&copied);
+    let copied: Vec<u8> = bytes[data + local.start..data + local.end].to_vec();
+    bytes[version + local.start..version + local.end].copy_from_slice(&copied);
+    bytes[version + 28..version + 30].copy_from_slice(&14u16.to_le_bytes());
+    bytes[version + 32..version + 34].copy_from_slice(&1u16.to_le_bytes());
+    bytes[version + 46..version + 60].copy_from_slice(b"archive/data/0");
+    fs::write(&path, bytes).unwrap();
+    refused_on_0_and_2_ranks(
+        input.path(),
+        &[],
+        &[
+            "__0_0.distcp",
+            "tensor '",
+            "holds two entries named archive/data/0",
+        ],
+    );
+}
+
+/// Runs `mpirun -n 2` on `input`, rank 1 in a mount namespace of its own
+/// where `alternative` is bind-mounted over `input`: two nodes with
+/// node-local copies of INPUT_DIR under one path. Needs root (as CI has).
+fn run_with_node_local_copies(input: &Path, alternative: &Path, out: &Path) -> (i32, String) {
+    let script = r#"bin=$0 alt=$1 in=$2 out=$3
+if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then
+    exec unshare --mount sh -c 'mount --bind "$1" "$2" && exec "$0" -q "$2" "$3"' "$bin" "$alt" "$in" "$out"
+fi
+exec "$bin" -q "$in" "$out""#;
+    let run = Command::new("mpirun")
+        .args(["--oversubscribe", "-n", "2", "sh", "-c", script, BIN])
+        .args([alternative, input, out])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    (run.status.code().unwrap_or(-1), stderr(&run))
+}
+
+#[test]
+fn node_local_copies_whose_metadata_differ_are_refused() {
+    // Case 17: rank 1's copy differs only in the checkpoint id recorded in
+    // `.metadata` (same length, same tensors, same chunks): its bytes
+    // differ, so the ranks do not read the same checkpoint.
+    let input = copy_checkpoint("dcp-v215-w2");
+    let alternative = copy_checkpoint("dcp-v215-w2");
+    let path = alternative.path().join(".metadata");
+    let mut bytes = fs::read(&path).unwrap();
+    let id = b"\x8c\x0acheckpoint";
+    let at = bytes.windows(id.len()).position(|w| w == id).unwrap();
+    bytes[at + id.len() - 1] = b'T';
+    fs::write(&path, bytes).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (code, text) = run_with_node_local_copies(input.path(), alternative.path(), out.path());
+    assert_eq!(code, 1, "{text}");
+    let needle = format!(
+        "input {} does not hold the same bytes on every rank: rank 1",
+        input.path().join(".metadata").display()
+    );
+    assert!(text.contains(&needle), "missing {needle:?} in:\n{text}");
+    assert_eq!(text.matches("error:").count(), 1, "{text}");
+    assert!(names(out.path()).is_empty(), "{:?}", names(out.path()));
+
+    // The same copy on both: accepted (the bind mount alone changes nothing).
+    let (code, text) = run_with_node_local_copies(input.path(), input.path(), out.path());
+    assert_eq!(code, 0, "{text}");
+}
+
+#[test]
+fn the_plan_fingerprint_covers_where_every_piece_is() {
+    // Case 17: two readings that agree on every header but not on where a
+    // chunk's bytes are must not pass as the same plan.
+    use st_consolidate_mpi::checkpoint::dcp;
+    use st_consolidate_mpi::checkpoint::select::Selection;
+    use st_consolidate_mpi::plan::{self, PlanOptions};
+    let dir = fixture("dcp-v215-w2/checkpoint");
+    let read = || dcp::read_checkpoint(&dir, &Selection::default()).unwrap();
+    let options = PlanOptions::default();
+    let same = plan::make(read(), &options, 2).unwrap();
+    let again = plan::make(read(), &options, 2).unwrap();
+    assert_eq!(same.fingerprint(), again.fingerprint());
+    // Two chunks of one tensor with the same shape swap their bytes.
+    let mut swapped = read();
+    let tensor = swapped
+        .tensors
+        .iter_mut()
+        .find(|t| t.pieces.len() >= 2 && t.pieces[0].shape == t.pieces[1].shape)
+        .unwrap();
+    let (a, b) = (tensor.pieces[0].location, tensor.pieces[1].location);
+    tensor.pieces[0].location = b;
+    tensor.pieces[1].location = a;
+    let swapped = plan::make(swapped, &options, 2).unwrap();
+    let headers = |p: &plan::Plan| p.files.iter().map(|f| f.header.clone()).collect::<Vec<_>>();
+    assert_eq!(headers(&swapped), headers(&same));
+    assert_ne!(swapped.fingerprint(), same.fingerprint());
+    // One piece's offset alone.
+    let mut moved = read();
+    moved.tensors[0].pieces[0].location.offset += 64;
+    let moved = plan::make(moved, &options, 2).unwrap();
+    assert_ne!(moved.fingerprint(), same.fingerprint());
+}

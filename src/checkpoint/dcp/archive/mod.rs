@@ -78,6 +78,7 @@ pub fn locate_chunk_data(file: &File, file_len: u64, chunk: &ChunkRequest) -> Re
         );
     }
     let mut zip = open_archive(file, chunk, &range)?;
+    refuse_duplicate_names(&zip, file, chunk, &range)?;
     let entries = list_entries(&mut zip, chunk.length, &range)?;
     let pkl = find_data_pkl(&entries, &range)?;
     let prefix = &pkl.name[..pkl.name.len() - "data.pkl".len()];
@@ -129,6 +130,50 @@ fn open_archive<'f>(
             CORRUPT,
         )
     })
+}
+
+/// Refuses an archive whose central directory names one entry twice. The
+/// zip reader keeps one entry per name (the later one's data under the
+/// earlier one's place) while `torch.load` reads the first: the two
+/// would disagree on the chunk's bytes.
+fn refuse_duplicate_names<R: Read + Seek>(
+    zip: &ZipArchive<R>,
+    file: &File,
+    chunk: &ChunkRequest,
+    range: &str,
+) -> Result<(), Refusal> {
+    if !zip.has_duplicate_names() {
+        return Ok(());
+    }
+    let name = first_repeated_name(file, chunk, zip.central_directory_start())
+        .unwrap_or_else(|| "(unreadable name)".to_owned());
+    refuse(
+        format!("the chunk's archive at {range} holds two entries named {name}"),
+        "the .distcp file was not written by torch.save (or was altered): a zip with repeated entry names is read differently by different readers; re-save the checkpoint",
+    )
+}
+
+/// The first name that appears twice in the central directory starting at
+/// `dir_start` (relative to the archive), read with one positioned read.
+fn first_repeated_name(file: &File, chunk: &ChunkRequest, dir_start: u64) -> Option<String> {
+    const RECORD: usize = 46;
+    let len = chunk.length.checked_sub(dir_start)?.min(MAX_SMALL_ENTRY);
+    let mut dir = vec![0u8; usize::try_from(len).ok()?];
+    file.read_exact_at(&mut dir, chunk.offset + dir_start).ok()?;
+    let field = |at: usize| -> Option<usize> {
+        Some(u16::from_le_bytes(dir.get(at..at + 2)?.try_into().ok()?).into())
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut at = 0;
+    while dir.get(at..at + 4) == Some(b"PK\x01\x02".as_slice()) {
+        let (name_len, extra_len, comment_len) = (field(at + 28)?, field(at + 30)?, field(at + 32)?);
+        let name = dir.get(at + RECORD..at + RECORD + name_len)?;
+        if !seen.insert(name) {
+            return Some(String::from_utf8_lossy(name).into_owned());
+        }
+        at += RECORD + name_len + extra_len + comment_len;
+    }
+    None
 }
 
 /// `byteorder` must say little-endian if present (archives from before
