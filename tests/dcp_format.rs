@@ -7,6 +7,7 @@ use proptest::prelude::*;
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use st_consolidate_mpi::Error;
+use st_consolidate_mpi::checkpoint::FullTensor;
 use st_consolidate_mpi::checkpoint::coverage as dcp;
 use st_consolidate_mpi::checkpoint::dcp::archive::{ChunkRequest, locate_chunk_data};
 use st_consolidate_mpi::checkpoint::dcp::metadata::parse_metadata;
@@ -14,7 +15,6 @@ use st_consolidate_mpi::checkpoint::dcp::pickle::{self, Limits};
 use st_consolidate_mpi::checkpoint::dcp::{
     DcpCheckpoint, read_dcp_checkpoint, read_dcp_checkpoint_with,
 };
-use st_consolidate_mpi::checkpoint::FullTensor;
 use st_consolidate_mpi::safetensors::dtype::Dtype;
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -52,7 +52,8 @@ fn reassemble(files: &[PathBuf], tensor: &FullTensor) -> Vec<u8> {
         let count: usize = sizes.iter().product();
         let mut bytes = vec![0u8; count * element];
         let file = fs::File::open(&files[piece.location.shard]).unwrap();
-        file.read_exact_at(&mut bytes, piece.location.offset).unwrap();
+        file.read_exact_at(&mut bytes, piece.location.offset)
+            .unwrap();
         for local in 0..count {
             // Row-major position of `local` inside the piece, then in the tensor.
             let mut rest = local;
@@ -156,7 +157,10 @@ fn tensors_tile_their_shapes_and_every_input_is_listed() {
     let inputs: Vec<&Path> = checkpoint.inputs.paths().collect();
     let mut expected = vec![dir.join(".metadata")];
     expected.extend(files.iter().cloned());
-    assert_eq!(inputs, expected.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+    assert_eq!(
+        inputs,
+        expected.iter().map(PathBuf::as_path).collect::<Vec<_>>()
+    );
 }
 
 #[test]

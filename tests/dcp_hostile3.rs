@@ -202,7 +202,10 @@ fn a_metadata_that_is_a_fifo_or_a_link_to_one_is_refused() {
     let metadata = input.path().join(".metadata");
     fs::remove_file(&metadata).unwrap();
     let held = fifo_held_open(&metadata);
-    let needles = [".metadata", "is not a regular file: it is a named pipe (FIFO)"];
+    let needles = [
+        ".metadata",
+        "is not a regular file: it is a named pipe (FIFO)",
+    ];
     refused_on_0_and_2_ranks(input.path(), &[], &needles);
     drop(held);
     // A link to a FIFO, with --input-format dcp and no end held open: a
@@ -337,4 +340,154 @@ fn the_plan_fingerprint_covers_where_every_piece_is() {
     moved.tensors[0].pieces[0].location.offset += 64;
     let moved = plan::make(moved, &options, 2).unwrap();
     assert_ne!(moved.fingerprint(), same.fingerprint());
+}
+
+/// A copy of the w2 fixture with one byte flipped inside the data of a
+/// chunk in `__0_0.distcp`: the tensor, the chunk's region, its bytes'
+/// length, and its CRC-32 before the flip.
+struct Rotten {
+    input: tempfile::TempDir,
+    tensor: String,
+    chunk: String,
+    len: u64,
+    crc: u32,
+}
+
+fn rotten_chunk() -> Rotten {
+    use st_consolidate_mpi::checkpoint::coverage::region;
+    use st_consolidate_mpi::checkpoint::dcp::read_dcp_checkpoint;
+    let input = copy_checkpoint("dcp-v215-w2");
+    let read = read_dcp_checkpoint(input.path()).unwrap();
+    let (tensor, piece) = read
+        .tensors
+        .iter()
+        .filter(|t| !t.name.starts_with("optim."))
+        .flat_map(|t| t.pieces.iter().map(move |p| (t, p)))
+        .find(|(_, p)| {
+            read.files[p.location.shard].ends_with("__0_0.distcp")
+                && p.shape.iter().product::<u64>() > 4
+        })
+        .unwrap();
+    let len = piece.shape.iter().product::<u64>() * tensor.dtype.size();
+    let path = input.path().join("__0_0.distcp");
+    let mut bytes = fs::read(&path).unwrap();
+    let at = piece.location.offset as usize;
+    let crc = crc32fast::hash(&bytes[at..at + len as usize]);
+    assert_eq!(
+        piece.location.crc32,
+        Some(crc),
+        "torch.save stores the CRC-32"
+    );
+    bytes[at + 3] ^= 0x10;
+    fs::write(&path, bytes).unwrap();
+    Rotten {
+        input,
+        tensor: tensor.name.clone(),
+        chunk: region(&piece.offsets, &piece.shape),
+        len,
+        crc,
+    }
+}
+
+/// Non-empty chunks of the w2 fixture's model tensors.
+fn model_chunks() -> usize {
+    use st_consolidate_mpi::checkpoint::dcp::read_dcp_checkpoint;
+    let read = read_dcp_checkpoint(&fixture("dcp-v215-w2/checkpoint")).unwrap();
+    read.tensors
+        .iter()
+        .filter(|t| !t.name.starts_with("optim."))
+        .flat_map(|t| &t.pieces)
+        .filter(|p| p.shape.iter().product::<u64>() > 0)
+        .count()
+}
+
+#[test]
+fn verify_checks_each_chunk_against_its_stored_crc() {
+    // Case 4: the copy reproduces the flipped byte, so comparing the output
+    // with the input finds nothing; the chunk's stored CRC-32 does.
+    let rotten = rotten_chunk();
+    let input = rotten.input.path();
+    let tensor = format!("'{}'", rotten.tensor);
+    let needles = [
+        tensor.as_str(),
+        &rotten.chunk,
+        "__0_0.distcp",
+        "stored in its zip entry",
+        "the input is damaged",
+    ];
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    assert_fails(
+        2,
+        &["--exclude", "optim.*", "--verify", s(input), s(&out)],
+        input,
+        &out,
+        &needles,
+    );
+    // Without --verify nothing checks the CRC: the copy is as it was.
+    consolidate_ok(0, &["-q", "--exclude", "optim.*", s(input), s(&out)]);
+    for ranks in [0, 2] {
+        let run = consolidate(
+            ranks,
+            &["--exclude", "optim.*", "--verify-only", s(input), s(&out)],
+        );
+        let text = stderr(&run);
+        assert_eq!(run.status.code(), Some(1), "{text}");
+        for needle in needles {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+    }
+    // The intact checkpoint passes, and the summary counts the chunks.
+    let good = fixture("dcp-v215-w2/checkpoint");
+    let counted = format!(
+        "{} DCP chunk(s) match the CRC-32 stored with them",
+        model_chunks()
+    );
+    let fresh = work.path().join("fresh");
+    let run = consolidate_ok(
+        2,
+        &["--exclude", "optim.*", "--verify", s(&good), s(&fresh)],
+    );
+    let text = stderr(&run);
+    assert!(
+        text.contains(&format!(
+            "verified: every written byte equals the inputs; {counted}"
+        )),
+        "{text}"
+    );
+    let run = consolidate_ok(
+        2,
+        &["--exclude", "optim.*", "--verify-only", s(&good), s(&fresh)],
+    );
+    assert!(stderr(&run).contains(&counted), "{}", stderr(&run));
+}
+
+#[test]
+fn a_chunk_without_a_recorded_crc_is_skipped_and_counted() {
+    // A stored CRC-32 of 0 means "not recorded"
+    // (torch.serialization.set_crc32_options(False)): the damaged chunk is
+    // then not checked against one, and the summary says so.
+    let rotten = rotten_chunk();
+    let path = rotten.input.path().join("__0_0.distcp");
+    let mut bytes = fs::read(&path).unwrap();
+    let records: Vec<usize> = central_records(&bytes, b"archive/data/0")
+        .into_iter()
+        .filter(|&r| {
+            bytes[r + 16..r + 20] == rotten.crc.to_le_bytes()
+                && bytes[r + 24..r + 28] == (rotten.len as u32).to_le_bytes()
+        })
+        .collect();
+    assert_eq!(records.len(), 1, "the chunk's central record");
+    bytes[records[0] + 16..records[0] + 20].copy_from_slice(&[0; 4]);
+    fs::write(&path, bytes).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let input = s(rotten.input.path());
+    let run = consolidate_ok(2, &["--exclude", "optim.*", "--verify", input, s(&out)]);
+    let text = stderr(&run);
+    let summary = format!(
+        "{} DCP chunk(s) match the CRC-32 stored with them, 1 carry none",
+        model_chunks() - 1
+    );
+    assert!(text.contains(&summary), "missing {summary:?} in:\n{text}");
 }

@@ -72,7 +72,10 @@ pub fn open_input(path: &Path) -> Result<(File, Seen)> {
             "a device"
         };
         return Err(Error::usage(
-            format!("input {} is not a regular file: it is {what}", path.display()),
+            format!(
+                "input {} is not a regular file: it is {what}",
+                path.display()
+            ),
             "INPUT_DIR must hold the checkpoint's own files: put the real file in its place \
              (copy the checkpoint with `cp -rL` if it is made of links)",
         ));
@@ -208,7 +211,10 @@ fn changed(path: &Path, then: &Seen) -> Option<String> {
     };
     let was = then.identity;
     if now.size != was.size {
-        return Some(format!("its size went from {} to {} bytes", was.size, now.size));
+        return Some(format!(
+            "its size went from {} to {} bytes",
+            was.size, now.size
+        ));
     }
     if (now.dev, now.ino) != (was.dev, was.ino) {
         return Some("it was replaced by another file".to_string());
@@ -314,7 +320,11 @@ mod tests {
             "{err}"
         );
         // Recorded by path only (no signature): not seen, as documented.
-        assert!(recorded(std::slice::from_ref(&path)).check_unchanged().is_ok());
+        assert!(
+            recorded(std::slice::from_ref(&path))
+                .check_unchanged()
+                .is_ok()
+        );
     }
 
     #[test]

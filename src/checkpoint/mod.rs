@@ -62,6 +62,10 @@ pub struct Location {
     pub shard: usize,
     /// Absolute offset of the piece's first byte in that file.
     pub offset: u64,
+    /// The CRC-32 the input format stores for these bytes, if it stores one
+    /// (a DCP chunk's zip entry; 0 there means the writer recorded none).
+    /// Checked by `--verify`, never by the copy.
+    pub crc32: Option<u32>,
 }
 
 /// One saved piece of a tensor: a dense row-major block of the full tensor.
@@ -213,21 +217,23 @@ pub fn tensor_from_pieces(
     let mut ends = vec![0u64; ndim];
     for piece in &distinct {
         for (d, end) in ends.iter_mut().enumerate() {
-            let piece_end = piece.offsets[d].checked_add(piece.shape[d]).ok_or_else(|| {
-                inconsistent(
-                    format!("a piece in {} has offsets that overflow", file_of(piece)),
-                    hints.corrupt,
-                )
-            })?;
+            let piece_end = piece.offsets[d]
+                .checked_add(piece.shape[d])
+                .ok_or_else(|| {
+                    inconsistent(
+                        format!("a piece in {} has offsets that overflow", file_of(piece)),
+                        hints.corrupt,
+                    )
+                })?;
             *end = (*end).max(piece_end);
         }
     }
     let shape = match spec.shape {
         None => ends,
         Some(shape) => {
-            let outside = distinct.iter().find(|p| {
-                (0..ndim).any(|d| p.offsets[d] + p.shape[d] > shape[d])
-            });
+            let outside = distinct
+                .iter()
+                .find(|p| (0..ndim).any(|d| p.offsets[d] + p.shape[d] > shape[d]));
             if let Some(piece) = outside {
                 return Err(inconsistent(
                     format!(
@@ -286,7 +292,15 @@ mod tests {
     use super::*;
 
     fn piece(shard: usize, offsets: &[u64], shape: &[u64]) -> Piece {
-        Piece::new(Location { shard, offset: 0 }, offsets, shape)
+        Piece::new(
+            Location {
+                shard,
+                offset: 0,
+                crc32: None,
+            },
+            offsets,
+            shape,
+        )
     }
 
     fn build(shape: Option<&[u64]>, pieces: Vec<Piece>) -> Result<FullTensor> {
@@ -302,7 +316,10 @@ mod tests {
     #[test]
     fn no_pieces_and_mixed_ranks_are_errors_not_panics() {
         let err = build(None, vec![]).unwrap_err().to_string();
-        assert!(err.contains("tensor 'w': no piece of it was saved"), "{err}");
+        assert!(
+            err.contains("tensor 'w': no piece of it was saved"),
+            "{err}"
+        );
         // A recorded empty shape needs no piece; a non-empty one does.
         assert_eq!(build(Some(&[0, 4]), vec![]).unwrap().shape, [0, 4]);
         let err = build(Some(&[2]), vec![]).unwrap_err().to_string();
@@ -310,7 +327,9 @@ mod tests {
         let mixed = vec![piece(0, &[0, 0], &[1, 4]), piece(1, &[1], &[1])];
         let err = build(None, mixed).unwrap_err().to_string();
         assert!(
-            err.contains("a piece in b has offsets [1] and shape [1], but the tensor has 2 dimension(s)"),
+            err.contains(
+                "a piece in b has offsets [1] and shape [1], but the tensor has 2 dimension(s)"
+            ),
             "{err}"
         );
         let lopsided = vec![Piece {

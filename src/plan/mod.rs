@@ -262,7 +262,8 @@ impl Plan {
                 let copies = std::iter::once(&piece.location).chain(&piece.replicas);
                 hash.update((piece.replicas.len() as u64 + 1).to_le_bytes());
                 for location in copies {
-                    numbers(&mut hash, &[location.shard as u64, location.offset]);
+                    let crc = location.crc32.map_or(u64::MAX, u64::from);
+                    numbers(&mut hash, &[location.shard as u64, location.offset, crc]);
                 }
             }
         }

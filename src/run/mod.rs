@@ -24,7 +24,7 @@ use crate::exec::output::sync_dir;
 use crate::exec::publish::{
     Refusal, check_written_once, prepare_output_dir, retire_old_index, stage_index_and_report,
 };
-use crate::exec::verify::{compare, existing_targets, written_targets};
+use crate::exec::verify::{compare, existing_targets, stored_crc_summary, written_targets};
 use crate::exec::write::{WriteTiming, copy_and_sync, create_files, default_threads};
 use crate::plan::mapping::MappingSource;
 use crate::plan::{self, Plan, PlanOptions};
@@ -266,11 +266,12 @@ fn verify_existing(job: &Job, plan: &Plan) -> Result<Summary> {
     })?;
     agree(job.comm, collect_mismatches(job.comm, &problems))?;
     job.say(&format!(
-        "verified {} tensors ({}) in {} against {} input files: all equal",
+        "verified {} tensors ({}) in {} against {} input files: all equal{}",
         plan.tensors.len(),
         human_bytes(plan.total_bytes()),
         config.output.display(),
-        plan.shards.len()
+        plan.shards.len(),
+        stored_crc_summary(plan)
     ));
     Ok(job.summary(0, plan.total_bytes()))
 }
@@ -331,7 +332,10 @@ fn consolidate(
         let temp_paths: Vec<PathBuf> = pending.iter().map(|p| p.temp_path().to_owned()).collect();
         let mismatches = job.agree(|| compare(plan, &written_targets(plan, rank, &temp_paths)))?;
         agree(comm, collect_mismatches(comm, &mismatches))?;
-        job.say("verified: every written byte equals the inputs");
+        job.say(&format!(
+            "verified: every written byte equals the inputs{}",
+            stored_crc_summary(plan)
+        ));
     }
     let mine = RankReport {
         rank,
@@ -353,7 +357,9 @@ fn consolidate(
     let staged = job.on_rank0(|| {
         let ranks = ranks.unwrap_or_default();
         check_written_once(plan, &ranks)?;
-        inputs.as_ref().map_or(Ok(()), identity::Inputs::check_unchanged)?;
+        inputs
+            .as_ref()
+            .map_or(Ok(()), identity::Inputs::check_unchanged)?;
         let mut report = RunReport::new(plan, facts, config.command_line.clone(), &ranks, verify);
         if config.resume {
             report.kept = Some(

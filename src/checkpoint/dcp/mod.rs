@@ -349,7 +349,7 @@ fn locate_tensor(
             offset: info.offset,
             length: info.length,
         };
-        let data_offset =
+        let data =
             locate_chunk_data(file, file_len, &request).map_err(|refusal| Error::BadTensor {
                 path: path.clone(),
                 tensor: tensor.name.clone(),
@@ -358,7 +358,8 @@ fn locate_tensor(
             })?;
         let location = Location {
             shard,
-            offset: data_offset,
+            offset: data.offset,
+            crc32: Some(data.crc32),
         };
         pieces.push(Piece::new(location, &chunk.offsets, &chunk.sizes));
     }

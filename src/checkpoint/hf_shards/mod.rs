@@ -3,8 +3,8 @@
 pub mod sharding;
 
 use crate::checkpoint::Checkpoint;
-use crate::checkpoint::identity::Inputs;
 use crate::checkpoint::hf_shards::sharding::{ShardFile, index_pieces, sharding_info};
+use crate::checkpoint::identity::Inputs;
 use crate::error::{Error, Result};
 use crate::safetensors::header::read_header;
 use crate::safetensors::naming::{parse_output_name, parse_shard_name};
