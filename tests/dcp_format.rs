@@ -374,8 +374,11 @@ fn a_zip64_chunk_archive_is_located() {
         offset: 100,
         length: len - 100,
     };
-    let at = locate_chunk_data(&file, len, &request).unwrap();
-    assert_eq!(bytes[at as usize..at as usize + 4], expected);
+    let data = locate_chunk_data(&file, len, &request).unwrap();
+    let at = data.offset as usize;
+    assert_eq!(bytes[at..at + 4], expected);
+    // The ZIP64 entry's CRC-32 is returned as stored.
+    assert_eq!(data.crc32, crc32(&expected));
     // The same archive does not hold an F32 chunk.
     let wrong = ChunkRequest {
         dtype: Dtype::F32,

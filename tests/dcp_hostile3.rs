@@ -46,7 +46,7 @@ fn writer_once_held(fifo: &Path, child: &mut Child) -> fs::File {
         match opened {
             Ok(file) => return file,
             // ENXIO: no reader yet.
-            Err(e) if e.raw_os_error() == Some(6) => {}
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) => {}
             Err(e) => panic!("cannot open {}: {e}", fifo.display()),
         }
         if let Some(status) = child.try_wait().unwrap() {
