@@ -10,6 +10,7 @@ fn piece(offsets: &[u64], shape: &[u64]) -> Piece {
         Location {
             shard: 0,
             offset: 0,
+            crc32: None,
         },
         offsets,
         shape,

@@ -19,7 +19,9 @@
 # in PyTorch DCP's default format (.metadata + __R_I.distcp), written by
 # PyTorch's own dcp.save from 2 gloo ranks (scripts/make_dcp_bench.py), and
 # adds a peer: `accelerate merge-weights`, timed as a whole process with its
-# peak RSS, min(RUNS, 3) times. PyTorch and accelerate come from PyPI into
+# peak RSS, min(RUNS, 3) times. It also times 1 rank with --verify (every byte
+# read back, every chunk's CRC-32 checked) against the plain copy, and
+# --verify-only on that output. PyTorch and accelerate come from PyPI into
 # target/torch-venv (created, or completed, when missing).
 #
 # Environment: BENCH_DIR (work folder, default target/bench); BENCH_BIN (the
@@ -142,7 +144,7 @@ rm -rf "$dcp" "$work/out"
 "$venv/bin/python" scripts/make_dcp_bench.py "$dcp" --gb "$gb" >&2
 bytes=$(cat "$ckpt"/*.distcp | wc -c)
 acc_runs=$(( runs < 3 ? runs : 3 ))
-for name in base one two acc acc_sync rss rss.acc; do : > "$work/t.dcp.$name"; done
+for name in base one two acc acc_sync rss rss.acc verify verify_only; do : > "$work/t.dcp.$name"; done
 for run in $(seq "$runs"); do
     rm -rf "$work/out"; mkdir -p "$work/out"; sync
     timed "$work/t.dcp.base" sh -c "cat $ckpt/*.distcp > $work/out/cat.bin && sync $work/out/cat.bin"
@@ -156,6 +158,13 @@ for run in $(seq "$runs"); do
     rm -rf "$work/out"; sync
     timed "$work/t.dcp.two" mpirun -n 2 /usr/bin/time -f %M -a -o "$work/t.dcp.rss" "$bin" -q "$ckpt" "$work/out"
     [ "$run" != 1 ] || python3 scripts/check_manifest.py "$work/out" "$dcp/manifest.json" | tail -n 1
+
+    # --verify (every byte read back and compared, every chunk checked
+    # against its stored CRC-32) against the plain copy above, and
+    # --verify-only on the output it leaves.
+    rm -rf "$work/out"; sync
+    timed "$work/t.dcp.verify" "$bin" -q --verify "$ckpt" "$work/out"
+    timed "$work/t.dcp.verify_only" "$bin" -q --verify-only "$ckpt" "$work/out"
 
     if [ "$run" -le "$acc_runs" ]; then
         rm -rf "$work/out"; sync
@@ -194,6 +203,12 @@ print(f"| dcp | {size/1e9:.2f} | {base:.2f} | {one:.2f} | {one/base:.2f} | {two:
       f"{acc/one:.1f} | {peak_mb('rss'):.0f} | {peak_mb('rss.acc'):.0f} |")
 print(f"accelerate: median of {acc_runs} runs, the process alone; the sync of its output "
       f"(it does not fsync) took {acc_sync:.2f} s more, not counted")
+verify, verify_only = med("verify"), med("verify_only")
+print()
+print("| dcp, 1 rank | copy s | --verify s | --verify / copy | --verify-only s | --verify-only / copy |")
+print("|---|---|---|---|---|---|")
+print(f"| {size/1e9:.2f} GB | {one:.2f} | {verify:.2f} | {verify/one:.2f} | {verify_only:.2f} | {verify_only/one:.2f} |")
+print("--verify and --verify-only compare every byte with the inputs and every chunk with its stored CRC-32")
 PY
 rm -rf "$dcp"
 echo "medians of $runs runs; $(nproc) cores; $(uname -sr); $bin" >> "$results"

@@ -442,8 +442,8 @@ fn the_last_chunk_running_past_the_end_of_its_file_is_refused() {
         .flat_map(|t| {
             t.pieces
                 .iter()
-                .filter(|p| p.file == file)
-                .map(move |p| (t.name.clone(), p.data_offset))
+                .filter(|p| read.files[p.location.shard].ends_with(file))
+                .map(move |p| (t.name.clone(), p.location.offset))
         })
         .max_by_key(|&(_, at)| at)
         .unwrap();

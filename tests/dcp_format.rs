@@ -7,12 +7,13 @@ use proptest::prelude::*;
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use st_consolidate_mpi::Error;
+use st_consolidate_mpi::checkpoint::FullTensor;
 use st_consolidate_mpi::checkpoint::coverage as dcp;
 use st_consolidate_mpi::checkpoint::dcp::archive::{ChunkRequest, locate_chunk_data};
 use st_consolidate_mpi::checkpoint::dcp::metadata::parse_metadata;
 use st_consolidate_mpi::checkpoint::dcp::pickle::{self, Limits};
 use st_consolidate_mpi::checkpoint::dcp::{
-    DcpCheckpoint, DcpTensor, read_dcp_checkpoint, read_dcp_checkpoint_with,
+    DcpCheckpoint, read_dcp_checkpoint, read_dcp_checkpoint_with,
 };
 use st_consolidate_mpi::safetensors::dtype::Dtype;
 use std::fs;
@@ -36,7 +37,7 @@ fn copy_checkpoint(relative: &str) -> tempfile::TempDir {
 }
 
 /// The full tensor's bytes, placed element by element from its pieces.
-fn reassemble(dir: &Path, tensor: &DcpTensor) -> Vec<u8> {
+fn reassemble(files: &[PathBuf], tensor: &FullTensor) -> Vec<u8> {
     let element = tensor.dtype.size() as usize;
     let shape: Vec<usize> = tensor.shape.iter().map(|&d| d as usize).collect();
     let total: usize = shape.iter().product();
@@ -50,8 +51,9 @@ fn reassemble(dir: &Path, tensor: &DcpTensor) -> Vec<u8> {
         let sizes: Vec<usize> = piece.shape.iter().map(|&d| d as usize).collect();
         let count: usize = sizes.iter().product();
         let mut bytes = vec![0u8; count * element];
-        let file = fs::File::open(dir.join(&piece.file)).unwrap();
-        file.read_exact_at(&mut bytes, piece.data_offset).unwrap();
+        let file = fs::File::open(&files[piece.location.shard]).unwrap();
+        file.read_exact_at(&mut bytes, piece.location.offset)
+            .unwrap();
         for local in 0..count {
             // Row-major position of `local` inside the piece, then in the tensor.
             let mut rest = local;
@@ -94,7 +96,7 @@ fn check_manifest(checkpoint: &DcpCheckpoint, manifest: &Path) -> usize {
             .map(|d| d.as_u64().unwrap())
             .collect();
         assert_eq!(tensor.shape, shape, "{name}");
-        let digest = Sha256::digest(reassemble(&checkpoint.dir, tensor));
+        let digest = Sha256::digest(reassemble(&checkpoint.files, tensor));
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, expected["sha256"], "{name}");
     }
@@ -127,7 +129,8 @@ fn two_rank_checkpoint_reassembles_to_pytorchs_bytes() {
     let files: std::collections::BTreeSet<&str> = checkpoint
         .tensors
         .iter()
-        .flat_map(|t| t.pieces.iter().map(|p| p.file.as_str()))
+        .flat_map(|t| t.pieces.iter().map(|p| &checkpoint.files[p.location.shard]))
+        .map(|path| path.file_name().unwrap().to_str().unwrap())
         .collect();
     assert_eq!(
         files.into_iter().collect::<Vec<_>>(),
@@ -140,19 +143,24 @@ fn two_rank_checkpoint_reassembles_to_pytorchs_bytes() {
 }
 
 #[test]
-fn full_tensors_for_the_consolidator_tile_their_shapes() {
+fn tensors_tile_their_shapes_and_every_input_is_listed() {
     let dir = fixture("torch-dcpfs-w2/checkpoint");
     let checkpoint = read_dcp_checkpoint(&dir).unwrap();
-    let (files, tensors) = checkpoint.to_full_tensors();
+    let files = &checkpoint.files;
     assert_eq!(files.len(), 2);
     assert!(files.iter().all(|f| f.starts_with(&dir)));
-    for (full, read) in tensors.iter().zip(&checkpoint.tensors) {
-        assert_eq!(dcp::check_coverage(&full.shape, &full.pieces), Ok(()));
-        for (piece, original) in full.pieces.iter().zip(&read.pieces) {
-            assert_eq!(files[piece.location.shard], dir.join(&original.file));
-            assert_eq!(piece.location.offset, original.data_offset);
-        }
+    for tensor in &checkpoint.tensors {
+        assert_eq!(dcp::check_coverage(&tensor.shape, &tensor.pieces), Ok(()));
+        assert!(tensor.pieces.iter().all(|p| p.location.shard < files.len()));
     }
+    // .metadata first, then every .distcp as it was opened.
+    let inputs: Vec<&Path> = checkpoint.inputs.paths().collect();
+    let mut expected = vec![dir.join(".metadata")];
+    expected.extend(files.iter().cloned());
+    assert_eq!(
+        inputs,
+        expected.iter().map(PathBuf::as_path).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -344,9 +352,9 @@ fn a_zip64_chunk_archive_is_located() {
         .unwrap();
     let piece = norm.pieces.iter().find(|p| p.offsets == [0]).unwrap();
     let mut expected = [0u8; 4];
-    fs::File::open(dir.join(&piece.file))
+    fs::File::open(&checkpoint.files[piece.location.shard])
         .unwrap()
-        .read_exact_at(&mut expected, piece.data_offset)
+        .read_exact_at(&mut expected, piece.location.offset)
         .unwrap();
 
     let path = fixture("torch-dcpfs-zip64/chunk.bin");
@@ -366,8 +374,11 @@ fn a_zip64_chunk_archive_is_located() {
         offset: 100,
         length: len - 100,
     };
-    let at = locate_chunk_data(&file, len, &request).unwrap();
-    assert_eq!(bytes[at as usize..at as usize + 4], expected);
+    let data = locate_chunk_data(&file, len, &request).unwrap();
+    let at = data.offset as usize;
+    assert_eq!(bytes[at..at + 4], expected);
+    // The ZIP64 entry's CRC-32 is returned as stored.
+    assert_eq!(data.crc32, crc32(&expected));
     // The same archive does not hold an F32 chunk.
     let wrong = ChunkRequest {
         dtype: Dtype::F32,

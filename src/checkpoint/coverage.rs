@@ -150,6 +150,7 @@ mod tests {
             Location {
                 shard: 0,
                 offset: 0,
+                crc32: None,
             },
             offsets,
             shape,

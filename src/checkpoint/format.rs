@@ -2,7 +2,7 @@
 //! (`.metadata` + `__R_I.distcp`) or HF shards
 //! (`shard-RRRRR-model-IIIII-of-NNNNN.safetensors`).
 
-use crate::checkpoint::dcp::METADATA_FILE;
+use crate::checkpoint::dcp::is_dcp_checkpoint;
 use crate::checkpoint::hf_shards::find_shard_files;
 use crate::error::{Error, Result};
 use crate::safetensors::naming::parse_output_name;
@@ -35,7 +35,7 @@ pub fn detect(dir: &Path, asked: InputFormat) -> Result<InputFormat> {
     if asked != InputFormat::Auto {
         return Ok(asked);
     }
-    let has_metadata = dir.join(METADATA_FILE).is_file();
+    let has_metadata = is_dcp_checkpoint(dir);
     // Consolidated outputs of an earlier run into this folder are not shards.
     let shards = find_shard_files(dir)?
         .into_iter()

@@ -1,10 +1,18 @@
-//! Input files' identities: device, inode, size and modification time,
-//! recorded when the run plans and checked again before it publishes, so a
-//! shard replaced (`mv` over it) or rewritten during the run stops the run
-//! instead of publishing a mix of old and new bytes.
+//! Input files' identities: device, inode, size, modification time and a
+//! content signature, taken from the descriptor when a reader first opens
+//! the file (before it reads anything from it) and checked again before the
+//! run publishes, so an input replaced (`mv` over it) or rewritten during
+//! the run stops the run instead of publishing bytes that no longer match
+//! what was planned.
+//!
+//! Inputs are opened with `O_NONBLOCK` and checked to be regular files on
+//! the open descriptor: a FIFO (or a link to one) would otherwise block the
+//! open or the first read for ever, and a check of the path before opening
+//! could be raced.
 
 use crate::error::{Error, Result};
-use std::os::unix::fs::MetadataExt;
+use std::fs::File;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// What identifies one version of a file.
@@ -17,51 +25,211 @@ pub struct FileIdentity {
 }
 
 impl FileIdentity {
-    /// The identity of the file at `path` now (following symlinks, as reads do).
+    /// The identity of the file at `path` now (following symlinks, as reads
+    /// do; a stat, so it cannot block on a FIFO).
     pub fn of(path: &Path) -> std::io::Result<FileIdentity> {
-        let meta = std::fs::metadata(path)?;
-        Ok(FileIdentity {
+        Ok(FileIdentity::from_metadata(&std::fs::metadata(path)?))
+    }
+
+    fn from_metadata(meta: &std::fs::Metadata) -> FileIdentity {
+        FileIdentity {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.size(),
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        })
-    }
-}
-
-/// The identities of `paths`, in order.
-pub fn record(paths: &[PathBuf]) -> Result<Vec<FileIdentity>> {
-    paths
-        .iter()
-        .map(|path| FileIdentity::of(path).map_err(|e| Error::io("inspect", path, e)))
-        .collect()
-}
-
-/// Fails naming the first of `paths` that is no longer the file recorded.
-pub fn check_unchanged(paths: &[PathBuf], recorded: &[FileIdentity]) -> Result<()> {
-    for (path, then) in paths.iter().zip(recorded) {
-        let now = FileIdentity::of(path);
-        if now.as_ref().ok() != Some(then) {
-            let what = match now {
-                Err(e) => format!("it can no longer be read ({e})"),
-                Ok(now) if now.size != then.size => {
-                    format!("its size went from {} to {} bytes", then.size, now.size)
-                }
-                Ok(now) if (now.dev, now.ino) != (then.dev, then.ino) => {
-                    "it was replaced by another file".to_string()
-                }
-                Ok(_) => "it was modified".to_string(),
-            };
-            return Err(Error::usage(
-                format!(
-                    "input {} changed during the run: {what}; nothing was published",
-                    path.display()
-                ),
-                "rerun when no process writes to INPUT_DIR (a copy or a save still in progress?)",
-            ));
         }
     }
-    Ok(())
+}
+
+/// What a file was when this rank opened it: its identity and, when taken,
+/// its content signature.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    identity: FileIdentity,
+    signature: Option<String>,
+}
+
+/// Opens an input for reading without blocking (`O_NONBLOCK`: a FIFO's
+/// open returns at once), refuses it unless the descriptor is a regular
+/// file, and takes its identity and content signature from that descriptor
+/// before anything else reads the file.
+pub fn open_input(path: &Path) -> Result<(File, Seen)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io("inspect", path, e))?;
+    if !meta.is_file() {
+        let kind = meta.file_type();
+        let what = if kind.is_fifo() {
+            "a named pipe (FIFO)"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        return Err(Error::usage(
+            format!(
+                "input {} is not a regular file: it is {what}",
+                path.display()
+            ),
+            "INPUT_DIR must hold the checkpoint's own files: put the real file in its place \
+             (copy the checkpoint with `cp -rL` if it is made of links)",
+        ));
+    }
+    let identity = FileIdentity::from_metadata(&meta);
+    let signature = signature_of(&file, identity.size, path)?;
+    Ok((
+        file,
+        Seen {
+            identity,
+            signature: Some(signature),
+        },
+    ))
+}
+
+/// One input file of a checkpoint, and what it was when this rank opened
+/// it (`None` when this rank did not open it itself: another rank read the
+/// checkpoint, or the reader does not open through [`open_input`]).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Input {
+    path: PathBuf,
+    /// Never sent to other ranks: a file's identity on one node says
+    /// nothing about another node's copy.
+    #[serde(skip)]
+    seen: Option<Seen>,
+}
+
+/// Every input file a checkpoint was read from (for DCP, `.metadata` and
+/// the `.distcp` files), in a fixed order, with what each was when this
+/// rank opened it.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Inputs {
+    files: Vec<Input>,
+}
+
+impl Inputs {
+    /// Inputs this rank has not opened itself yet.
+    pub fn unopened(paths: &[PathBuf]) -> Inputs {
+        Inputs {
+            files: paths
+                .iter()
+                .map(|path| Input {
+                    path: path.clone(),
+                    seen: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Adds a file opened with [`open_input`].
+    pub fn push_opened(&mut self, path: PathBuf, seen: Seen) {
+        self.files.push(Input {
+            path,
+            seen: Some(seen),
+        });
+    }
+
+    /// The input paths, in order.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|input| input.path.as_path())
+    }
+
+    /// How many inputs there are.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// The content signature of input `i`: as taken when this rank opened
+    /// it, or else read now.
+    pub fn signature(&self, i: usize) -> Result<String> {
+        let input = &self.files[i];
+        match input.seen.as_ref().and_then(|seen| seen.signature.clone()) {
+            Some(signature) => Ok(signature),
+            None => content_signature(&input.path),
+        }
+    }
+
+    /// The same inputs, each with an identity: those this rank did not open
+    /// are stat'ed now (no signature: HF shards are many, and their headers
+    /// were read before).
+    pub fn recorded(&self) -> Result<Inputs> {
+        let files = self
+            .files
+            .iter()
+            .map(|input| {
+                let seen = match &input.seen {
+                    Some(seen) => seen.clone(),
+                    None => Seen {
+                        identity: FileIdentity::of(&input.path)
+                            .map_err(|e| Error::io("inspect", &input.path, e))?,
+                        signature: None,
+                    },
+                };
+                Ok(Input {
+                    path: input.path.clone(),
+                    seen: Some(seen),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Inputs { files })
+    }
+
+    /// Fails naming the first input that is no longer the file it was when
+    /// recorded: another size, another file, a later modification, or other
+    /// contents at its ends (when a signature was taken).
+    pub fn check_unchanged(&self) -> Result<()> {
+        for input in &self.files {
+            let Some(then) = &input.seen else { continue };
+            if let Some(what) = changed(&input.path, then) {
+                return Err(Error::usage(
+                    format!(
+                        "input {} changed during the run: {what}; nothing was published",
+                        input.path.display()
+                    ),
+                    "rerun when no process writes to INPUT_DIR (a copy or a save still in progress?)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How the file at `path` differs from what was seen, if it does.
+fn changed(path: &Path, then: &Seen) -> Option<String> {
+    let now = match FileIdentity::of(path) {
+        Err(e) => return Some(format!("it can no longer be read ({e})")),
+        Ok(now) => now,
+    };
+    let was = then.identity;
+    if now.size != was.size {
+        return Some(format!(
+            "its size went from {} to {} bytes",
+            was.size, now.size
+        ));
+    }
+    if (now.dev, now.ino) != (was.dev, was.ino) {
+        return Some("it was replaced by another file".to_string());
+    }
+    if now != was {
+        return Some("it was modified".to_string());
+    }
+    let signed = then.signature.as_ref()?;
+    match open_input(path) {
+        Err(e) => Some(format!("it can no longer be read ({e})")),
+        Ok((_, seen)) if seen.signature.as_ref() != Some(signed) => {
+            Some("its contents changed (its modification time was kept)".to_string())
+        }
+        Ok(_) => None,
+    }
 }
 
 /// How much of each end of a file [`content_signature`] reads.
@@ -72,13 +240,18 @@ pub const SIGNATURE_BLOCK: u64 = 64 * 1024;
 /// nodes compare it to catch node-local copies of INPUT_DIR that differ
 /// in their data (headers alone are compared by the plan's fingerprint).
 /// It reads at most 128 KiB per file, so it cannot see a change in the
-/// middle of a large file.
+/// middle of a large file. Opens the file as [`open_input`] does.
 pub fn content_signature(path: &Path) -> Result<String> {
+    let (_, seen) = open_input(path)?;
+    seen.signature
+        .ok_or_else(|| Error::internal("open_input took no content signature"))
+}
+
+/// [`content_signature`] of an open file of `size` bytes.
+fn signature_of(file: &File, size: u64, path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     use std::os::unix::fs::FileExt;
     let read_err = |e| Error::io("read", path, e);
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    let size = file.metadata().map_err(read_err)?.len();
     let mut hash = Sha256::new();
     hash.update(size.to_le_bytes());
     let head = size.min(SIGNATURE_BLOCK);
@@ -95,33 +268,84 @@ pub fn content_signature(path: &Path) -> Result<String> {
 mod tests {
     use super::*;
 
+    fn recorded(paths: &[PathBuf]) -> Inputs {
+        Inputs::unopened(paths).recorded().unwrap()
+    }
+
     #[test]
     fn replaced_resized_and_modified_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shard.safetensors");
         std::fs::write(&path, b"abcd").unwrap();
         let paths = vec![path.clone()];
-        let recorded = record(&paths).unwrap();
-        check_unchanged(&paths, &recorded).unwrap();
+        let before = recorded(&paths);
+        before.check_unchanged().unwrap();
 
         // Same size, new inode: a file moved over the original.
         let other = dir.path().join("other");
         std::fs::write(&other, b"wxyz").unwrap();
         std::fs::rename(&other, &path).unwrap();
-        let err = check_unchanged(&paths, &recorded).unwrap_err().to_string();
+        let err = before.check_unchanged().unwrap_err().to_string();
         assert!(
             err.contains("shard.safetensors") && err.contains("replaced"),
             "{err}"
         );
 
-        let recorded = record(&paths).unwrap();
+        let before = recorded(&paths);
         std::fs::write(&path, b"abcdef").unwrap();
-        let err = check_unchanged(&paths, &recorded).unwrap_err().to_string();
+        let err = before.check_unchanged().unwrap_err().to_string();
         assert!(err.contains("from 4 to 6 bytes"), "{err}");
 
         std::fs::remove_file(&path).unwrap();
-        let err = check_unchanged(&paths, &recorded).unwrap_err().to_string();
+        let err = before.check_unchanged().unwrap_err().to_string();
         assert!(err.contains("can no longer be read"), "{err}");
+    }
+
+    #[test]
+    fn contents_changed_under_a_kept_modification_time_are_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("__0_0.distcp");
+        std::fs::write(&path, b"abcd").unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let (_, seen) = open_input(&path).unwrap();
+        let mut opened = Inputs::default();
+        opened.push_opened(path.clone(), seen);
+        opened.check_unchanged().unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut &file, b"abce").unwrap();
+        file.set_modified(mtime).unwrap();
+        let err = opened.check_unchanged().unwrap_err().to_string();
+        assert!(
+            err.contains("__0_0.distcp") && err.contains("contents changed"),
+            "{err}"
+        );
+        // Recorded by path only (no signature): not seen, as documented.
+        assert!(
+            recorded(std::slice::from_ref(&path))
+                .check_unchanged()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn fifos_directories_and_links_to_them_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("__0_0.distcp");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::RUSR).unwrap();
+        let link = dir.path().join(".metadata");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        for path in [&fifo, &link] {
+            let err = open_input(path).unwrap_err().to_string();
+            assert!(
+                err.contains(&*path.to_string_lossy())
+                    && err.contains("is not a regular file: it is a named pipe (FIFO)"),
+                "{err}"
+            );
+        }
+        let err = open_input(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("it is a directory"), "{err}");
+        let err = content_signature(&fifo).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub struct Checkpoint {
     pub non_tensors: Vec<String>,
     /// Tensors left out by `--include`/`--exclude`, with their bytes.
     pub excluded: Vec<(String, u64)>,
+    /// Every file the checkpoint was read from (`files`, and a DCP
+    /// checkpoint's `.metadata`), with what each was when this rank opened
+    /// it: compared across ranks and checked again before publishing.
+    pub inputs: identity::Inputs,
 }
 
 /// Where a piece's bytes live: an input file and an absolute byte offset.
@@ -58,6 +62,10 @@ pub struct Location {
     pub shard: usize,
     /// Absolute offset of the piece's first byte in that file.
     pub offset: u64,
+    /// The CRC-32 the input format stores for these bytes, if it stores one
+    /// (a DCP chunk's zip entry; 0 there means the writer recorded none).
+    /// Checked by `--verify`, never by the copy.
+    pub crc32: Option<u32>,
 }
 
 /// One saved piece of a tensor: a dense row-major block of the full tensor.
@@ -113,21 +121,87 @@ impl FullTensor {
     }
 }
 
-/// Builds one full tensor from all its saved pieces (from any input format):
-/// identical blocks become one piece with replicas, the full shape is where
-/// the pieces end, and the pieces must tile it exactly. `files` are the
-/// input paths `Location::file` indexes, for messages.
+/// What a reader's messages about a tensor's pieces call them and advise.
+#[derive(Clone, Copy, Debug)]
+pub struct PieceHints {
+    /// What holds a piece, in messages: "shard", "chunk".
+    pub holder: &'static str,
+    /// For pieces whose metadata cannot be right (dimensions, overflow).
+    pub corrupt: &'static str,
+    /// For pieces that overlap.
+    pub overlap: &'static str,
+    /// For pieces that leave part of the tensor uncovered.
+    pub missing: &'static str,
+}
+
+/// The HF-shards reader's hints.
+pub const SHARD_HINTS: PieceHints = PieceHints {
+    holder: "shard",
+    corrupt: "the shard's metadata is corrupt; re-save the checkpoint",
+    overlap: "the shards come from different saves or checkpoints; use one checkpoint's files only",
+    missing: "a shard file is missing or truncated; copy every shard-*.safetensors file of the checkpoint",
+};
+
+/// What a reader knows of one tensor besides its pieces.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorSpec<'a> {
+    /// The tensor's name.
+    pub name: &'a str,
+    /// Its element type.
+    pub dtype: Dtype,
+    /// Its full shape, when the format records one (DCP's `.metadata`);
+    /// `None` when the full shape is where the pieces end (HF shards).
+    pub shape: Option<&'a [u64]>,
+    /// How messages name pieces and what they advise.
+    pub hints: &'a PieceHints,
+}
+
+/// Builds one full tensor from all its saved pieces, for every input
+/// format: identical blocks become one piece with replicas, the full shape
+/// is the recorded one (or where the pieces end), and the pieces must tile
+/// it exactly. Never panics: no pieces, pieces of another rank than the
+/// tensor's, pieces outside the recorded shape and sizes that overflow are
+/// errors naming the tensor (and the file, from `files`, which
+/// `Location::shard` indexes).
 pub fn tensor_from_pieces(
-    name: &str,
-    dtype: Dtype,
+    spec: &TensorSpec,
     pieces: Vec<Piece>,
     files: &[PathBuf],
 ) -> Result<FullTensor> {
+    let hints = spec.hints;
     let inconsistent = |reason: String, hint: &'static str| Error::Inconsistent {
-        tensor: name.to_owned(),
+        tensor: spec.name.to_owned(),
         reason,
         hint,
     };
+    let file_of = |piece: &Piece| match files.get(piece.location.shard) {
+        Some(path) => path.display().to_string(),
+        None => format!("input file #{}", piece.location.shard),
+    };
+    let ndim = match (spec.shape, pieces.first()) {
+        (Some(shape), _) => shape.len(),
+        (None, Some(first)) => first.shape.len(),
+        (None, None) => {
+            return Err(inconsistent(
+                "no piece of it was saved".to_owned(),
+                hints.corrupt,
+            ));
+        }
+    };
+    if let Some(odd) = pieces
+        .iter()
+        .find(|p| p.shape.len() != ndim || p.offsets.len() != ndim)
+    {
+        return Err(inconsistent(
+            format!(
+                "a piece in {} has offsets {:?} and shape {:?}, but the tensor has {ndim} dimension(s)",
+                file_of(odd),
+                odd.offsets,
+                odd.shape
+            ),
+            hints.corrupt,
+        ));
+    }
     // Identical blocks saved by several ranks are one piece with replicas.
     let mut distinct: Vec<Piece> = Vec::with_capacity(pieces.len());
     let mut by_block: HashMap<(Vec<u64>, Vec<u64>), usize> = HashMap::new();
@@ -140,30 +214,45 @@ pub fn tensor_from_pieces(
             }
         }
     }
-    let ndim = distinct[0].shape.len();
-    let mut shape = vec![0u64; ndim];
+    let mut ends = vec![0u64; ndim];
     for piece in &distinct {
-        for (d, full) in shape.iter_mut().enumerate() {
-            let end = piece.offsets[d]
+        for (d, end) in ends.iter_mut().enumerate() {
+            let piece_end = piece.offsets[d]
                 .checked_add(piece.shape[d])
                 .ok_or_else(|| {
                     inconsistent(
-                        format!(
-                            "piece in {} has offsets that overflow",
-                            files[piece.location.shard].display()
-                        ),
-                        "the shard's metadata is corrupt; re-save the checkpoint",
+                        format!("a piece in {} has offsets that overflow", file_of(piece)),
+                        hints.corrupt,
                     )
                 })?;
-            *full = (*full).max(end);
+            *end = (*end).max(piece_end);
         }
     }
+    let shape = match spec.shape {
+        None => ends,
+        Some(shape) => {
+            let outside = distinct
+                .iter()
+                .find(|p| (0..ndim).any(|d| p.offsets[d] + p.shape[d] > shape[d]));
+            if let Some(piece) = outside {
+                return Err(inconsistent(
+                    format!(
+                        "piece {} (in {}) lies outside the full shape {shape:?}",
+                        region(&piece.offsets, &piece.shape),
+                        file_of(piece)
+                    ),
+                    hints.corrupt,
+                ));
+            }
+            shape.to_vec()
+        }
+    };
     // FullTensor::byte_len relies on this check; 8-byte elements cover any
     // --dtype target too.
     if byte_len(&shape, Dtype::F64).is_none() {
         return Err(inconsistent(
             format!("full shape {shape:?} overflows"),
-            "the shard's metadata is corrupt; re-save the checkpoint",
+            hints.corrupt,
         ));
     }
     check_coverage(&shape, &distinct).map_err(|fault| match fault {
@@ -171,28 +260,103 @@ pub fn tensor_from_pieces(
             format!(
                 "pieces {} (in {}) and {} (in {}) overlap",
                 region(&distinct[a].offsets, &distinct[a].shape),
-                files[distinct[a].location.shard].display(),
+                file_of(&distinct[a]),
                 region(&distinct[b].offsets, &distinct[b].shape),
-                files[distinct[b].location.shard].display(),
+                file_of(&distinct[b]),
             ),
-            "the shards come from different saves or checkpoints; use one checkpoint's files only",
+            hints.overlap,
         ),
         CoverageFault::Gap(start, len) => inconsistent(
             format!(
-                "no shard covers region {} of full shape {shape:?}",
+                "no {} covers region {} of full shape {shape:?}",
+                hints.holder,
                 region(&start, &len)
             ),
-            "a shard file is missing or truncated; copy every shard-*.safetensors file of the checkpoint",
+            hints.missing,
         ),
         CoverageFault::Incomplete { covered, total } => inconsistent(
             format!("pieces cover {covered} of {total} elements of full shape {shape:?}"),
-            "a shard file is missing or truncated; copy every shard-*.safetensors file of the checkpoint",
+            hints.missing,
         ),
     })?;
     Ok(FullTensor {
-        name: name.to_owned(),
-        dtype,
+        name: spec.name.to_owned(),
+        dtype: spec.dtype,
         shape,
         pieces: distinct,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(shard: usize, offsets: &[u64], shape: &[u64]) -> Piece {
+        Piece::new(
+            Location {
+                shard,
+                offset: 0,
+                crc32: None,
+            },
+            offsets,
+            shape,
+        )
+    }
+
+    fn build(shape: Option<&[u64]>, pieces: Vec<Piece>) -> Result<FullTensor> {
+        let spec = TensorSpec {
+            name: "w",
+            dtype: Dtype::F32,
+            shape,
+            hints: &SHARD_HINTS,
+        };
+        tensor_from_pieces(&spec, pieces, &[PathBuf::from("a"), PathBuf::from("b")])
+    }
+
+    #[test]
+    fn no_pieces_and_mixed_ranks_are_errors_not_panics() {
+        let err = build(None, vec![]).unwrap_err().to_string();
+        assert!(
+            err.contains("tensor 'w': no piece of it was saved"),
+            "{err}"
+        );
+        // A recorded empty shape needs no piece; a non-empty one does.
+        assert_eq!(build(Some(&[0, 4]), vec![]).unwrap().shape, [0, 4]);
+        let err = build(Some(&[2]), vec![]).unwrap_err().to_string();
+        assert!(err.contains("no shard covers region [0:2]"), "{err}");
+        let mixed = vec![piece(0, &[0, 0], &[1, 4]), piece(1, &[1], &[1])];
+        let err = build(None, mixed).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "a piece in b has offsets [1] and shape [1], but the tensor has 2 dimension(s)"
+            ),
+            "{err}"
+        );
+        let lopsided = vec![Piece {
+            offsets: vec![0],
+            ..piece(0, &[0, 0], &[1, 4])
+        }];
+        assert!(build(None, lopsided).is_err());
+    }
+
+    #[test]
+    fn a_recorded_shape_is_kept_and_pieces_outside_it_refused() {
+        // Pieces ending short of the recorded shape leave a gap, rather
+        // than shrinking the tensor to where they end.
+        let short = vec![piece(0, &[0], &[2])];
+        let err = build(Some(&[3]), short.clone()).unwrap_err().to_string();
+        assert!(err.contains("no shard covers region [2:3]"), "{err}");
+        assert_eq!(build(None, short).unwrap().shape, [2]);
+        let err = build(Some(&[3]), vec![piece(1, &[2], &[2])])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("piece [2:4] (in b) lies outside the full shape [3]"),
+            "{err}"
+        );
+        let replicated = vec![piece(0, &[0], &[3]), piece(1, &[0], &[3])];
+        let tensor = build(Some(&[3]), replicated).unwrap();
+        assert_eq!(tensor.pieces.len(), 1);
+        assert_eq!(tensor.pieces[0].replicas[0].shard, 1);
+    }
 }

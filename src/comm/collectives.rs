@@ -7,7 +7,7 @@ use crate::checkpoint::format::{InputFormat, detect};
 use crate::checkpoint::hf_shards::{
     self, HeaderReading, ShardSummary, list_shard_files, read_shards,
 };
-use crate::checkpoint::identity::content_signature;
+use crate::checkpoint::identity::Inputs;
 use crate::checkpoint::{Checkpoint, ReadOptions, dcp};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
@@ -44,13 +44,16 @@ pub fn same_plan_everywhere(comm: &dyn Communicator, plan: &Plan) -> Result<()> 
 }
 
 /// Collective: every rank signs each input file's contents (size and both
-/// ends, see [`content_signature`]) and all compare with rank 0, so that
-/// node-local copies of INPUT_DIR whose headers agree but whose data differ
-/// are refused before anything is written. Names the first file that
-/// differs and the ranks and hosts that see it differently.
+/// ends, see [`crate::checkpoint::identity::content_signature`]; for DCP, `.metadata` too) and all
+/// compare with rank 0, so that node-local copies of INPUT_DIR whose
+/// headers agree but whose data differ are refused before anything is
+/// written. A rank that read the checkpoint itself uses the signatures it
+/// took when it opened each file, before reading it; the others sign their
+/// files now. Names the first file that differs and the ranks and hosts
+/// that see it differently.
 pub fn same_inputs_everywhere(
     comm: &dyn Communicator,
-    inputs: &[PathBuf],
+    inputs: &Inputs,
     pool: &rayon::ThreadPool,
 ) -> Result<()> {
     use rayon::prelude::*;
@@ -58,9 +61,9 @@ pub fn same_inputs_everywhere(
         return Ok(());
     }
     let signed = pool.install(|| {
-        inputs
-            .par_iter()
-            .map(|path| content_signature(path))
+        (0..inputs.len())
+            .into_par_iter()
+            .map(|i| inputs.signature(i))
             .collect::<Result<Vec<String>>>()
     });
     let signed = agree(comm, signed)?;
@@ -84,10 +87,11 @@ pub fn same_inputs_everywhere(
         .filter(|(_, (_, sigs))| sigs.get(file) != expected.get(file))
         .map(|(rank, (host, _))| format!("rank {rank} on {host}"))
         .collect();
+    let path = inputs.paths().nth(file).unwrap_or(Path::new("?"));
     Err(Error::ranks_disagree(
         format!(
             "input {} does not hold the same bytes on every rank: {} read(s) different contents (size or first/last 64 KiB) from rank 0 on {host0}",
-            inputs[file].display(),
+            path.display(),
             differing.join(", ")
         ),
         "every node must see the same, complete INPUT_DIR: recopy the node-local copies (or use a shared filesystem) and rerun; nothing was written",

@@ -231,14 +231,41 @@ impl Plan {
             .collect()
     }
 
-    /// A digest of everything the ranks must agree on: inputs, output
-    /// layout and headers, owners and schedule.
+    /// A digest of everything the ranks must agree on: inputs, where every
+    /// piece's bytes are (file, offset, block, replicas), output layout and
+    /// headers, owners and schedule. Headers alone are not enough: two
+    /// node-local copies whose `.metadata` point a chunk at different
+    /// archives give the same headers and copy different bytes.
     pub fn fingerprint(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         let mut hash = Sha256::new();
         for path in &self.shards {
             hash.update(path.as_os_str().as_encoded_bytes());
             hash.update([0]);
+        }
+        let numbers = |hash: &mut Sha256, values: &[u64]| {
+            hash.update((values.len() as u64).to_le_bytes());
+            for value in values {
+                hash.update(value.to_le_bytes());
+            }
+        };
+        for tensor in &self.tensors {
+            hash.update(tensor.name.as_bytes());
+            hash.update([0]);
+            hash.update(tensor.dtype.name().as_bytes());
+            hash.update([0]);
+            numbers(&mut hash, &tensor.shape);
+            hash.update((tensor.pieces.len() as u64).to_le_bytes());
+            for piece in &tensor.pieces {
+                numbers(&mut hash, &piece.offsets);
+                numbers(&mut hash, &piece.shape);
+                let copies = std::iter::once(&piece.location).chain(&piece.replicas);
+                hash.update((piece.replicas.len() as u64 + 1).to_le_bytes());
+                for location in copies {
+                    let crc = location.crc32.map_or(u64::MAX, u64::from);
+                    numbers(&mut hash, &[location.shard as u64, location.offset, crc]);
+                }
+            }
         }
         for file in &self.files {
             hash.update(file.name.as_bytes());

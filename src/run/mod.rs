@@ -24,7 +24,7 @@ use crate::exec::output::sync_dir;
 use crate::exec::publish::{
     Refusal, check_written_once, prepare_output_dir, retire_old_index, stage_index_and_report,
 };
-use crate::exec::verify::{compare, existing_targets, written_targets};
+use crate::exec::verify::{compare, existing_targets, stored_crc_summary, written_targets};
 use crate::exec::write::{WriteTiming, copy_and_sync, create_files, default_threads};
 use crate::plan::mapping::MappingSource;
 use crate::plan::{self, Plan, PlanOptions};
@@ -158,13 +158,14 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         } => ranks,
         _ => comm.size(),
     };
-    let (checkpoint, format, headers_read) =
+    let (mut checkpoint, format, headers_read) =
         read_checkpoint(&config.input, &config.read, comm, &job.pool)?;
+    let inputs = std::mem::take(&mut checkpoint.inputs);
     let facts = input_facts(config, format, &checkpoint);
     let plan_options = plan_options_for(config, format);
     let plan = job.agree(|| plan::make(checkpoint, &plan_options, plan_ranks))?;
     agree(comm, same_plan_everywhere(comm, &plan))?;
-    agree(comm, same_inputs_everywhere(comm, &plan.shards, &job.pool))?;
+    agree(comm, same_inputs_everywhere(comm, &inputs, &job.pool))?;
     let tied = config
         .hf_assets
         .as_deref()
@@ -190,7 +191,9 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
             Ok(Summary::default())
         }
         Mode::VerifyOnly => verify_existing(&job, &plan),
-        Mode::Consolidate { verify } => consolidate(&job, plan, &facts, verify, headers_read),
+        Mode::Consolidate { verify } => {
+            consolidate(&job, plan, &inputs, &facts, verify, headers_read)
+        }
     }
 }
 
@@ -263,11 +266,12 @@ fn verify_existing(job: &Job, plan: &Plan) -> Result<Summary> {
     })?;
     agree(job.comm, collect_mismatches(job.comm, &problems))?;
     job.say(&format!(
-        "verified {} tensors ({}) in {} against {} input files: all equal",
+        "verified {} tensors ({}) in {} against {} input files: all equal{}",
         plan.tensors.len(),
         human_bytes(plan.total_bytes()),
         config.output.display(),
-        plan.shards.len()
+        plan.shards.len(),
+        stored_crc_summary(plan)
     ));
     Ok(job.summary(0, plan.total_bytes()))
 }
@@ -276,6 +280,7 @@ fn verify_existing(job: &Job, plan: &Plan) -> Result<Summary> {
 fn consolidate(
     job: &Job,
     mut plan: Plan,
+    inputs: &identity::Inputs,
     facts: &InputFacts,
     verify: bool,
     headers_read: usize,
@@ -284,7 +289,7 @@ fn consolidate(
     let out = &config.output;
     // Rank 0 locks OUTPUT_DIR for the whole run before touching it; every
     // rank then proves it sees that same folder.
-    let inputs = job.on_rank0(|| identity::record(&plan.shards))?;
+    let inputs = job.on_rank0(|| inputs.recorded())?;
     let mapping_file = match &config.plan.mapping {
         MappingSource::Mapping(path) | MappingSource::HfIndex(path) => Some(path.as_path()),
         _ => None,
@@ -327,7 +332,10 @@ fn consolidate(
         let temp_paths: Vec<PathBuf> = pending.iter().map(|p| p.temp_path().to_owned()).collect();
         let mismatches = job.agree(|| compare(plan, &written_targets(plan, rank, &temp_paths)))?;
         agree(comm, collect_mismatches(comm, &mismatches))?;
-        job.say("verified: every written byte equals the inputs");
+        job.say(&format!(
+            "verified: every written byte equals the inputs{}",
+            stored_crc_summary(plan)
+        ));
     }
     let mine = RankReport {
         rank,
@@ -349,7 +357,9 @@ fn consolidate(
     let staged = job.on_rank0(|| {
         let ranks = ranks.unwrap_or_default();
         check_written_once(plan, &ranks)?;
-        identity::check_unchanged(&plan.shards, inputs.as_deref().unwrap_or_default())?;
+        inputs
+            .as_ref()
+            .map_or(Ok(()), identity::Inputs::check_unchanged)?;
         let mut report = RunReport::new(plan, facts, config.command_line.clone(), &ranks, verify);
         if config.resume {
             report.kept = Some(

@@ -12,9 +12,12 @@ pub mod metadata;
 pub mod pickle;
 pub mod torch_types;
 
-use crate::checkpoint::coverage::{CoverageFault, check_coverage, region};
+use crate::checkpoint::coverage::region;
+use crate::checkpoint::identity::{Inputs, open_input};
 use crate::checkpoint::select::Selection;
-use crate::checkpoint::{Checkpoint, FullTensor, Location, Piece};
+use crate::checkpoint::{
+    Checkpoint, FullTensor, Location, Piece, PieceHints, TensorSpec, tensor_from_pieces,
+};
 use crate::error::{Error, Result};
 use crate::safetensors::dtype::Dtype;
 use crate::safetensors::header::byte_len;
@@ -30,13 +33,16 @@ use std::path::{Component, Path, PathBuf};
 pub const METADATA_FILE: &str = ".metadata";
 
 /// A DCP checkpoint directory, read and checked.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct DcpCheckpoint {
     /// The checkpoint directory.
     pub dir: PathBuf,
+    /// The `.distcp` files the pieces are in, as full paths, in the order
+    /// they were first used (`Location::shard` indexes them).
+    pub files: Vec<PathBuf>,
     /// The tensors, in the order of the saved state dict, each with pieces
-    /// located and verified against their archives.
-    pub tensors: Vec<DcpTensor>,
+    /// located, verified against their archives and tiling its shape.
+    pub tensors: Vec<FullTensor>,
     /// Entries that are not tensors (ints, dicts, ... saved with torch.save).
     pub non_tensors: Vec<String>,
     /// Tensors kept by the filter whose dtype has no safetensors equivalent
@@ -47,33 +53,8 @@ pub struct DcpCheckpoint {
     pub skipped: Vec<String>,
     /// The same, with each one's bytes (for the dry-run table).
     pub excluded: Vec<(String, u64)>,
-}
-
-/// A tensor and where its pieces are.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DcpTensor {
-    /// The fully qualified name, as saved.
-    pub name: String,
-    /// Element type.
-    pub dtype: Dtype,
-    /// The full shape.
-    pub shape: Vec<u64>,
-    /// Pieces that tile the full shape exactly (checked).
-    pub pieces: Vec<DcpPiece>,
-}
-
-/// One saved piece: a dense row-major block of the full tensor, stored
-/// contiguously in a `.distcp` file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DcpPiece {
-    /// The `.distcp` file, relative to the checkpoint directory.
-    pub file: String,
-    /// Absolute offset of the piece's first byte in that file.
-    pub data_offset: u64,
-    /// Where the piece starts in the full tensor.
-    pub offsets: Vec<u64>,
-    /// The piece's shape.
-    pub shape: Vec<u64>,
+    /// `.metadata` and then `files`, with what each was when opened.
+    pub inputs: Inputs,
 }
 
 /// A tensor whose dtype cannot be written to safetensors.
@@ -100,41 +81,6 @@ impl UnsupportedTensor {
     }
 }
 
-impl DcpCheckpoint {
-    /// The distinct `.distcp` files the pieces use, as full paths, and the
-    /// tensors in the form the rest of the program consolidates (a piece's
-    /// `Location::shard` indexes the returned paths).
-    pub fn to_full_tensors(&self) -> (Vec<PathBuf>, Vec<FullTensor>) {
-        let mut files: Vec<PathBuf> = Vec::new();
-        let mut index: HashMap<&str, usize> = HashMap::new();
-        let tensors = self
-            .tensors
-            .iter()
-            .map(|tensor| FullTensor {
-                name: tensor.name.clone(),
-                dtype: tensor.dtype,
-                shape: tensor.shape.clone(),
-                pieces: tensor
-                    .pieces
-                    .iter()
-                    .map(|piece| {
-                        let shard = *index.entry(&piece.file).or_insert_with(|| {
-                            files.push(self.dir.join(&piece.file));
-                            files.len() - 1
-                        });
-                        let location = Location {
-                            shard,
-                            offset: piece.data_offset,
-                        };
-                        Piece::new(location, &piece.offsets, &piece.shape)
-                    })
-                    .collect(),
-            })
-            .collect();
-        (files, tensors)
-    }
-}
-
 /// Reads a DCP checkpoint into the checkpoint model every format shares:
 /// the tensors `select` keeps, located and checked; the names of non-tensor
 /// entries; and the tensors left out, with their bytes. A kept tensor of a
@@ -144,20 +90,23 @@ pub fn read_checkpoint(dir: &Path, select: &Selection) -> Result<Checkpoint> {
     if let Some(unsupported) = dcp.unsupported.first() {
         return Err(unsupported.error(dir));
     }
-    let (files, mut tensors) = dcp.to_full_tensors();
+    let mut tensors = dcp.tensors;
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Checkpoint {
-        files,
+        files: dcp.files,
         tensors,
         skipped_outputs: Vec::new(),
         non_tensors: dcp.non_tensors,
         excluded: dcp.excluded,
+        inputs: dcp.inputs,
     })
 }
 
-/// Whether `dir` looks like a DCP FileSystemWriter checkpoint.
+/// Whether `dir` looks like a DCP FileSystemWriter checkpoint: it has an
+/// entry named `.metadata`, whatever it is (the reader then says what is
+/// wrong with one that is not a regular file).
 pub fn is_dcp_checkpoint(dir: &Path) -> bool {
-    dir.join(METADATA_FILE).is_file()
+    dir.join(METADATA_FILE).symlink_metadata().is_ok()
 }
 
 /// Reads a DCP checkpoint directory: every tensor, located and checked.
@@ -167,19 +116,23 @@ pub fn read_dcp_checkpoint(dir: &Path) -> Result<DcpCheckpoint> {
 
 /// Reads a DCP checkpoint directory, locating only the tensors `keep`
 /// accepts (reading a chunk's archive costs a few small reads, so leaving
-/// out optimizer state saves most of them).
+/// out optimizer state saves most of them). Every file is opened once,
+/// without blocking, refused unless it is a regular file, and its identity
+/// taken from the open descriptor before anything is read from it.
 pub fn read_dcp_checkpoint_with(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<DcpCheckpoint> {
     let metadata_path = dir.join(METADATA_FILE);
-    let metadata = read_metadata_file(&metadata_path)?;
+    let mut files = OpenFiles::default();
+    let metadata = read_metadata_into(&metadata_path, &mut files.inputs)?;
     let mut checkpoint = DcpCheckpoint {
         dir: dir.to_owned(),
+        files: Vec::new(),
         tensors: Vec::new(),
         non_tensors: Vec::new(),
         unsupported: Vec::new(),
         skipped: Vec::new(),
         excluded: Vec::new(),
+        inputs: Inputs::default(),
     };
-    let mut files = OpenFiles::default();
     for entry in &metadata.entries {
         let tensor = match entry {
             Entry::NonTensor(name) => {
@@ -210,12 +163,34 @@ pub fn read_dcp_checkpoint_with(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Resu
         let located = locate_tensor(dir, &metadata, tensor, dtype, &mut files)?;
         checkpoint.tensors.push(located);
     }
+    checkpoint.files = files.paths;
+    checkpoint.inputs = files.inputs;
+    hold_after_read();
     Ok(checkpoint)
+}
+
+/// Test hook: the environment variable naming a FIFO that the reader opens
+/// and reads to its end once it has read everything it reads from the
+/// inputs, so that a test can change an input at exactly that moment (after
+/// the chunks are located, before anything is copied). Unset in real runs;
+/// read nowhere else.
+pub const HOLD_AFTER_READ_VAR: &str = "ST_CONSOLIDATE_TEST_HOLD_AFTER_READ";
+
+fn hold_after_read() {
+    if let Some(path) = std::env::var_os(HOLD_AFTER_READ_VAR) {
+        // A test hook: whatever happens to the FIFO, the run goes on.
+        let _ = File::open(path).and_then(|mut fifo| fifo.read_to_end(&mut Vec::new()));
+    }
 }
 
 /// Reads and parses a `.metadata` file.
 pub fn read_metadata_file(path: &Path) -> Result<Metadata> {
-    let bytes = read_capped(path, Limits::METADATA.max_input as u64)?;
+    read_metadata_into(path, &mut Inputs::default())
+}
+
+/// Reads and parses a `.metadata` file, adding it to `inputs` as opened.
+fn read_metadata_into(path: &Path, inputs: &mut Inputs) -> Result<Metadata> {
+    let bytes = read_capped(path, Limits::METADATA.max_input as u64, inputs)?;
     let parsed = pickle::parse(&bytes, &Limits::METADATA).map_err(|err| {
         let hint = match err.kind {
             PickleErrorKind::ForbiddenGlobal(_) => {
@@ -230,8 +205,8 @@ pub fn read_metadata_file(path: &Path) -> Result<Metadata> {
     metadata::from_pickle(&parsed).map_err(|err| metadata_error(path, err))
 }
 
-fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>> {
-    let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+fn read_capped(path: &Path, max: u64, inputs: &mut Inputs) -> Result<Vec<u8>> {
+    let (file, seen) = open_input(path)?;
     let len = file
         .metadata()
         .map_err(|e| Error::io("inspect", path, e))?
@@ -243,6 +218,7 @@ fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>> {
             "check that this is a DCP checkpoint's .metadata",
         ));
     }
+    inputs.push_opened(path.to_owned(), seen);
     let mut bytes = Vec::with_capacity(len as usize);
     file.take(max + 1)
         .read_to_end(&mut bytes)
@@ -272,30 +248,58 @@ fn metadata_error(path: &Path, err: MetadataError) -> Error {
     }
 }
 
-/// `.distcp` files opened so far, with their lengths.
+/// `.distcp` files opened so far: each one's index in `paths`, the open
+/// file and its length; and every input as opened.
 #[derive(Default)]
 struct OpenFiles {
-    open: HashMap<String, (File, u64)>,
+    open: HashMap<String, (usize, File, u64)>,
+    paths: Vec<PathBuf>,
+    inputs: Inputs,
 }
 
 impl OpenFiles {
-    /// The file and its length; `tensor` is named if it cannot be opened.
-    fn get(&mut self, dir: &Path, relative: &str, tensor: &str) -> Result<&(File, u64)> {
+    /// The file's index, the file and its length; `tensor` is named if it
+    /// cannot be opened.
+    fn get(&mut self, dir: &Path, relative: &str, tensor: &str) -> Result<(usize, &File, u64)> {
         if !self.open.contains_key(relative) {
             let path = dir.join(relative);
-            let failed = |action, source| Error::Copy {
+            let (file, seen) = open_input(&path).map_err(|err| match err {
+                Error::Io {
+                    action,
+                    path,
+                    source,
+                } => Error::Copy {
+                    tensor: tensor.to_owned(),
+                    action,
+                    path,
+                    source,
+                },
+                other => other,
+            })?;
+            let len = file.metadata().map_err(|e| Error::Copy {
                 tensor: tensor.to_owned(),
-                action,
+                action: "inspect",
                 path: path.clone(),
-                source,
-            };
-            let file = File::open(&path).map_err(|e| failed("open", e))?;
-            let len = file.metadata().map_err(|e| failed("inspect", e))?.len();
-            self.open.insert(relative.to_owned(), (file, len));
+                source: e,
+            })?;
+            self.inputs.push_opened(path.clone(), seen);
+            self.open
+                .insert(relative.to_owned(), (self.paths.len(), file, len.len()));
+            self.paths.push(path);
         }
-        Ok(&self.open[relative])
+        let (index, file, len) = &self.open[relative];
+        Ok((*index, file, *len))
     }
 }
+
+/// The DCP reader's hints for pieces that do not tile their tensor: the
+/// chunks come from `.metadata`.
+const CHUNK_HINTS: PieceHints = PieceHints {
+    holder: "chunk",
+    corrupt: "the checkpoint's .metadata is inconsistent; re-save the checkpoint",
+    overlap: "the checkpoint's .metadata is inconsistent (chunks overlapping); re-save the checkpoint",
+    missing: "the checkpoint's .metadata is inconsistent (chunks missing); re-save the checkpoint",
+};
 
 fn locate_tensor(
     dir: &Path,
@@ -303,7 +307,7 @@ fn locate_tensor(
     tensor: &TensorMeta,
     dtype: Dtype,
     files: &mut OpenFiles,
-) -> Result<DcpTensor> {
+) -> Result<FullTensor> {
     let metadata_path = dir.join(METADATA_FILE);
     let in_metadata = |reason: String| Error::BadTensor {
         path: metadata_path.clone(),
@@ -338,34 +342,34 @@ fn locate_tensor(
                 hint: "re-save the checkpoint without FileSystemWriter extensions such as ZStandard (the default writes plain archives)",
             });
         }
-        let (file, file_len) = files.get(dir, &info.relative_path, &tensor.name)?;
+        let (shard, file, file_len) = files.get(dir, &info.relative_path, &tensor.name)?;
         let request = ChunkRequest {
             dtype,
             sizes: &chunk.sizes,
             offset: info.offset,
             length: info.length,
         };
-        let data_offset =
-            locate_chunk_data(file, *file_len, &request).map_err(|refusal| Error::BadTensor {
+        let data =
+            locate_chunk_data(file, file_len, &request).map_err(|refusal| Error::BadTensor {
                 path: path.clone(),
                 tensor: tensor.name.clone(),
                 reason: format!("chunk {chunk_region}: {}", refusal.reason),
                 hint: refusal.hint,
             })?;
-        pieces.push(DcpPiece {
-            file: info.relative_path.clone(),
-            data_offset,
-            offsets: chunk.offsets.clone(),
-            shape: chunk.sizes.clone(),
-        });
+        let location = Location {
+            shard,
+            offset: data.offset,
+            crc32: Some(data.crc32),
+        };
+        pieces.push(Piece::new(location, &chunk.offsets, &chunk.sizes));
     }
-    check_tiling(tensor, dtype, &pieces)?;
-    Ok(DcpTensor {
-        name: tensor.name.clone(),
+    let spec = TensorSpec {
+        name: &tensor.name,
         dtype,
-        shape: tensor.shape.clone(),
-        pieces,
-    })
+        shape: Some(&tensor.shape),
+        hints: &CHUNK_HINTS,
+    };
+    tensor_from_pieces(&spec, pieces, &files.paths)
 }
 
 /// A relative path with no `..` or root: DCP writes files directly in the
@@ -375,55 +379,6 @@ fn is_plain_relative(path: &str) -> bool {
         && Path::new(path)
             .components()
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
-}
-
-/// Checks the chunks tile the full shape (as `dcp::index_pieces` does for
-/// safetensors shards).
-fn check_tiling(tensor: &TensorMeta, dtype: Dtype, pieces: &[DcpPiece]) -> Result<()> {
-    let inconsistent = |reason: String| Error::Inconsistent {
-        tensor: tensor.name.clone(),
-        reason,
-        hint: "the checkpoint's .metadata is inconsistent (chunks missing or overlapping); re-save the checkpoint",
-    };
-    // Like FullTensor::byte_len's callers, require the size to fit for any
-    // dtype up to 8 bytes.
-    if byte_len(&tensor.shape, Dtype::F64).is_none() || byte_len(&tensor.shape, dtype).is_none() {
-        return Err(inconsistent(format!(
-            "full shape {:?} overflows",
-            tensor.shape
-        )));
-    }
-    let as_pieces: Vec<Piece> = pieces
-        .iter()
-        .map(|p| {
-            Piece::new(
-                Location {
-                    shard: 0,
-                    offset: 0,
-                },
-                &p.offsets,
-                &p.shape,
-            )
-        })
-        .collect();
-    check_coverage(&tensor.shape, &as_pieces).map_err(|fault| {
-        inconsistent(match fault {
-            CoverageFault::Overlap(a, b) => format!(
-                "chunks {} and {} overlap",
-                region(&pieces[a].offsets, &pieces[a].shape),
-                region(&pieces[b].offsets, &pieces[b].shape)
-            ),
-            CoverageFault::Gap(start, len) => format!(
-                "no chunk covers region {} of full shape {:?}",
-                region(&start, &len),
-                tensor.shape
-            ),
-            CoverageFault::Incomplete { covered, total } => format!(
-                "chunks cover {covered} of {total} elements of full shape {:?}",
-                tensor.shape
-            ),
-        })
-    })
 }
 
 #[cfg(test)]

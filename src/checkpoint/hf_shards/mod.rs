@@ -4,6 +4,7 @@ pub mod sharding;
 
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::hf_shards::sharding::{ShardFile, index_pieces, sharding_info};
+use crate::checkpoint::identity::Inputs;
 use crate::error::{Error, Result};
 use crate::safetensors::header::read_header;
 use crate::safetensors::naming::{parse_output_name, parse_shard_name};
@@ -165,8 +166,10 @@ pub fn checkpoint_from(
 ) -> Result<Checkpoint> {
     let set = shard_set(dir, parsed, allow_missing, source_ranks)?;
     let tensors = index_pieces(&set.shards, &set.infos)?;
+    let files: Vec<PathBuf> = set.shards.into_iter().map(|s| s.path).collect();
     Ok(Checkpoint {
-        files: set.shards.into_iter().map(|s| s.path).collect(),
+        inputs: Inputs::unopened(&files),
+        files,
         tensors,
         skipped_outputs: set.skipped,
         non_tensors: Vec::new(),

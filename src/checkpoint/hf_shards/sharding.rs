@@ -2,8 +2,8 @@
 //! stores in each shard: where each saved piece sits in its full tensor.
 
 // Re-exported until every user imports them from `checkpoint`.
-use crate::checkpoint::tensor_from_pieces;
 pub use crate::checkpoint::{FullTensor, Location, Piece};
+use crate::checkpoint::{SHARD_HINTS, TensorSpec, tensor_from_pieces};
 use crate::error::{Error, Result};
 use crate::safetensors::dtype::Dtype;
 use crate::safetensors::header::Header;
@@ -102,6 +102,7 @@ pub fn index_pieces(
             let location = Location {
                 shard: shard_index,
                 offset: shard.header.data_start + tensor.begin,
+                crc32: None,
             };
             let piece = Piece::new(location, &info[&tensor.name], &tensor.shape);
             let (dtype, first, pieces) =
@@ -135,7 +136,15 @@ pub fn index_pieces(
     let paths: Vec<PathBuf> = shards.iter().map(|s| s.path.clone()).collect();
     grouped
         .into_iter()
-        .map(|(name, (dtype, _, pieces))| tensor_from_pieces(name, dtype, pieces, &paths))
+        .map(|(name, (dtype, _, pieces))| {
+            let spec = TensorSpec {
+                name,
+                dtype,
+                shape: None,
+                hints: &SHARD_HINTS,
+            };
+            tensor_from_pieces(&spec, pieces, &paths)
+        })
         .collect()
 }
 

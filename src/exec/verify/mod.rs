@@ -1,6 +1,9 @@
 //! Verification: reads consolidated files back and compares every tensor
-//! byte with the shard pieces. Used by `--verify` (after writing, before the
-//! files get their final names) and `--verify-only` (an existing output).
+//! byte with the shard pieces, and checks every input piece that carries a
+//! stored CRC-32 (a DCP chunk's zip entry) against it, so that bit rot in
+//! an input, which the copy faithfully reproduces, is caught too. Used by
+//! `--verify` (after writing, before the files get their final names) and
+//! `--verify-only` (an existing output).
 
 mod targets;
 
@@ -11,6 +14,7 @@ use crate::exec::convert::convert;
 use crate::exec::copy::{OpenInputs, read_shard_at};
 use crate::plan::Plan;
 use crate::safetensors::dtype::Dtype;
+use crate::safetensors::header::element_count;
 use rayon::prelude::*;
 use std::fs::File;
 use std::ops::Range;
@@ -64,6 +68,10 @@ fn compare_tensor(
         .filter(|(_, rows)| !rows.is_empty())
         .collect();
     let mut expected = Expected::new(plan, tensor, dtype);
+    let mut crcs: Vec<Vec<Option<StoredCrc>>> = pieces
+        .iter()
+        .map(|(piece, _)| copies(piece).map(StoredCrc::new).collect())
+        .collect();
     let mut written = Vec::new();
     let step = WINDOW_BYTES / tensor.dtype.size().max(size);
     let mut start = 0;
@@ -73,7 +81,7 @@ fn compare_tensor(
         file.read_exact_at(&mut written, at + window.start * size)
             .map_err(|e| Error::io("read back", &target.path, e))?;
         if let Some((byte, piece, location)) =
-            first_difference(&pieces, &mut expected, &window, &written)?
+            first_difference(&pieces, &mut crcs, &mut expected, &window, &written)?
         {
             return Ok(Some(format!(
                 "'{}' in {}: first difference at byte {} of the tensor (piece {} from {})",
@@ -86,26 +94,131 @@ fn compare_tensor(
         }
         start = window.end;
     }
+    // Every piece copy was read whole, in order: its CRC-32 is complete.
+    for ((piece, _), crcs) in pieces.iter().zip(crcs) {
+        for (location, crc) in copies(piece).zip(crcs) {
+            let Some(crc) = crc else { continue };
+            let chunk = region(&piece.offsets, &piece.shape);
+            let file = plan.shards[location.shard].display();
+            match crc.finish(element_count(&piece.shape).unwrap_or(u64::MAX)) {
+                None => {
+                    return Err(Error::internal(format!(
+                        "'{}': chunk {chunk} in {file} was not read whole and in order by verification",
+                        tensor.name
+                    )));
+                }
+                Some(computed) if computed != crc.stored => {
+                    return Ok(Some(format!(
+                        "'{}': chunk {chunk} in {file} has CRC-32 {computed:08x}, not the {:08x} stored in its zip entry: \
+                         the input is damaged (bit rot or a bad copy), and so is {}; copy the .distcp file again from where the checkpoint was saved",
+                        tensor.name, crc.stored, target.name
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+    }
     Ok(None)
+}
+
+/// A piece's stored copies: the piece's own location, then its replicas'.
+fn copies(piece: &Piece) -> impl Iterator<Item = &Location> {
+    std::iter::once(&piece.location).chain(&piece.replicas)
+}
+
+/// The CRC-32 of one stored copy of a piece, accumulated as verification
+/// reads the piece's elements: window after window, each part starts where
+/// the last ended, so the bytes arrive in order without a second read.
+struct StoredCrc {
+    stored: u32,
+    hasher: crc32fast::Hasher,
+    /// The next piece element expected; `None` once a read skipped some.
+    next: Option<u64>,
+}
+
+impl StoredCrc {
+    /// For a copy whose format stored a CRC-32 (0 means not recorded).
+    fn new(location: &Location) -> Option<StoredCrc> {
+        match location.crc32 {
+            Some(stored) if stored != 0 => Some(StoredCrc {
+                stored,
+                hasher: crc32fast::Hasher::new(),
+                next: Some(0),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Adds the stored bytes of piece elements `elements`.
+    fn update(&mut self, elements: &Range<u64>, bytes: &[u8]) {
+        if self.next == Some(elements.start) {
+            self.hasher.update(bytes);
+            self.next = Some(elements.end);
+        } else {
+            self.next = None;
+        }
+    }
+
+    /// The CRC-32 of the whole piece of `elements` elements, if every one
+    /// was added in order.
+    fn finish(&self, elements: u64) -> Option<u32> {
+        (self.next == Some(elements)).then(|| self.hasher.clone().finalize())
+    }
+}
+
+/// Piece copies `--verify` checks against a stored CRC-32, and those that
+/// carry none (a DCP writer with CRC-32 off), over the whole plan; empty
+/// pieces hold nothing to check and count in neither.
+pub fn stored_crc_counts(plan: &Plan) -> (usize, usize) {
+    let mut counts = (0, 0);
+    for tensor in &plan.tensors {
+        for piece in &tensor.pieces {
+            if element_count(&piece.shape) == Some(0) {
+                continue;
+            }
+            for location in copies(piece) {
+                match location.crc32 {
+                    Some(0) => counts.1 += 1,
+                    Some(_) => counts.0 += 1,
+                    None => {}
+                }
+            }
+        }
+    }
+    counts
+}
+
+/// What the verification summary adds about stored CRC-32s: nothing for
+/// inputs that carry none (HF shards).
+pub fn stored_crc_summary(plan: &Plan) -> String {
+    match stored_crc_counts(plan) {
+        (0, 0) => String::new(),
+        (checked, 0) => format!("; {checked} DCP chunk(s) match the CRC-32 stored with them"),
+        (checked, skipped) => format!(
+            "; {checked} DCP chunk(s) match the CRC-32 stored with them, {skipped} carry none (saved with CRC-32 off) and were not checked against one"
+        ),
+    }
 }
 
 /// The first byte of `written` (the tensor's elements `window`) that
 /// differs from what a piece or one of its replicas holds, with that piece
-/// and copy.
+/// and copy. Adds each copy's stored bytes to its CRC-32 (`crcs`, by piece
+/// and copy).
 fn first_difference<'p>(
     pieces: &[(&'p Piece, PieceRows)],
+    crcs: &mut [Vec<Option<StoredCrc>>],
     expected: &mut Expected,
     window: &Range<u64>,
     written: &[u8],
 ) -> Result<Option<(u64, &'p Piece, Location)>> {
     let size = expected.dtype.size();
     let mut first: Option<(u64, &Piece, Location)> = None;
-    for (piece, rows) in pieces {
+    for ((piece, rows), crcs) in pieces.iter().zip(crcs) {
         let Some(part) = rows.part_in(window) else {
             continue;
         };
-        for location in std::iter::once(&piece.location).chain(&piece.replicas) {
-            let ours = expected.read(location, &part.elements)?;
+        for (location, crc) in copies(piece).zip(crcs.iter_mut()) {
+            let ours = expected.read(location, &part.elements, crc.as_mut())?;
             let found = rows.first_difference(&part, window, ours, written, size);
             if let Some(byte) = found.filter(|&b| first.is_none_or(|(f, ..)| b < f)) {
                 first = Some((byte, piece, *location));
@@ -139,8 +252,14 @@ impl<'a> Expected<'a> {
     }
 
     /// Elements `elements` of the piece copy at `location`, in the written
-    /// dtype. Buffers are reused, so memory stays within a window.
-    fn read(&mut self, location: &Location, elements: &Range<u64>) -> Result<&[u8]> {
+    /// dtype, their stored bytes added to `crc` if given. Buffers are
+    /// reused, so memory stays within a window.
+    fn read(
+        &mut self,
+        location: &Location,
+        elements: &Range<u64>,
+        crc: Option<&mut StoredCrc>,
+    ) -> Result<&[u8]> {
         let from = self.tensor.dtype;
         let count = (elements.end - elements.start) as usize;
         self.source.resize(count * from.size() as usize, 0);
@@ -152,6 +271,9 @@ impl<'a> Expected<'a> {
             path: self.inputs.path(location.shard).to_owned(),
             source: e,
         })?;
+        if let Some(crc) = crc {
+            crc.update(elements, &self.source);
+        }
         if from == self.dtype {
             return Ok(&self.source);
         }

@@ -60,9 +60,24 @@ const MAX_ENTRIES: usize = 1024;
 /// Largest `data.pkl` read, and largest `byteorder`.
 const MAX_SMALL_ENTRY: u64 = 1 << 20;
 
+/// Where a chunk's bytes are, and the checksum stored with them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkData {
+    /// Absolute offset of the chunk's first byte in the file.
+    pub offset: u64,
+    /// The CRC-32 its zip entry stores for those bytes; 0 when the writer
+    /// recorded none (`torch.serialization.set_crc32_options(False)`).
+    pub crc32: u32,
+}
+
 /// Finds the chunk's data in `file` (of `file_len` bytes) and checks it is
-/// exactly the chunk: returns the absolute offset of its first byte.
-pub fn locate_chunk_data(file: &File, file_len: u64, chunk: &ChunkRequest) -> Result<u64, Refusal> {
+/// exactly the chunk: returns where its first byte is and its stored CRC-32
+/// (not checked here: that would read every byte; `--verify` does).
+pub fn locate_chunk_data(
+    file: &File,
+    file_len: u64,
+    chunk: &ChunkRequest,
+) -> Result<ChunkData, Refusal> {
     let range = format!(
         "bytes [{}, {})",
         chunk.offset,
@@ -78,6 +93,7 @@ pub fn locate_chunk_data(file: &File, file_len: u64, chunk: &ChunkRequest) -> Re
         );
     }
     let mut zip = open_archive(file, chunk, &range)?;
+    refuse_duplicate_names(&zip, file, chunk, &range)?;
     let entries = list_entries(&mut zip, chunk.length, &range)?;
     let pkl = find_data_pkl(&entries, &range)?;
     let prefix = &pkl.name[..pkl.name.len() - "data.pkl".len()];
@@ -104,7 +120,10 @@ pub fn locate_chunk_data(file: &File, file_len: u64, chunk: &ChunkRequest) -> Re
     }
     // list_entries checked that every entry's data lies inside the window,
     // and the window inside the file.
-    Ok(chunk.offset + data.data_start)
+    Ok(ChunkData {
+        offset: chunk.offset + data.data_start,
+        crc32: data.crc32,
+    })
 }
 
 /// The chunk's byte range as a zip archive; its offsets count from the
@@ -129,6 +148,52 @@ fn open_archive<'f>(
             CORRUPT,
         )
     })
+}
+
+/// Refuses an archive whose central directory names one entry twice. The
+/// zip reader keeps one entry per name (the later one's data under the
+/// earlier one's place) while `torch.load` reads the first: the two
+/// would disagree on the chunk's bytes.
+fn refuse_duplicate_names<R: Read + Seek>(
+    zip: &ZipArchive<R>,
+    file: &File,
+    chunk: &ChunkRequest,
+    range: &str,
+) -> Result<(), Refusal> {
+    if !zip.has_duplicate_names() {
+        return Ok(());
+    }
+    let name = first_repeated_name(file, chunk, zip.central_directory_start())
+        .unwrap_or_else(|| "(unreadable name)".to_owned());
+    refuse(
+        format!("the chunk's archive at {range} holds two entries named {name}"),
+        "the .distcp file was not written by torch.save (or was altered): a zip with repeated entry names is read differently by different readers; re-save the checkpoint",
+    )
+}
+
+/// The first name that appears twice in the central directory starting at
+/// `dir_start` (relative to the archive), read with one positioned read.
+fn first_repeated_name(file: &File, chunk: &ChunkRequest, dir_start: u64) -> Option<String> {
+    const RECORD: usize = 46;
+    let len = chunk.length.checked_sub(dir_start)?.min(MAX_SMALL_ENTRY);
+    let mut dir = vec![0u8; usize::try_from(len).ok()?];
+    file.read_exact_at(&mut dir, chunk.offset + dir_start)
+        .ok()?;
+    let field = |at: usize| -> Option<usize> {
+        Some(u16::from_le_bytes(dir.get(at..at + 2)?.try_into().ok()?).into())
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut at = 0;
+    while dir.get(at..at + 4) == Some(b"PK\x01\x02".as_slice()) {
+        let (name_len, extra_len, comment_len) =
+            (field(at + 28)?, field(at + 30)?, field(at + 32)?);
+        let name = dir.get(at + RECORD..at + RECORD + name_len)?;
+        if !seen.insert(name) {
+            return Some(String::from_utf8_lossy(name).into_owned());
+        }
+        at += RECORD + name_len + extra_len + comment_len;
+    }
+    None
 }
 
 /// `byteorder` must say little-endian if present (archives from before
@@ -157,12 +222,13 @@ fn check_byte_order<R: Read + Seek>(
 }
 
 /// One zip entry: name, where its stored bytes start (relative to the
-/// archive), and its size.
+/// archive), its size and its stored CRC-32.
 struct Entry {
     index: usize,
     name: String,
     data_start: u64,
     size: u64,
+    crc32: u32,
 }
 
 fn list_entries<R: Read + Seek>(
@@ -223,6 +289,7 @@ fn list_entries<R: Read + Seek>(
             name,
             data_start,
             size: file.size(),
+            crc32: file.crc32(),
         });
     }
     Ok(entries)
