@@ -169,6 +169,9 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         .hf_assets
         .as_deref()
         .is_some_and(ties_word_embeddings);
+    if let Some(warning) = &plan.dtype_warning {
+        job.say(warning);
+    }
     for name in &plan.missing {
         if tied && name == "lm_head.weight" {
             job.say("note: 'lm_head.weight' is in the mapping but in no shard, as expected: config.json ties it to the input embeddings (tie_word_embeddings)");
