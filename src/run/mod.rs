@@ -172,6 +172,9 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     if let Some(warning) = &plan.dtype_warning {
         job.say(warning);
     }
+    if let Some(note) = crate::report::optimizer_note(&facts) {
+        job.say(&note);
+    }
     for name in &plan.missing {
         if tied && name == "lm_head.weight" {
             job.say("note: 'lm_head.weight' is in the mapping but in no shard, as expected: config.json ties it to the input embeddings (tie_word_embeddings)");
@@ -311,6 +314,9 @@ fn consolidate(
         plan.kept = resume::keep_complete_files(job, &plan, verify)?;
     }
     let plan = &plan;
+    if let Some(note) = idle_note(plan) {
+        job.say(&note);
+    }
     job.say(&format!(
         "consolidating {} tensors ({}) from {} input files into {} files on {} rank(s) x {} thread(s)",
         plan.tensors.len(),
@@ -396,6 +402,22 @@ fn consolidate(
     }
     drop(lock);
     Ok(job.summary(plan.files.len(), plan.total_bytes()))
+}
+
+/// One line when the modulo schedule leaves ranks with nothing to write
+/// (fewer files than ranks): the job then waits on the few that write.
+fn idle_note(plan: &Plan) -> Option<String> {
+    let per_rank = plan.bytes_per_rank();
+    let idle = per_rank.iter().filter(|&&b| b == 0).count();
+    if plan.schedule != crate::plan::Schedule::Modulo || idle == 0 {
+        return None;
+    }
+    Some(format!(
+        "note: {idle} of {} ranks are idle ({} file(s) to write, one rank each under --schedule modulo); \
+         --schedule balanced spreads every file over all ranks",
+        per_rank.len(),
+        plan.files.len() - plan.kept.len()
+    ))
 }
 
 /// Rank 0 always staged before it commits; reaching this is a bug.
