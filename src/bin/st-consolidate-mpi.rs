@@ -118,6 +118,15 @@ struct Cli {
     #[arg(long, value_name = "DIR", conflicts_with_all = ["dry_run", "verify_only"])]
     hf_assets: Option<PathBuf>,
 
+    /// Ignore INPUT_DIR/.hf_metadata. By default, when NeMo Automodel's .hf_metadata folder is
+    /// in INPUT_DIR, its fqn_to_file_index_mapping.json is the mapping (unless a mapping option
+    /// is given), its fqn_to_dtype_mapping.json the dtype map (unless --dtype-map is given), and
+    /// its other entries, folders whole, are copied into OUTPUT_DIR as --hf-assets copies (unless
+    /// --hf-assets is given). Use it, for example, to keep F32-saved weights that the dtype map
+    /// would round to BF16.
+    #[arg(long)]
+    no_hf_metadata: bool,
+
     /// After writing, read every file back and compare each tensor byte with the shards
     /// (before the files get their final names).
     #[arg(long, conflicts_with = "verify_only")]
@@ -247,6 +256,7 @@ impl Cli {
             overwrite: self.overwrite,
             resume: self.resume,
             hf_assets: self.hf_assets,
+            hf_metadata: !self.no_hf_metadata,
             progress_secs: self.progress,
             report: self.report,
             command_line: std::env::args().collect(),

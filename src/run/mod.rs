@@ -8,6 +8,7 @@
 //! waiting, and only the lowest failing rank reports its error. The work of
 //! each phase lives with its owner; this module only sequences them.
 
+pub mod hf_metadata;
 mod resume;
 
 use crate::checkpoint::Checkpoint;
@@ -56,6 +57,9 @@ pub struct Config {
     pub resume: bool,
     /// Copy the non-weight files of this folder into OUTPUT_DIR (`--hf-assets`).
     pub hf_assets: Option<PathBuf>,
+    /// Use INPUT_DIR's `.hf_metadata` (NeMo's folder) where options are
+    /// left open; `--no-hf-metadata` turns it off.
+    pub hf_metadata: bool,
     /// Seconds between progress reports; zero turns them off.
     pub progress_secs: f64,
     /// Where rank 0 writes the JSON run report, if anywhere.
@@ -151,7 +155,18 @@ impl Job<'_> {
 
 /// Runs a consolidation on this rank. Every rank must call it.
 pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
+    let detected = match config.hf_metadata {
+        true => hf_metadata::apply(config),
+        false => None,
+    };
+    let (config, taken) = match &detected {
+        Some((config, taken)) => (config, Some(taken)),
+        None => (config, None),
+    };
     let job = start(config, comm)?;
+    if let Some(taken) = taken {
+        job.say(&taken.human());
+    }
     let plan_ranks = match config.mode {
         Mode::DryRun {
             ranks: Some(ranks), ..
