@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/casts/: what PyTorch's tensor.to(dtype) gives for
-every 16-bit input and for samples of f32 and f64 (random values plus every
+every 8-bit (FP8) and 16-bit input and for samples of f32 and f64 (random values plus every
 kind of special: zeros, infinities, NaNs with payloads and signs, subnormals,
 rounding ties, overflow edges). st-consolidate-mpi's --dtype must match it
 bit for bit.
@@ -57,7 +57,16 @@ sources = {
 }
 for src, values in sources.items():
     values.view(int_views[src]).numpy().tofile(f"{out}/{src}.bin")
-    for dst in ("bf16", "f16", "f32"):
+    for dst in ("bf16", "f16", "f32", "f64"):
         if dst != src:
             values.to(dtypes[dst]).view(int_views[dst]).numpy().tofile(f"{out}/{src}-to-{dst}.bin")
+
+# FP8, which --dtype-map restores to an ordinary float (NeMo's rule): every
+# one of the 256 bit patterns of each type.
+fp8 = {"f8e4m3": torch.float8_e4m3fn, "f8e5m2": torch.float8_e5m2, "f8e8m0": torch.float8_e8m0fnu}
+for src, dtype in fp8.items():
+    values = torch.arange(0, 256, dtype=torch.int32).to(torch.uint8).view(dtype)
+    values.view(torch.uint8).numpy().tofile(f"{out}/{src}.bin")
+    for dst in ("bf16", "f16", "f32", "f64"):
+        values.to(dtypes[dst]).view(int_views[dst]).numpy().tofile(f"{out}/{src}-to-{dst}.bin")
 print(f"torch {torch.__version__}: wrote {out}")

@@ -72,7 +72,7 @@ fn only_a_deleted_file_is_rewritten_under_both_schedules() {
         std::fs::remove_file(out.path().join(&gone)).unwrap();
         std::fs::remove_file(out.path().join(INDEX)).unwrap();
         let text = resume(ranks, &["--schedule", schedule], ckpt.path(), out.path());
-        let expected = format!("kept {}, wrote 1 files", files.len() - 1);
+        let expected = format!("kept {}, wrote 1 file ", files.len() - 1);
         assert!(text.contains(&expected), "{schedule}: {text}");
         assert_eq!(
             rewritten(&before, &identities(out.path())),
@@ -102,7 +102,7 @@ fn a_file_cut_short_or_of_another_plan_or_with_wrong_bytes_is_rewritten() {
         .unwrap();
     let text = resume(2, &[], ckpt.path(), out.path());
     assert!(
-        text.contains(&format!("kept {}, wrote 1 files", before.len() - 1)),
+        text.contains(&format!("kept {}, wrote 1 file ", before.len() - 1)),
         "{text}"
     );
     let after = identities(out.path());

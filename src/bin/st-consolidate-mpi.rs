@@ -11,6 +11,7 @@ use st_consolidate_mpi::comm::{
 };
 use st_consolidate_mpi::plan::PlanOptions;
 use st_consolidate_mpi::plan::Schedule;
+use st_consolidate_mpi::plan::dtypes::DtypeMapSource;
 use st_consolidate_mpi::plan::mapping::{MappingSource, Unmapped, parse_size};
 use st_consolidate_mpi::run::{Config, Mode, Verbosity, run};
 use st_consolidate_mpi::safetensors::dtype::Dtype;
@@ -117,6 +118,15 @@ struct Cli {
     #[arg(long, value_name = "DIR", conflicts_with_all = ["dry_run", "verify_only"])]
     hf_assets: Option<PathBuf>,
 
+    /// Ignore INPUT_DIR/.hf_metadata. By default, when NeMo Automodel's .hf_metadata folder is
+    /// in INPUT_DIR, its fqn_to_file_index_mapping.json is the mapping (unless a mapping option
+    /// is given), its fqn_to_dtype_mapping.json the dtype map (unless --dtype-map is given), and
+    /// its other entries, folders whole, are copied into OUTPUT_DIR as --hf-assets copies (unless
+    /// --hf-assets is given). Use it, for example, to keep F32-saved weights that the dtype map
+    /// would round to BF16.
+    #[arg(long)]
+    no_hf_metadata: bool,
+
     /// After writing, read every file back and compare each tensor byte with the shards
     /// (before the files get their final names).
     #[arg(long, conflicts_with = "verify_only")]
@@ -169,9 +179,21 @@ struct Cli {
     headers: HeadersArg,
 
     /// Convert every floating-point tensor (F16, BF16, F32, F64) to this type, rounding to
-    /// nearest even exactly as PyTorch's tensor.to(dtype); integer, bool, fp8 and complex tensors stay.
+    /// nearest even exactly as PyTorch's tensor.to(dtype); integer, bool, fp8 and complex tensors
+    /// stay. With --dtype-map, a tensor mapped to F32 stays F32 (NeMo's rule).
     #[arg(long, value_enum)]
     dtype: Option<ExportDtype>,
+
+    /// JSON {"tensor.name": "BF16", ...}: each tensor's original dtype (NeMo Automodel's
+    /// fqn_to_dtype_mapping.json), applied by NeMo 0.7.0's rules: without --dtype, a tensor
+    /// mapped to F16/BF16/F32/F64 is restored to it from any floating-point saved dtype (FP8
+    /// included); a float tensor mapped to FP8, an integer or BOOL (a quantized or packed
+    /// original) keeps its saved dtype, named in one warning; integers and bool never change.
+    /// Unlike NeMo, a value that is not a safetensors dtype is an error, and tensors saved as
+    /// U16, U32, U64, C64 or an FNUZ type (outside NeMo's table) keep their saved dtype. Names of
+    /// the map that no tensor has are ignored.
+    #[arg(long, value_name = "FILE")]
+    dtype_map: Option<PathBuf>,
 
     /// Remove PREFIX from the start of every tensor name in the output (repeatable; the first
     /// matching prefix is removed). A mapping may name a tensor by its saved or its stripped name.
@@ -224,12 +246,17 @@ impl Cli {
                 unmapped: self.unmapped.into(),
                 strip_prefixes: self.strip_prefix,
                 dtype: self.dtype.map(ExportDtype::dtype),
+                dtype_map: match self.dtype_map {
+                    Some(path) => DtypeMapSource::File(path),
+                    None => DtypeMapSource::None,
+                },
                 schedule: self.schedule.into(),
             },
             threads: self.threads.map(usize::from),
             overwrite: self.overwrite,
             resume: self.resume,
             hf_assets: self.hf_assets,
+            hf_metadata: !self.no_hf_metadata,
             progress_secs: self.progress,
             report: self.report,
             command_line: std::env::args().collect(),
@@ -309,6 +336,7 @@ enum ExportDtype {
     Bf16,
     F16,
     F32,
+    F64,
 }
 
 impl ExportDtype {
@@ -317,6 +345,7 @@ impl ExportDtype {
             ExportDtype::Bf16 => Dtype::BF16,
             ExportDtype::F16 => Dtype::F16,
             ExportDtype::F32 => Dtype::F32,
+            ExportDtype::F64 => Dtype::F64,
         }
     }
 }

@@ -28,15 +28,75 @@ pub fn convert(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) {
     match (from, to) {
         (BF16, F16) => map::<2, 2>(src, dst, |x| f32_to_f16(bf16_to_f32(x))),
         (BF16, F32) => map::<2, 4>(src, dst, bf16_to_f32),
+        (BF16, F64) => map::<2, 8>(src, dst, |x| f32_to_f64(bf16_to_f32(x))),
         (F16, BF16) => map::<2, 2>(src, dst, |x| f32_to_bf16(f16_to_f32(x), 0x7FC0)),
         (F16, F32) => map::<2, 4>(src, dst, f16_to_f32),
+        (F16, F64) => map::<2, 8>(src, dst, |x| f32_to_f64(f16_to_f32(x))),
         (F32, BF16) => map::<4, 2>(src, dst, |x| f32_to_bf16(x, 0xFFFF)),
         (F32, F16) => map::<4, 2>(src, dst, f32_to_f16),
+        (F32, F64) => map::<4, 8>(src, dst, f32_to_f64),
         (F64, BF16) => map::<8, 2>(src, dst, |x| f32_to_bf16(f64_to_f32(x), 0xFFFF)),
         (F64, F16) => map::<8, 2>(src, dst, |x| f32_to_f16(f64_to_f32(x))),
         (F64, F32) => map::<8, 4>(src, dst, f64_to_f32),
-        // Callers check can_convert; targets are bf16, f16 and f32 only.
+        // FP8 (restored by --dtype-map): every value is exact in f32, and
+        // PyTorch converts through f32.
+        (F8_E4M3 | F8_E5M2 | F8_E8M0, _) => {
+            let decode = match from {
+                F8_E4M3 => e4m3_to_f32,
+                F8_E5M2 => e5m2_to_f32,
+                _ => e8m0_to_f32,
+            };
+            match to {
+                BF16 => map::<1, 2>(src, dst, |x| f32_to_bf16(decode(x), FP8_BF16_NAN)),
+                F16 => map::<1, 2>(src, dst, |x| f32_to_f16(decode(x))),
+                F32 => map::<1, 4>(src, dst, decode),
+                F64 => map::<1, 8>(src, dst, |x| f32_to_f64(decode(x))),
+                _ => unreachable!("no conversion from {from} to {to}"),
+            }
+        }
+        // Callers check can_convert.
         _ => unreachable!("no conversion from {from} to {to}"),
+    }
+}
+
+/// The bf16 a NaN from an FP8 type becomes.
+const FP8_BF16_NAN: u16 = 0x7FC0;
+
+/// f32 → f64 bits: exact; a NaN keeps its payload and is quieted, as the
+/// hardware conversion does.
+fn f32_to_f64(x: u64) -> u64 {
+    (f64::from(f32::from_bits(x as u32))).to_bits()
+}
+
+/// float8_e4m3fn → f32 bits: exact. The same bit arithmetic as PyTorch's
+/// `fp8e4m3fn_to_fp32_value`, so NaN (S.1111.111) gives the same bits.
+fn e4m3_to_f32(x: u64) -> u64 {
+    let w = (x as u32) << 24;
+    let sign = w & 0x8000_0000;
+    let nonsign = w & 0x7FFF_FFFF;
+    let renorm_shift = nonsign.leading_zeros().saturating_sub(4);
+    let inf_nan_mask = (((nonsign.wrapping_add(0x0100_0000)) as i32 >> 8) as u32) & 0x7F80_0000;
+    let zero_mask = ((nonsign.wrapping_sub(1)) as i32 >> 31) as u32;
+    let value = ((nonsign << renorm_shift >> 4)
+        .wrapping_add((0x78u32.wrapping_sub(renorm_shift)) << 23)
+        | inf_nan_mask)
+        & !zero_mask;
+    u64::from(sign | value)
+}
+
+/// float8_e5m2 → f32 bits: exact; it is the top byte of an f16.
+fn e5m2_to_f32(x: u64) -> u64 {
+    f16_to_f32(x << 8)
+}
+
+/// float8_e8m0fnu (a biased power of two, no sign) → f32 bits: exact;
+/// 0x00 is 2^-127 (an f32 subnormal). 0xFF is NaN, and PyTorch gives it the
+/// bits 0x7F800001 (a signalling NaN), which later casts quieten.
+fn e8m0_to_f32(x: u64) -> u64 {
+    match x as u32 {
+        0xFF => 0x7F80_0001,
+        0 => 0x0040_0000,
+        e => u64::from(e << 23),
     }
 }
 
@@ -148,11 +208,14 @@ mod tests {
             "bf16" => Dtype::BF16,
             "f16" => Dtype::F16,
             "f32" => Dtype::F32,
+            "f8e4m3" => Dtype::F8_E4M3,
+            "f8e5m2" => Dtype::F8_E5M2,
+            "f8e8m0" => Dtype::F8_E8M0,
             _ => Dtype::F64,
         }
     }
 
-    /// Every 16-bit input (exhaustive) and ~60,000 f32 and f64 values
+    /// Every 8- and 16-bit input (exhaustive) and ~60,000 f32 and f64 values
     /// (specials, NaN payloads, subnormals, ties, random bits) against what
     /// PyTorch 2.15 wrote.
     #[test]
@@ -167,6 +230,21 @@ mod tests {
             ("f64", "bf16"),
             ("f64", "f16"),
             ("f64", "f32"),
+            ("bf16", "f64"),
+            ("f16", "f64"),
+            ("f32", "f64"),
+            ("f8e4m3", "bf16"),
+            ("f8e4m3", "f16"),
+            ("f8e4m3", "f32"),
+            ("f8e4m3", "f64"),
+            ("f8e5m2", "bf16"),
+            ("f8e5m2", "f16"),
+            ("f8e5m2", "f32"),
+            ("f8e5m2", "f64"),
+            ("f8e8m0", "bf16"),
+            ("f8e8m0", "f16"),
+            ("f8e8m0", "f32"),
+            ("f8e8m0", "f64"),
         ] {
             let (src_dtype, dst_dtype) = (dtype(from), dtype(to));
             let src = fixture(&format!("{from}.bin"));

@@ -2,6 +2,7 @@
 //! and which rank writes what. Pure and deterministic, so every rank that
 //! builds it from the same inputs gets the same plan.
 
+pub mod dtypes;
 pub mod mapping;
 pub mod names;
 pub mod schedule;
@@ -10,10 +11,10 @@ pub use schedule::{BALANCED_ALIGN, Schedule, WORK_ITEM_BYTES, WorkItem};
 
 use crate::checkpoint::{Checkpoint, FullTensor};
 use crate::error::{Error, Result};
+use crate::plan::dtypes::DtypeMapSource;
 use crate::plan::mapping::{Assignment, MappingSource, Unmapped, assign_named};
 use crate::plan::names::strip_prefixes;
 use crate::safetensors::dtype::Dtype;
-use crate::safetensors::dtype::output_dtype;
 use crate::safetensors::header::{MAX_HEADER_LEN, TensorEntry, encode_header};
 use crate::safetensors::naming::output_name;
 use std::collections::{BTreeMap, BTreeSet};
@@ -79,6 +80,9 @@ pub struct PlanOptions {
     pub strip_prefixes: Vec<String>,
     /// Convert floating-point tensors to this dtype (`--dtype`).
     pub dtype: Option<Dtype>,
+    /// Per-tensor original dtypes (`--dtype-map`), resolved with `dtype`
+    /// by NeMo's rules ([`dtypes`]).
+    pub dtype_map: DtypeMapSource,
     /// How output bytes are split among ranks.
     pub schedule: Schedule,
 }
@@ -88,21 +92,23 @@ pub struct PlanOptions {
 pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) -> Result<Plan> {
     let mut tensors = checkpoint.tensors;
     let saved_names = strip_prefixes(&mut tensors, &options.strip_prefixes)?;
+    let map = dtypes::load_map(&options.dtype_map)?;
+    let output = dtypes::resolve(&tensors, &saved_names, options.dtype, &map);
     let sizes: Vec<(&str, u64)> = tensors
         .iter()
-        .map(|t| {
-            let size = output_dtype(t.dtype, options.dtype).size();
-            (t.name.as_str(), t.element_count() * size)
-        })
+        .zip(&output.dtypes)
+        .map(|(t, dtype)| (t.name.as_str(), t.element_count() * dtype.size()))
         .collect();
     let assignment = assign_named(&sizes, &saved_names, &options.mapping, options.unmapped)?;
+    let dtype_warning = output.warning();
     let mut plan = Plan::build(
         checkpoint.files,
         tensors,
         assignment,
         world_size,
-        options.dtype,
+        output.dtypes,
     )?;
+    plan.dtype_warning = dtype_warning;
     plan.schedule = options.schedule;
     Ok(plan)
 }
@@ -118,6 +124,9 @@ pub struct Plan {
     pub files: Vec<OutputFile>,
     /// Mapped names that no shard holds (left out, reported as a warning).
     pub missing: Vec<String>,
+    /// The one warning about tensors of `--dtype-map` whose quantized or
+    /// packed original was not restored.
+    pub dtype_warning: Option<String>,
     /// Number of ranks the plan was made for.
     pub world_size: usize,
     /// How work is split among the ranks. File creation, renaming and
@@ -138,9 +147,9 @@ impl Plan {
         tensors: Vec<FullTensor>,
         assignment: Assignment,
         world_size: usize,
-        cast: Option<Dtype>,
+        dtypes: Vec<Dtype>,
     ) -> Result<Plan> {
-        let plan = Plan::new(shards, tensors, assignment, world_size, cast);
+        let plan = Plan::new(shards, tensors, assignment, world_size, dtypes);
         for file in &plan.files {
             let json_len = file.header.len() as u64 - 8;
             check_header_len(&file.name, file.entries.len(), json_len)?;
@@ -148,8 +157,8 @@ impl Plan {
         Ok(plan)
     }
 
-    /// Lays out the output files, converting floating-point tensors to
-    /// `cast` if given, and assigns file `index` to rank `index % world_size`
+    /// Lays out the output files, writing tensor `t` as `dtypes[t]` (its
+    /// saved dtype or the one [`dtypes::resolve`] chose), and assigns file `index` to rank `index % world_size`
     /// (the design card's schedule). Does not check header sizes: runs use
     /// [`Plan::build`].
     pub fn new(
@@ -157,7 +166,7 @@ impl Plan {
         tensors: Vec<FullTensor>,
         assignment: Assignment,
         world_size: usize,
-        cast: Option<Dtype>,
+        dtypes: Vec<Dtype>,
     ) -> Plan {
         let mut members: BTreeMap<u32, Vec<usize>> = (1..=assignment.file_count)
             .map(|i| (i, Vec::new()))
@@ -171,7 +180,7 @@ impl Plan {
             .map(|(index, mut members)| {
                 // Largest elements first, then by name: every tensor then
                 // starts aligned to its element size, as safetensors' writer does.
-                let dtype_of = |t: usize| output_dtype(tensors[t].dtype, cast);
+                let dtype_of = |t: usize| dtypes[t];
                 members.sort_by(|&a, &b| {
                     (dtype_of(b).size().cmp(&dtype_of(a).size()))
                         .then_with(|| tensors[a].name.cmp(&tensors[b].name))
@@ -210,6 +219,7 @@ impl Plan {
             tensors,
             files,
             missing: assignment.missing,
+            dtype_warning: None,
             world_size,
             schedule: Schedule::Modulo,
             kept: BTreeSet::new(),
@@ -337,18 +347,30 @@ mod tests {
             file_of,
             missing: vec![],
         };
-        let err = Plan::build(vec![], tensors.clone(), assignment(vec![1, 1, 2]), 1, None)
-            .unwrap_err()
-            .to_string();
+        let err = Plan::build(
+            vec![],
+            tensors.clone(),
+            assignment(vec![1, 1, 2]),
+            1,
+            saved(&tensors),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.starts_with("model-00001-of-00002.safetensors would hold 2 tensors with a 1000001"),
             "{}",
             &err[..200]
         );
         // One long name per file fits.
-        let plan = Plan::build(vec![], tensors, assignment(vec![1, 2, 2]), 1, None).unwrap();
+        let dtypes = saved(&tensors);
+        let plan = Plan::build(vec![], tensors, assignment(vec![1, 2, 2]), 1, dtypes).unwrap();
         assert!(plan.files[0].header.len() as u64 - 8 <= MAX_HEADER_LEN);
         assert!(plan.files[1].header.len() as u64 - 8 > MAX_HEADER_LEN / 2);
+    }
+
+    /// Every tensor written in its saved dtype.
+    fn saved(tensors: &[FullTensor]) -> Vec<Dtype> {
+        tensors.iter().map(|t| t.dtype).collect()
     }
 
     fn tensor(name: &str, dtype: Dtype, shape: &[u64]) -> FullTensor {
@@ -373,7 +395,8 @@ mod tests {
             file_count: 1,
             missing: vec![],
         };
-        let plan = Plan::new(vec![], tensors, assignment, 1, None);
+        let dtypes = saved(&tensors);
+        let plan = Plan::new(vec![], tensors, assignment, 1, dtypes);
         let file = &plan.files[0];
         let order: Vec<&str> = file
             .entries
@@ -402,7 +425,8 @@ mod tests {
             file_count: 3,
             missing: vec![],
         };
-        let plan = Plan::new(vec![], tensors, assignment, 2, None);
+        let dtypes = saved(&tensors);
+        let plan = Plan::new(vec![], tensors, assignment, 2, dtypes);
         let owners: Vec<usize> = plan.files.iter().map(|f| f.owner).collect();
         assert_eq!(owners, [1, 0, 1]);
         assert!(plan.files[1].is_empty());

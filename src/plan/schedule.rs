@@ -163,7 +163,8 @@ mod tests {
             file_count: file_sizes.len() as u32,
             missing: vec![],
         };
-        let mut plan = Plan::new(vec![], tensors, assignment, ranks, None);
+        let dtypes = vec![Dtype::U8; tensors.len()];
+        let mut plan = Plan::new(vec![], tensors, assignment, ranks, dtypes);
         plan.schedule = schedule;
         plan
     }

@@ -218,9 +218,10 @@ impl RunReport {
             Some(kept) => format!("kept {}, ", kept.len()),
             None => String::new(),
         };
+        let written = self.outputs.len() - self.kept.as_ref().map_or(0, Vec::len);
         let mut text = format!(
-            "{kept}wrote {} files and model.safetensors.index.json to {output_dir}: {} in {:.2} s ({:.2} GB/s) on {} rank(s){}",
-            self.outputs.len() - self.kept.as_ref().map_or(0, Vec::len),
+            "{kept}wrote {written} file{} and model.safetensors.index.json to {output_dir}: {} in {:.2} s ({:.2} GB/s) on {} rank(s){}",
+            if written == 1 { "" } else { "s" },
             human_bytes(bytes),
             self.total_seconds,
             self.gb_per_s,
@@ -228,16 +229,12 @@ impl RunReport {
             if self.verify.ran { ", verified" } else { "" }
         );
         if !self.input.non_tensors.is_empty() {
+            let count = self.input.non_tensors.len();
             text.push_str(&format!(
-                "\n  skipped {} non-tensor entr{} (not weights): {}",
-                self.input.non_tensors.len(),
-                if self.input.non_tensors.len() == 1 {
-                    "y"
-                } else {
-                    "ies"
-                },
-                shown(&self.input.non_tensors.join(", "))
+                "\n  skipped {count} non-tensor entr{} (not weights; --report lists each):",
+                if count == 1 { "y" } else { "ies" },
             ));
+            text.push_str(&group_lines(&self.input.non_tensors, "\n    "));
         }
         if !self.assets.is_empty() {
             text.push_str(&format!(
@@ -347,6 +344,100 @@ pub fn describe(plan: &Plan, facts: &InputFacts) -> String {
     out
 }
 
+/// How many groups of non-tensor entries the summary and the dry run show.
+const GROUPS_SHOWN: usize = 8;
+
+/// The group a non-tensor entry is counted in: its first two name components
+/// (`optimizer.param_groups.*`, `lr_scheduler.*`), or the name itself.
+/// Optimizer hyperparameters come one per parameter, so a real model has
+/// thousands of them: they are named by group, with counts.
+pub fn non_tensor_group(name: &str) -> String {
+    let parts: Vec<&str> = name.splitn(3, '.').collect();
+    match parts.len() {
+        3 => format!("{}.{}.*", parts[0], parts[1]),
+        2 => format!("{}.*", parts[0]),
+        _ => name.to_string(),
+    }
+}
+
+/// Non-tensor entries by [`non_tensor_group`] with counts, largest first
+/// (then by name).
+pub fn non_tensor_groups(names: &[String]) -> Vec<(String, usize)> {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for name in names {
+        *counts.entry(non_tensor_group(name)).or_default() += 1;
+    }
+    let mut groups: Vec<(String, usize)> = counts.into_iter().collect();
+    groups.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    groups
+}
+
+/// One short line per group, each starting with `lead`: at most
+/// [`GROUPS_SHOWN`] groups, and names cut to 64 characters, so no line runs
+/// past a screen's width however many entries a checkpoint holds.
+fn group_lines(names: &[String], lead: &str) -> String {
+    let groups = non_tensor_groups(names);
+    let mut out = String::new();
+    for (group, count) in groups.iter().take(GROUPS_SHOWN) {
+        let shown_name = shown(group);
+        let cut: String = shown_name.chars().take(64).collect();
+        let cut = if cut.len() < shown_name.len() {
+            format!("{cut}…")
+        } else {
+            cut
+        };
+        let entries = if *count == 1 { "entry" } else { "entries" };
+        out.push_str(&format!("{lead}{cut}: {count} {entries}"));
+    }
+    if groups.len() > GROUPS_SHOWN {
+        out.push_str(&format!(
+            "{lead}… and {} more groups",
+            groups.len() - GROUPS_SHOWN
+        ));
+    }
+    out
+}
+
+/// Whether a saved tensor name looks like optimizer state: under a
+/// top-level `optimizer` or `optim` key, or an Adam/SGD state buffer.
+pub fn is_optimizer_state(name: &str) -> bool {
+    let top = name.split('.').next().unwrap_or(name);
+    matches!(top, "optimizer" | "optim")
+        || [".exp_avg", ".exp_avg_sq", ".momentum_buffer"]
+            .iter()
+            .any(|suffix| name.ends_with(suffix))
+}
+
+/// One note when the export includes what looks like optimizer state: its
+/// share of the exported bytes and the `--exclude` that leaves it out.
+pub fn optimizer_note(facts: &InputFacts) -> Option<String> {
+    let exported = facts.tensors.iter().filter(|t| t.2);
+    let total: u64 = exported.clone().map(|t| t.1).sum();
+    let mut bytes = 0u64;
+    let mut globs = std::collections::BTreeSet::new();
+    for (name, size, _) in exported.filter(|t| is_optimizer_state(&t.0)) {
+        bytes += size;
+        let top = name.split('.').next().unwrap_or(name);
+        let glob = match top {
+            "optimizer" | "optim" => format!("{top}.*"),
+            _ => format!("*.{}", name.rsplit('.').next().unwrap_or(name)),
+        };
+        globs.insert(glob);
+    }
+    if globs.is_empty() {
+        return None;
+    }
+    let share = 100.0 * bytes as f64 / total.max(1) as f64;
+    let excludes: Vec<String> = globs.iter().map(|g| format!("--exclude '{g}'")).collect();
+    Some(format!(
+        "note: {} of the {} exported ({share:.1}%) look like optimizer state ({}); {} leaves it out",
+        human_bytes(bytes),
+        human_bytes(total),
+        globs.iter().cloned().collect::<Vec<_>>().join(", "),
+        excludes.join(" ")
+    ))
+}
+
 /// Tensors and bytes per first name component (`model.*`, `optim.*`), so a
 /// user sees at a glance what the checkpoint holds besides the model, and
 /// what `--include`/`--exclude` leave out; then the non-tensor entries.
@@ -396,8 +487,9 @@ fn prefixes(facts: &InputFacts) -> String {
     }
     if !facts.non_tensors.is_empty() {
         out.push_str(&format!(
-            "non-tensor entries (skipped, not weights): {}\n",
-            shown(&facts.non_tensors.join(", "))
+            "non-tensor entries (skipped, not weights): {}{}\n",
+            facts.non_tensors.len(),
+            group_lines(&facts.non_tensors, "\n  ")
         ));
     }
     out.push('\n');

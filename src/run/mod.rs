@@ -8,6 +8,7 @@
 //! waiting, and only the lowest failing rank reports its error. The work of
 //! each phase lives with its owner; this module only sequences them.
 
+pub mod hf_metadata;
 mod resume;
 
 use crate::checkpoint::Checkpoint;
@@ -56,6 +57,9 @@ pub struct Config {
     pub resume: bool,
     /// Copy the non-weight files of this folder into OUTPUT_DIR (`--hf-assets`).
     pub hf_assets: Option<PathBuf>,
+    /// Use INPUT_DIR's `.hf_metadata` (NeMo's folder) where options are
+    /// left open; `--no-hf-metadata` turns it off.
+    pub hf_metadata: bool,
     /// Seconds between progress reports; zero turns them off.
     pub progress_secs: f64,
     /// Where rank 0 writes the JSON run report, if anywhere.
@@ -151,7 +155,18 @@ impl Job<'_> {
 
 /// Runs a consolidation on this rank. Every rank must call it.
 pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
+    let detected = match config.hf_metadata {
+        true => hf_metadata::apply(config),
+        false => None,
+    };
+    let (config, taken) = match &detected {
+        Some((config, taken)) => (config, Some(taken)),
+        None => (config, None),
+    };
     let job = start(config, comm)?;
+    if let Some(taken) = taken {
+        job.say(&taken.human());
+    }
     let plan_ranks = match config.mode {
         Mode::DryRun {
             ranks: Some(ranks), ..
@@ -170,6 +185,12 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         .hf_assets
         .as_deref()
         .is_some_and(ties_word_embeddings);
+    if let Some(warning) = &plan.dtype_warning {
+        job.say(warning);
+    }
+    if let Some(note) = crate::report::optimizer_note(&facts) {
+        job.say(&note);
+    }
     for name in &plan.missing {
         if tied && name == "lm_head.weight" {
             job.say("note: 'lm_head.weight' is in the mapping but in no shard, as expected: config.json ties it to the input embeddings (tie_word_embeddings)");
@@ -313,6 +334,9 @@ fn consolidate(
         plan.kept = resume::keep_complete_files(job, &plan, verify)?;
     }
     let plan = &plan;
+    if let Some(note) = idle_note(plan) {
+        job.say(&note);
+    }
     job.say(&format!(
         "consolidating {} tensors ({}) from {} input files into {} files on {} rank(s) x {} thread(s)",
         plan.tensors.len(),
@@ -403,6 +427,22 @@ fn consolidate(
     }
     drop(lock);
     Ok(job.summary(plan.files.len(), plan.total_bytes()))
+}
+
+/// One line when the modulo schedule leaves ranks with nothing to write
+/// (fewer files than ranks): the job then waits on the few that write.
+fn idle_note(plan: &Plan) -> Option<String> {
+    let per_rank = plan.bytes_per_rank();
+    let idle = per_rank.iter().filter(|&&b| b == 0).count();
+    if plan.schedule != crate::plan::Schedule::Modulo || idle == 0 {
+        return None;
+    }
+    Some(format!(
+        "note: {idle} of {} ranks are idle ({} file(s) to write, one rank each under --schedule modulo); \
+         --schedule balanced spreads every file over all ranks",
+        per_rank.len(),
+        plan.files.len() - plan.kept.len()
+    ))
 }
 
 /// Rank 0 always staged before it commits; reaching this is a bug.

@@ -127,20 +127,23 @@ impl fmt::Display for Dtype {
     }
 }
 
-// What `--dtype` converts, decided where the plan (which sizes outputs)
-// and verification (which checks them) can both see it.
+// What `--dtype` and `--dtype-map` convert, decided where the plan (which
+// sizes outputs) and verification (which checks them) can both see it.
 
-/// Whether `dtype` is one that `--dtype` converts.
+/// Whether `dtype` is one that `--dtype` converts: F16, BF16, F32, F64.
 pub fn is_convertible(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
 }
 
-/// The dtypes `--dtype` can convert to.
-pub const TARGETS: [Dtype; 3] = [Dtype::BF16, Dtype::F16, Dtype::F32];
+/// The dtypes `--dtype` (and `--dtype-map`) can convert to.
+pub const TARGETS: [Dtype; 4] = [Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64];
 
-/// Whether [`convert`] handles `from` → `to`.
+/// The FP8 types a `--dtype-map` may restore from (the FNUZ ones are kept).
+pub const FP8_SOURCES: [Dtype; 3] = [Dtype::F8_E4M3, Dtype::F8_E5M2, Dtype::F8_E8M0];
+
+/// Whether [`crate::exec::convert::convert`] handles `from` → `to`.
 pub fn can_convert(from: Dtype, to: Dtype) -> bool {
-    from == to || (is_convertible(from) && TARGETS.contains(&to))
+    from == to || ((is_convertible(from) || FP8_SOURCES.contains(&from)) && TARGETS.contains(&to))
 }
 
 /// The output dtype of a tensor of `dtype` under `--dtype target`:
