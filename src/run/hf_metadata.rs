@@ -69,17 +69,13 @@ pub fn apply(config: &Config) -> Option<(Config, Taken)> {
         ..Taken::default()
     };
     let file = |name: &str| Some(folder.join(name)).filter(|p| p.exists());
-    if config.plan.mapping == MappingSource::SingleFile {
-        if let Some(path) = file(MAPPING) {
-            taken.mapping = Some(shown_name(&path));
-            config.plan.mapping = MappingSource::Mapping(path);
-        }
+    if let (MappingSource::SingleFile, Some(path)) = (&config.plan.mapping, file(MAPPING)) {
+        taken.mapping = Some(shown_name(&path));
+        config.plan.mapping = MappingSource::Mapping(path);
     }
-    if config.plan.dtype_map == DtypeMapSource::None {
-        if let Some(path) = file(DTYPE_MAP) {
-            taken.dtype_map = Some(shown_name(&path));
-            config.plan.dtype_map = DtypeMapSource::File(path);
-        }
+    if let (DtypeMapSource::None, Some(path)) = (&config.plan.dtype_map, file(DTYPE_MAP)) {
+        taken.dtype_map = Some(shown_name(&path));
+        config.plan.dtype_map = DtypeMapSource::File(path);
     }
     if config.hf_assets.is_none() {
         config.hf_assets = Some(folder.clone());
@@ -89,6 +85,8 @@ pub fn apply(config: &Config) -> Option<(Config, Taken)> {
 }
 
 fn shown_name(path: &Path) -> String {
-    path.file_name()
-        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
