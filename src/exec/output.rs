@@ -17,6 +17,12 @@ pub fn temp_name(name: &str) -> String {
     format!(".{name}{TEMP_SUFFIX}")
 }
 
+/// Whether `name` is a temporary name of this tool (of this run or of a
+/// killed one).
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(TEMP_SUFFIX)
+}
+
 /// An output file being written under its temporary name.
 #[derive(Debug)]
 pub struct PendingFile {
@@ -134,7 +140,7 @@ pub fn remove_stale_temps(dir: &Path) -> Result<Vec<PathBuf>> {
         let entry = entry.map_err(|e| Error::io("list", dir, e))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') && name.ends_with(TEMP_SUFFIX) {
+        if is_temp_name(&name) {
             std::fs::remove_file(entry.path())
                 .map_err(|e| Error::io("remove stale", entry.path(), e))?;
             removed.push(entry.path());

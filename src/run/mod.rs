@@ -20,6 +20,7 @@ use crate::comm::collectives::{
 };
 use crate::error::{Error, Result, shown};
 use crate::exec::assets::{asset_names, check_assets_absent, stage_assets, ties_word_embeddings};
+use crate::exec::clobber::RunPaths;
 use crate::exec::output::sync_dir;
 use crate::exec::publish::{
     Refusal, check_written_once, prepare_output_dir, retire_old_index, stage_index_and_report,
@@ -285,8 +286,9 @@ fn consolidate(
     // Rank 0 locks OUTPUT_DIR for the whole run before touching it; every
     // rank then proves it sees that same folder.
     let inputs = job.on_rank0(|| identity::record(&plan.shards))?;
-    let mapping_file = match &config.plan.mapping {
-        MappingSource::Mapping(path) | MappingSource::HfIndex(path) => Some(path.as_path()),
+    let mapping = match &config.plan.mapping {
+        MappingSource::Mapping(path) => Some(("--mapping", path.as_path())),
+        MappingSource::HfIndex(path) => Some(("--hf-index", path.as_path())),
         _ => None,
     };
     let report_path = config.report.as_deref();
@@ -296,10 +298,20 @@ fn consolidate(
         (false, false) => Refusal::AnyOutput,
     };
     let lock = job.on_rank0(|| {
-        let lock = prepare_output_dir(out, &plan, refusal, report_path, mapping_file)?;
+        let assets = match &config.hf_assets {
+            Some(dir) => Some((dir.as_path(), asset_names(dir)?)),
+            None => None,
+        };
+        let paths = RunPaths {
+            input_dir: &config.input,
+            mapping,
+            assets: assets.as_ref().map(|(dir, names)| (*dir, names.as_slice())),
+            report: report_path,
+        };
+        let lock = prepare_output_dir(out, &plan, refusal, &paths)?;
         // Assets are rewritten on --resume (they are small), never clobbered otherwise.
-        if let (Some(assets), Refusal::AnyOutput) = (&config.hf_assets, refusal) {
-            check_assets_absent(out, &asset_names(assets)?)?;
+        if let (Some((_, names)), Refusal::AnyOutput) = (&assets, refusal) {
+            check_assets_absent(out, names)?;
         }
         Ok(lock)
     })?;
