@@ -11,6 +11,7 @@ use crate::plan::Plan;
 use crate::report::{RankReport, RunReport};
 use crate::safetensors::naming::{INDEX_NAME, parse_output_name};
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::Path;
 
 /// Rank 0 only: creates OUTPUT_DIR, refuses to write over anything the
@@ -133,7 +134,7 @@ pub fn stage_index_and_report(
             let (folder, name) = split_path(path);
             let mut json = serde_json::to_vec_pretty(&report).unwrap_or_default();
             json.push(b'\n');
-            Some(PendingFile::with_contents(folder, &name, &json)?)
+            Some(PendingFile::with_contents(folder, name, &json)?)
         }
         None => None,
     };
@@ -221,15 +222,12 @@ pub fn index_json(plan: &Plan) -> Vec<u8> {
     text
 }
 
-/// A file path's folder ("." for a bare name) and file name.
-pub fn split_path(path: &Path) -> (&Path, String) {
+/// A file path's folder ("." for a bare name) and file name (as given: it
+/// need not be UTF-8).
+pub fn split_path(path: &Path) -> (&Path, &OsStr) {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    (dir, name)
+    (dir, path.file_name().unwrap_or_default())
 }

@@ -12,7 +12,9 @@ mod resume;
 
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::format::InputFormat;
+use crate::checkpoint::hf_shards::{SHARDED_SUBFOLDER, read_from_subfolder};
 use crate::checkpoint::identity;
+use crate::checkpoint::select::check_has_tensors;
 use crate::comm::Communicator;
 use crate::comm::collectives::{
     agree, collect_mismatches, gather_reports, read_checkpoint, same_inputs_everywhere,
@@ -161,6 +163,15 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     };
     let (checkpoint, format, headers_read) =
         read_checkpoint(&config.input, &config.read, comm, &job.pool)?;
+    agree(comm, check_has_tensors(&config.input, &checkpoint))?;
+    if format == InputFormat::HfShards && read_from_subfolder(&config.input, &checkpoint.files) {
+        job.say(&format!(
+            "reading the shards in {}: {} itself holds no shard files, at most consolidated ones \
+             without DCP_SHARDING_INFO (PyTorch's enable_consolidation layout)",
+            config.input.join(SHARDED_SUBFOLDER).display(),
+            config.input.display()
+        ));
+    }
     let facts = input_facts(config, format, &checkpoint);
     let plan_options = plan_options_for(config, format);
     let plan = job.agree(|| plan::make(checkpoint, &plan_options, plan_ranks))?;
