@@ -1,7 +1,7 @@
 //! The one rule for every path a run writes: it never replaces an input, and
 //! the one path the user chooses freely (`--report`) never replaces a file
 //! the run reads, a file the run itself writes, or anything already in
-//! INPUT_DIR.
+//! INPUT_DIR or the `--hf-assets` folder.
 //!
 //! Paths are compared where a rename would land: the canonical folder plus
 //! the file name (renaming onto a symlink replaces the link, not its
@@ -48,11 +48,11 @@ pub struct Protected {
 }
 
 impl Protected {
-    /// Resolves `paths`. An input that cannot be resolved is left out: the
-    /// reader has already opened every input, so one that vanished since is
-    /// caught when identities are checked at publish.
-    /// `plan.shards` are the files the pieces live in (shards, or `.distcp`
-    /// files); `output_dir` must exist.
+    /// Resolves `paths`, with `plan.shards` the files the pieces live in
+    /// (shards, or `.distcp` files); `output_dir` must exist. An input that
+    /// cannot be resolved is left out: the reader has already opened every
+    /// input, so one that vanished since is caught when identities are
+    /// checked at publish.
     pub fn resolve(paths: &RunPaths, plan: &Plan, output_dir: &Path) -> Result<Protected> {
         let output_dir = canonical_dir(output_dir, "resolve OUTPUT_DIR")?;
         let mut inputs = Vec::new();
@@ -75,11 +75,11 @@ impl Protected {
             canonical_dir(paths.input_dir, "resolve INPUT_DIR")?,
             "INPUT_DIR",
         )];
+        // The shards' own folder (INPUT_DIR/sharded for PyTorch's layout).
         for input in &plan.shards {
-            if let Some(folder) = input.parent().and_then(|p| p.canonicalize().ok()) {
-                if !folders.iter().any(|(f, _)| *f == folder) {
-                    folders.push((folder, "INPUT_DIR"));
-                }
+            let folder = input.parent().and_then(|p| p.canonicalize().ok());
+            if let Some(folder) = folder.filter(|f| !folders.iter().any(|(known, _)| known == f)) {
+                folders.push((folder, "INPUT_DIR"));
             }
         }
         let mut own: Vec<(String, String)> = plan
@@ -139,46 +139,45 @@ impl Protected {
                 "create the folder first, or choose a report path in an existing folder",
             )
         })?;
-        let refuse = |what: String| {
-            Err(Error::usage(
+        match self.replaced_by_report(&target) {
+            None => Ok(()),
+            Some(what) => Err(Error::usage(
                 format!("--report {} would replace {what}", report.display()),
                 "choose a report path that is no input, no file this run writes in OUTPUT_DIR \
                  and no existing file of INPUT_DIR or the --hf-assets folder, e.g. a new name \
                  beside OUTPUT_DIR",
-            ))
-        };
+            )),
+        }
+    }
+
+    /// What a report renamed onto `target` would replace, if anything.
+    fn replaced_by_report(&self, target: &Path) -> Option<String> {
         if target.is_dir() {
-            return refuse(format!("the folder {}", target.display()));
+            return Some(format!("the folder {}", target.display()));
         }
-        if let Some(input) = find(&self.inputs, &target).or_else(|| find(&self.mapping, &target)) {
-            return refuse(input);
+        if let Some(input) = find(&self.inputs, target).or_else(|| find(&self.mapping, target)) {
+            return Some(input);
         }
-        if let (Some(folder), Some(name)) = (target.parent(), file_name(&target)) {
-            if folder == self.output_dir {
-                if let Some((_, what)) = self.own.iter().find(|(own, _)| *own == name) {
-                    return refuse(format!("{}, {what}", target.display()));
-                }
-                if is_temp_name(&name) {
-                    return refuse(format!(
-                        "{}, a temporary name of the runs into OUTPUT_DIR (removed as stale)",
-                        target.display()
-                    ));
-                }
-                if parse_output_name(&name).is_some() {
-                    return refuse(format!(
-                        "{}, a consolidated output name (an older set is removed at publish)",
-                        target.display()
-                    ));
-                }
+        let (folder, name) = (target.parent()?, file_name(target)?);
+        let shown = target.display();
+        if folder == self.output_dir {
+            if let Some((_, what)) = self.own.iter().find(|(own, _)| *own == name) {
+                return Some(format!("{shown}, {what}"));
             }
-            let in_folder = self.folders.iter().find(|(f, _)| f == folder);
-            if let Some((_, which)) = in_folder {
-                if std::fs::symlink_metadata(&target).is_ok() {
-                    return refuse(format!("the existing file {} of {which}", target.display()));
-                }
+            if is_temp_name(&name) {
+                return Some(format!(
+                    "{shown}, a temporary name of the runs into OUTPUT_DIR (removed as stale)"
+                ));
+            }
+            if parse_output_name(&name).is_some() {
+                return Some(format!(
+                    "{shown}, a consolidated output name (an older set is removed at publish)"
+                ));
             }
         }
-        Ok(())
+        let (_, which) = self.folders.iter().find(|(f, _)| f == folder)?;
+        let exists = std::fs::symlink_metadata(target).is_ok();
+        exists.then(|| format!("the existing file {shown} of {which}"))
     }
 }
 
