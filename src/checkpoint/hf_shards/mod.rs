@@ -52,6 +52,22 @@ pub fn find_shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(in_subfolder)
 }
 
+/// Whether `dir` looks like an HF-shards checkpoint, without reading any
+/// header: it holds `*.safetensors` files other than consolidated outputs
+/// of an earlier run, or its `sharded/` subfolder holds some. Returns how
+/// many such files `dir` itself holds, or the subfolder's count.
+pub fn count_shard_candidates(dir: &Path) -> Result<usize> {
+    let own = list_safetensors(dir)?
+        .iter()
+        .filter(|path| !is_output_name(path))
+        .count();
+    let sharded = dir.join(SHARDED_SUBFOLDER);
+    if own > 0 || !sharded.is_dir() {
+        return Ok(own);
+    }
+    Ok(list_safetensors(&sharded)?.len())
+}
+
 /// Whether the shards were found in `dir`'s `sharded/` subfolder rather
 /// than in `dir` itself (for the summary).
 pub fn read_from_subfolder(dir: &Path, shards: &[PathBuf]) -> bool {
