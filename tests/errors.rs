@@ -380,7 +380,7 @@ fn bad_report_paths_and_blocked_outputs_are_refused_before_writing() {
         &args,
         input.path(),
         out.path(),
-        &["would replace an input or output"],
+        &["would replace the --mapping file", s(&mapping)],
     );
     // A directory where an output should go: refused before any rename.
     std::fs::create_dir(out.path().join("model-00002-of-00002.safetensors")).unwrap();
@@ -399,6 +399,35 @@ fn bad_report_paths_and_blocked_outputs_are_refused_before_writing() {
         stderr(&text)
     );
     assert_eq!(names(out.path()), ["model-00002-of-00002.safetensors"]);
+}
+
+#[test]
+fn an_output_over_a_file_the_run_reads_is_refused_before_writing() {
+    // --hf-assets naming OUTPUT_DIR itself: each copy would replace the file
+    // it is copied from (with --dtype, an edited config.json over the input).
+    let input = torch_fixture();
+    let out = tempfile::tempdir().unwrap();
+    let config = out.path().join("config.json");
+    std::fs::write(&config, r#"{"torch_dtype": "float32"}"#).unwrap();
+    let args = [
+        "--overwrite",
+        "--dtype",
+        "bf16",
+        "--hf-assets",
+        s(out.path()),
+        s(&input),
+        s(out.path()),
+    ];
+    assert_fails(
+        2,
+        &args,
+        out.path(),
+        out.path(),
+        &[&format!(
+            "{} (a --hf-assets file this run copies) would overwrite the --hf-assets file",
+            s(&config)
+        )],
+    );
 }
 
 #[test]

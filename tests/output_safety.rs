@@ -309,3 +309,159 @@ fn a_shard_replaced_during_the_run_stops_publishing() {
     );
     assert!(names(out.path()).is_empty(), "{:?}", names(out.path()));
 }
+
+// ---------------------------------------------------------------------------
+// `--report` never replaces what the run reads or writes (issue 17, case 16).
+
+/// An original-model folder for `--hf-assets`.
+fn assets_folder(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), r#"{"hidden_size": 16}"#).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), r#"{"model": {}}"#).unwrap();
+}
+
+/// Runs `args` on two ranks, which must be refused before any work with one
+/// message holding every needle; every folder in `watched` keeps its files,
+/// byte for byte.
+fn report_refused(args: &[&str], watched: &[&Path], needles: &[&str]) {
+    let before: Vec<_> = watched.iter().map(|dir| snapshot(dir)).collect();
+    let run = consolidate(2, args);
+    let text = stderr(&run);
+    assert_eq!(run.status.code(), Some(1), "{args:?}\n{text}");
+    assert_eq!(text.matches("error:").count(), 1, "{text}");
+    assert!(text.contains("hint:"), "{text}");
+    for needle in needles {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    for (dir, before) in watched.iter().zip(before) {
+        assert_eq!(snapshot(dir), before, "{} changed", dir.display());
+        assert!(
+            !names(dir).iter().any(|n| n.ends_with(".tmp")),
+            "{:?}",
+            names(dir)
+        );
+    }
+}
+
+#[test]
+fn a_report_over_a_copied_asset_of_a_complete_output_is_refused_and_the_output_kept() {
+    let work = tempfile::tempdir().unwrap();
+    let assets = work.path().join("orig");
+    assets_folder(&assets);
+    let out = work.path().join("out");
+    let input = torch_fixture();
+    let mapping = input.join("mapping.json");
+    let base = ["--mapping", s(&mapping), "--hf-assets", s(&assets)];
+    let mut args = base.to_vec();
+    args.extend([s(&input), s(&out)]);
+    consolidate_ok(2, &args);
+    let report = out.join("config.json");
+    let mut args = vec!["--overwrite", "--report", s(&report)];
+    args.extend(base);
+    args.extend([s(&input), s(&out)]);
+    report_refused(
+        &args,
+        &[&out, &assets],
+        &[
+            &format!("--report {} would replace", s(&report)),
+            "a --hf-assets file this run copies",
+        ],
+    );
+    assert_matches_manifest(&out, &input.join("manifest.json"));
+}
+
+#[test]
+fn a_report_over_a_copied_asset_of_a_fresh_output_publishes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let assets = work.path().join("orig");
+    assets_folder(&assets);
+    let out = work.path().join("out");
+    let input = torch_fixture();
+    let report = out.join("config.json");
+    let args = [
+        "--hf-assets",
+        s(&assets),
+        "--report",
+        s(&report),
+        s(&input),
+        s(&out),
+    ];
+    report_refused(&args, &[&assets], &["config.json", "--hf-assets"]);
+    assert_eq!(names(&out), Vec::<String>::new(), "nothing published");
+}
+
+#[test]
+fn a_report_over_a_file_of_the_assets_folder_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let assets = work.path().join("orig");
+    assets_folder(&assets);
+    // Not copied (hidden), yet a file of the folder all the same.
+    std::fs::write(assets.join(".gitattributes"), "x").unwrap();
+    let out = work.path().join("out");
+    let input = torch_fixture();
+    for (name, what) in [
+        ("config.json", "the --hf-assets file"),
+        (".gitattributes", "of the --hf-assets folder"),
+    ] {
+        let report = assets.join(name);
+        let args = [
+            "--hf-assets",
+            s(&assets),
+            "--report",
+            s(&report),
+            s(&input),
+            s(&out),
+        ];
+        report_refused(&args, &[&assets], &[s(&report), what]);
+    }
+}
+
+#[test]
+fn a_report_over_the_dcp_metadata_or_a_file_of_input_dir_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let ckpt = work.path().join("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dcp-v215-w2/checkpoint");
+    for (path, bytes) in snapshot(&fixture) {
+        std::fs::write(ckpt.join(path.file_name().unwrap()), bytes).unwrap();
+    }
+    std::fs::write(ckpt.join("notes.txt"), "the run's notes").unwrap();
+    let out = work.path().join("out");
+    for (name, what) in [
+        (".metadata", "the checkpoint's"),
+        ("__1_0.distcp", "the input file"),
+        ("notes.txt", "the existing file"),
+    ] {
+        let report = ckpt.join(name);
+        let args = ["--report", s(&report), s(&ckpt), s(&out)];
+        report_refused(&args, &[&ckpt], &[s(&report), what]);
+    }
+    // OUTPUT_DIR = INPUT_DIR stays allowed, with a report of a new name.
+    let report = ckpt.join("run.json");
+    consolidate_ok(2, &["-q", "--report", s(&report), s(&ckpt), s(&ckpt)]);
+    assert!(report.is_file());
+}
+
+#[test]
+fn a_report_over_the_lock_or_another_run_file_is_refused_and_later_runs_work() {
+    let out = tempfile::tempdir().unwrap();
+    let input = torch_fixture();
+    for name in [
+        LOCK_NAME,
+        INDEX,
+        "model-00001-of-00001.safetensors",
+        // A consolidated name of another set: removed after the new index.
+        "model-00001-of-00003.safetensors",
+        ".model-00001-of-00001.safetensors.st-consolidate.tmp",
+    ] {
+        let report = out.path().join(name);
+        let args = ["--report", s(&report), s(&input), s(out.path())];
+        report_refused(&args, &[out.path()], &[s(&report)]);
+        assert_eq!(names(out.path()), Vec::<String>::new());
+    }
+    let report = out.path().join("run.json");
+    consolidate_ok(2, &["--report", s(&report), s(&input), s(out.path())]);
+    consolidate_ok(0, &["--overwrite", s(&input), s(out.path())]);
+    assert!(!out.path().join(LOCK_NAME).exists());
+}

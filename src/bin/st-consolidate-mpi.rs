@@ -259,7 +259,11 @@ impl Cli {
             hf_metadata: !self.no_hf_metadata,
             progress_secs: self.progress,
             report: self.report,
-            command_line: std::env::args().collect(),
+            // Paths need not be UTF-8 (a folder named in Latin-1): the
+            // report's JSON holds a lossy copy; std::env::args would panic.
+            command_line: std::env::args_os()
+                .map(|arg| arg.to_string_lossy().into_owned())
+                .collect(),
         }
     }
 }

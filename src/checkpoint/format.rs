@@ -3,9 +3,8 @@
 //! (`shard-RRRRR-model-IIIII-of-NNNNN.safetensors`).
 
 use crate::checkpoint::dcp::is_dcp_checkpoint;
-use crate::checkpoint::hf_shards::find_shard_files;
+use crate::checkpoint::hf_shards::count_shard_candidates;
 use crate::error::{Error, Result};
-use crate::safetensors::naming::parse_output_name;
 use std::path::Path;
 
 /// `--input-format`.
@@ -36,15 +35,9 @@ pub fn detect(dir: &Path, asked: InputFormat) -> Result<InputFormat> {
         return Ok(asked);
     }
     let has_metadata = is_dcp_checkpoint(dir);
-    // Consolidated outputs of an earlier run into this folder are not shards.
-    let shards = find_shard_files(dir)?
-        .into_iter()
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_none_or(|n| parse_output_name(n).is_none())
-        })
-        .count();
+    // Consolidated outputs of an earlier run into this folder (or PyTorch's
+    // beside a sharded/ subfolder) are not shards; no header is read here.
+    let shards = count_shard_candidates(dir)?;
     match (has_metadata, shards > 0) {
         (true, false) => Ok(InputFormat::Dcp),
         (false, true) => Ok(InputFormat::HfShards),
@@ -105,6 +98,27 @@ mod tests {
             InputFormat::HfShards
         );
         std::fs::remove_file(dir.path().join(".metadata")).unwrap();
+        assert_eq!(
+            detect(dir.path(), InputFormat::Auto).unwrap(),
+            InputFormat::HfShards
+        );
+    }
+
+    #[test]
+    fn consolidated_files_beside_a_sharded_subfolder_are_hf_shards() {
+        // PyTorch's enable_consolidation layout; the files are not even
+        // valid safetensors: detection reads no header.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model-00001-of-00001.safetensors"), b"x").unwrap();
+        std::fs::create_dir(dir.path().join("sharded")).unwrap();
+        assert!(
+            detect(dir.path(), InputFormat::Auto)
+                .unwrap_err()
+                .to_string()
+                .contains("holds no checkpoint")
+        );
+        let shard = "sharded/shard-00001-model-00001-of-00001.safetensors";
+        std::fs::write(dir.path().join(shard), b"x").unwrap();
         assert_eq!(
             detect(dir.path(), InputFormat::Auto).unwrap(),
             InputFormat::HfShards

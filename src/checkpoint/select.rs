@@ -3,7 +3,8 @@
 //! optimizer state beside the model can be left out.
 
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, shown};
+use std::path::Path;
 
 /// The tensors to export: those matching any `include` pattern (all, when
 /// there is none) and no `exclude` pattern.
@@ -72,6 +73,44 @@ impl Selection {
             "check the patterns (`*` matches any characters, `?` one, over the whole saved name); --dry-run lists the name prefixes",
         ))
     }
+}
+
+/// Refuses a checkpoint that holds no tensor at all (a DCP checkpoint of
+/// only a step count and dataloader state, or shards without tensors): an
+/// empty model and index must not be published as a success. Named with
+/// the non-tensor entries it does hold. A selection that leaves nothing is
+/// [`Selection::check_leaves_some`]'s to refuse, naming the patterns.
+pub fn check_has_tensors(dir: &Path, checkpoint: &Checkpoint) -> Result<()> {
+    if !checkpoint.tensors.is_empty() || !checkpoint.excluded.is_empty() {
+        return Ok(());
+    }
+    const SHOWN: usize = 8;
+    let entries = &checkpoint.non_tensors;
+    let only = match entries.len() {
+        0 => String::new(),
+        n => {
+            let mut listed: Vec<String> = entries
+                .iter()
+                .take(SHOWN)
+                .map(|e| shown(e).into_owned())
+                .collect();
+            if n > SHOWN {
+                listed.push(format!("... and {} more", n - SHOWN));
+            }
+            let plural = if n == 1 { "y" } else { "ies" };
+            format!(
+                ", only {n} non-tensor entr{plural} (not weights): {}",
+                listed.join(", ")
+            )
+        }
+    };
+    Err(Error::usage(
+        format!(
+            "INPUT_DIR {} holds no tensors{only}: nothing to export",
+            dir.display()
+        ),
+        "pass the folder of a checkpoint that saved the model's weights (the state dict's tensors)",
+    ))
 }
 
 /// Shell-style matching of a whole name: `*` matches any run of characters
@@ -149,6 +188,34 @@ mod tests {
             pieces: vec![],
         });
         assert!(select.check_leaves_some(&checkpoint).is_ok());
+    }
+
+    #[test]
+    fn a_checkpoint_without_tensors_is_refused_naming_its_entries() {
+        let mut checkpoint = Checkpoint {
+            non_tensors: vec!["step".into(), "extra.lr".into()],
+            ..Checkpoint::default()
+        };
+        let err = check_has_tensors(Path::new("ck"), &checkpoint)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "INPUT_DIR ck holds no tensors, only 2 non-tensor entries (not weights): step, extra.lr: nothing to export"
+            ),
+            "{err}"
+        );
+        checkpoint.non_tensors.clear();
+        let err = check_has_tensors(Path::new("ck"), &checkpoint)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("INPUT_DIR ck holds no tensors: nothing to export"),
+            "{err}"
+        );
+        // Tensors left out by a selection: the selection's message instead.
+        checkpoint.excluded.push(("model.w".into(), 4));
+        assert!(check_has_tensors(Path::new("ck"), &checkpoint).is_ok());
     }
 
     #[test]

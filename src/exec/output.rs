@@ -6,15 +6,26 @@
 use crate::error::{Error, Result};
 use rustix::fs::{FallocateFlags, fallocate};
 use rustix::io::Errno;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const TEMP_SUFFIX: &str = ".st-consolidate.tmp";
 
-/// The hidden temporary name under which `name` is written.
-pub fn temp_name(name: &str) -> String {
-    format!(".{name}{TEMP_SUFFIX}")
+/// The hidden temporary name under which `name` is written (any bytes:
+/// a `--report` name need not be UTF-8).
+pub fn temp_name(name: impl AsRef<OsStr>) -> OsString {
+    let mut temp = OsString::from(".");
+    temp.push(name);
+    temp.push(TEMP_SUFFIX);
+    temp
+}
+
+/// Whether `name` is a temporary name of this tool (of this run or of a
+/// killed one).
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(TEMP_SUFFIX)
 }
 
 /// An output file being written under its temporary name.
@@ -30,7 +41,8 @@ impl PendingFile {
     /// Creates `dir/.name.st-consolidate.tmp`, `len` bytes long. Space is
     /// reserved up front where the filesystem allows, so a full disk is
     /// reported before any copying.
-    pub fn create(dir: &Path, name: &str, len: u64) -> Result<PendingFile> {
+    pub fn create(dir: &Path, name: impl AsRef<OsStr>, len: u64) -> Result<PendingFile> {
+        let name = name.as_ref();
         let temp_path = dir.join(temp_name(name));
         let file = OpenOptions::new()
             .read(true)
@@ -99,7 +111,7 @@ impl Drop for PendingFile {
 
 impl PendingFile {
     /// A pending `dir/name` holding `bytes`, synced: only the rename is left.
-    pub fn with_contents(dir: &Path, name: &str, bytes: &[u8]) -> Result<PendingFile> {
+    pub fn with_contents(dir: &Path, name: impl AsRef<OsStr>, bytes: &[u8]) -> Result<PendingFile> {
         let pending = PendingFile::create(dir, name, 0)?;
         (&pending.file)
             .write_all(bytes)
@@ -134,7 +146,7 @@ pub fn remove_stale_temps(dir: &Path) -> Result<Vec<PathBuf>> {
         let entry = entry.map_err(|e| Error::io("list", dir, e))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') && name.ends_with(TEMP_SUFFIX) {
+        if is_temp_name(&name) {
             std::fs::remove_file(entry.path())
                 .map_err(|e| Error::io("remove stale", entry.path(), e))?;
             removed.push(entry.path());

@@ -4,49 +4,39 @@
 //! after the new index is in place).
 
 use crate::error::{Error, Result};
+use crate::exec::clobber::{Protected, RunPaths};
 use crate::exec::lock::{Holder, OutputLock};
 use crate::exec::output::{PendingFile, remove_stale_temps, sync_dir};
 use crate::plan::Plan;
 use crate::report::{RankReport, RunReport};
 use crate::safetensors::naming::{INDEX_NAME, parse_output_name};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::path::Path;
 
-/// Rank 0 only: creates OUTPUT_DIR and locks it for this run, refuses to
-/// clobber inputs or (without `--overwrite`) earlier outputs, and removes
-/// temporaries of killed runs. Nothing already there is replaced or removed
-/// here: `--overwrite` takes effect only when the new output is published.
-/// With `resume`, this plan's own file names and the index are no refusal
-/// (the caller keeps what is complete and rewrites the rest).
+/// Rank 0 only: creates OUTPUT_DIR, refuses to write over anything the
+/// run reads (and a `--report` over anything at all, see [`Protected`]),
+/// locks OUTPUT_DIR for this run, refuses (without `--overwrite`) to clobber
+/// earlier outputs, and removes temporaries of killed runs. Nothing already
+/// there is replaced or removed here: `--overwrite` takes effect only when
+/// the new output is published. With `resume`, this plan's own file names
+/// and the index are no refusal (the caller keeps what is complete and
+/// rewrites the rest).
 pub fn prepare_output_dir(
     dir: &Path,
     plan: &Plan,
     refusal: Refusal,
-    report: Option<&Path>,
-    mapping_file: Option<&Path>,
+    paths: &RunPaths,
 ) -> Result<OutputLock> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io("create OUTPUT_DIR", dir, e))?;
+    // Before the lock: a refused run leaves nothing behind but the folder.
+    let protected = Protected::resolve(paths, plan, dir)?;
+    protected.check_outputs()?;
+    if let Some(report) = paths.report {
+        protected.check_report(report)?;
+    }
     // Before anything else in the folder: another run may be writing there.
     let lock = OutputLock::acquire(dir, &Holder::me())?;
-    let mut finals: Vec<String> = plan.files.iter().map(|f| f.name.clone()).collect();
-    finals.push(INDEX_NAME.to_string());
-    let inputs: Vec<PathBuf> = plan
-        .shards
-        .iter()
-        .filter_map(|p| p.canonicalize().ok())
-        .collect();
-    let canonical_dir = dir
-        .canonicalize()
-        .map_err(|e| Error::io("resolve", dir, e))?;
-    for name in &finals {
-        let target = canonical_dir.join(name);
-        if inputs.contains(&target) {
-            return Err(Error::usage(
-                format!("output {} would overwrite an input shard", target.display()),
-                "choose an OUTPUT_DIR that does not hold the shard files",
-            ));
-        }
-    }
     // lstat: a symlink at a final name, even a dangling one, is an existing
     // output (a rename replaces the link, never what it points to).
     let existing = existing_outputs(dir, plan)?;
@@ -58,9 +48,6 @@ pub fn prepare_output_dir(
                 "move it out of OUTPUT_DIR; --overwrite replaces only files",
             ));
         }
-    }
-    if let Some(report) = report {
-        check_report_path(report, mapping_file, &canonical_dir, &finals, &inputs)?;
     }
     let refused: Vec<String> = match refusal {
         Refusal::Nothing => vec![],
@@ -112,36 +99,6 @@ fn existing_outputs(dir: &Path, plan: &Plan) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// The `--report` file must go in an existing folder and must not replace an
-/// input (a shard, the mapping) or an output.
-fn check_report_path(
-    report: &Path,
-    mapping_file: Option<&Path>,
-    output_dir: &Path,
-    finals: &[String],
-    inputs: &[PathBuf],
-) -> Result<()> {
-    let (dir, name) = split_path(report);
-    let dir = dir
-        .canonicalize()
-        .map_err(|e| Error::io("find the folder of --report", dir, e))?;
-    let target = dir.join(&name);
-    let mapping = mapping_file.and_then(|path| path.canonicalize().ok());
-    let clobbers = inputs.contains(&target)
-        || mapping.as_ref() == Some(&target)
-        || (dir == output_dir && finals.contains(&name));
-    if clobbers || target.is_dir() {
-        return Err(Error::usage(
-            format!(
-                "--report {} would replace an input or output",
-                report.display()
-            ),
-            "choose another file name for the report",
-        ));
-    }
-    Ok(())
-}
-
 /// Rank 0's part of publishing, written and synced but not yet in place.
 pub struct Staged {
     report: RunReport,
@@ -177,7 +134,7 @@ pub fn stage_index_and_report(
             let (folder, name) = split_path(path);
             let mut json = serde_json::to_vec_pretty(&report).unwrap_or_default();
             json.push(b'\n');
-            Some(PendingFile::with_contents(folder, &name, &json)?)
+            Some(PendingFile::with_contents(folder, name, &json)?)
         }
         None => None,
     };
@@ -265,15 +222,12 @@ pub fn index_json(plan: &Plan) -> Vec<u8> {
     text
 }
 
-/// A file path's folder ("." for a bare name) and file name.
-pub fn split_path(path: &Path) -> (&Path, String) {
+/// A file path's folder ("." for a bare name) and file name (as given: it
+/// need not be UTF-8).
+pub fn split_path(path: &Path) -> (&Path, &OsStr) {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    (dir, name)
+    (dir, path.file_name().unwrap_or_default())
 }

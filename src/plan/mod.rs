@@ -91,7 +91,7 @@ pub struct PlanOptions {
 /// (identical on every rank that read the same checkpoint).
 pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) -> Result<Plan> {
     let mut tensors = checkpoint.tensors;
-    let saved_names = strip_prefixes(&mut tensors, &options.strip_prefixes)?;
+    let saved_names = strip_prefixes(&mut tensors, &options.strip_prefixes, &checkpoint.files)?;
     let map = dtypes::load_map(&options.dtype_map)?;
     let output = dtypes::resolve(&tensors, &saved_names, options.dtype, &map);
     let sizes: Vec<(&str, u64)> = tensors

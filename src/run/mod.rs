@@ -13,7 +13,9 @@ mod resume;
 
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::format::InputFormat;
+use crate::checkpoint::hf_shards::{SHARDED_SUBFOLDER, read_from_subfolder};
 use crate::checkpoint::identity;
+use crate::checkpoint::select::check_has_tensors;
 use crate::comm::Communicator;
 use crate::comm::collectives::{
     agree, collect_mismatches, gather_reports, read_checkpoint, same_inputs_everywhere,
@@ -21,6 +23,7 @@ use crate::comm::collectives::{
 };
 use crate::error::{Error, Result, shown};
 use crate::exec::assets::{asset_names, check_assets_absent, stage_assets, ties_word_embeddings};
+use crate::exec::clobber::RunPaths;
 use crate::exec::output::sync_dir;
 use crate::exec::publish::{
     Refusal, check_written_once, prepare_output_dir, retire_old_index, stage_index_and_report,
@@ -176,6 +179,15 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     let (mut checkpoint, format, headers_read) =
         read_checkpoint(&config.input, &config.read, comm, &job.pool)?;
     let inputs = std::mem::take(&mut checkpoint.inputs);
+    agree(comm, check_has_tensors(&config.input, &checkpoint))?;
+    if format == InputFormat::HfShards && read_from_subfolder(&config.input, &checkpoint.files) {
+        job.say(&format!(
+            "reading the shards in {}: {} itself holds no shard files, at most consolidated ones \
+             without DCP_SHARDING_INFO (PyTorch's enable_consolidation layout)",
+            config.input.join(SHARDED_SUBFOLDER).display(),
+            config.input.display()
+        ));
+    }
     let facts = input_facts(config, format, &checkpoint);
     let plan_options = plan_options_for(config, format);
     let plan = job.agree(|| plan::make(checkpoint, &plan_options, plan_ranks))?;
@@ -311,8 +323,9 @@ fn consolidate(
     // Rank 0 locks OUTPUT_DIR for the whole run before touching it; every
     // rank then proves it sees that same folder.
     let inputs = job.on_rank0(|| inputs.recorded())?;
-    let mapping_file = match &config.plan.mapping {
-        MappingSource::Mapping(path) | MappingSource::HfIndex(path) => Some(path.as_path()),
+    let mapping = match &config.plan.mapping {
+        MappingSource::Mapping(path) => Some(("--mapping", path.as_path())),
+        MappingSource::HfIndex(path) => Some(("--hf-index", path.as_path())),
         _ => None,
     };
     let report_path = config.report.as_deref();
@@ -322,10 +335,20 @@ fn consolidate(
         (false, false) => Refusal::AnyOutput,
     };
     let lock = job.on_rank0(|| {
-        let lock = prepare_output_dir(out, &plan, refusal, report_path, mapping_file)?;
+        let assets = match &config.hf_assets {
+            Some(dir) => Some((dir.as_path(), asset_names(dir)?)),
+            None => None,
+        };
+        let paths = RunPaths {
+            input_dir: &config.input,
+            mapping,
+            assets: assets.as_ref().map(|(dir, names)| (*dir, names.as_slice())),
+            report: report_path,
+        };
+        let lock = prepare_output_dir(out, &plan, refusal, &paths)?;
         // Assets are rewritten on --resume (they are small), never clobbered otherwise.
-        if let (Some(assets), Refusal::AnyOutput) = (&config.hf_assets, refusal) {
-            check_assets_absent(out, &asset_names(assets)?)?;
+        if let (Some((_, names)), Refusal::AnyOutput) = (&assets, refusal) {
+            check_assets_absent(out, names)?;
         }
         Ok(lock)
     })?;

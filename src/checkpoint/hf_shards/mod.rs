@@ -3,7 +3,9 @@
 pub mod sharding;
 
 use crate::checkpoint::Checkpoint;
-use crate::checkpoint::hf_shards::sharding::{ShardFile, index_pieces, sharding_info};
+use crate::checkpoint::hf_shards::sharding::{
+    SHARDING_INFO_KEY, ShardFile, index_pieces, sharding_info,
+};
 use crate::checkpoint::identity::Inputs;
 use crate::error::{Error, Result};
 use crate::safetensors::header::read_header;
@@ -23,42 +25,95 @@ struct ShardSet {
     skipped: Vec<PathBuf>,
 }
 
-/// Lists the `*.safetensors` files of `dir` (not recursive; hidden names
-/// are not shards). If there are none but a `sharded/` subfolder exists, as
-/// PyTorch's writer lays it out with `enable_consolidation=True`, lists that
-/// instead. An entry named like a shard that is not a readable regular file
-/// (a dangling symlink, a folder) is an error, never skipped: skipping every
-/// file of the highest rank would make the checkpoint look smaller and
-/// shorten every tensor without a trace.
+/// The subfolder PyTorch's `HuggingFaceStorageWriter(save_distributed=True,
+/// enable_consolidation=True)` puts the shards in, beside its consolidated
+/// files.
+pub const SHARDED_SUBFOLDER: &str = "sharded";
+
+/// Lists the shard files of `dir`: its `*.safetensors` files (not
+/// recursive; hidden names are not shards), or those of its `sharded/`
+/// subfolder, as PyTorch lays them out with `enable_consolidation=True`,
+/// when `dir` holds none or only files without `DCP_SHARDING_INFO` (the
+/// consolidated ones) and the subfolder holds some. Only then are headers
+/// read, up to the first that carries sharding information. An entry named
+/// like a shard that is not a readable regular file (a dangling symlink, a
+/// folder) is an error, never skipped: skipping every file of the highest
+/// rank would make the checkpoint look smaller and shorten every tensor
+/// without a trace.
 pub fn find_shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let list = |dir: &Path| -> Result<Vec<PathBuf>> {
-        let mut files = Vec::new();
-        let mut unusable = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
-            let path = entry.map_err(|e| Error::io("list", dir, e))?.path();
-            let is_shard = path.extension().is_some_and(|ext| ext == "safetensors")
-                && !path
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-            if !is_shard {
-                continue;
-            }
-            match not_a_regular_file(&path) {
-                None => files.push(path),
-                Some(why) => unusable.push((path, why)),
-            }
-        }
-        if !unusable.is_empty() {
-            return Err(unusable_entries(unusable));
-        }
-        files.sort();
-        Ok(files)
-    };
-    let files = list(dir)?;
-    let sharded = dir.join("sharded");
-    if files.is_empty() && sharded.is_dir() {
-        return list(&sharded);
+    let files = list_safetensors(dir)?;
+    let sharded = dir.join(SHARDED_SUBFOLDER);
+    if !sharded.is_dir() {
+        return Ok(files);
     }
+    let in_subfolder = list_safetensors(&sharded)?;
+    if in_subfolder.is_empty() || any_carries_sharding_info(&files)? {
+        return Ok(files);
+    }
+    Ok(in_subfolder)
+}
+
+/// Whether `dir` looks like an HF-shards checkpoint, without reading any
+/// header: it holds `*.safetensors` files other than consolidated outputs
+/// of an earlier run, or its `sharded/` subfolder holds some. Returns how
+/// many such files `dir` itself holds, or the subfolder's count.
+pub fn count_shard_candidates(dir: &Path) -> Result<usize> {
+    let own = list_safetensors(dir)?
+        .iter()
+        .filter(|path| !is_output_name(path))
+        .count();
+    let sharded = dir.join(SHARDED_SUBFOLDER);
+    if own > 0 || !sharded.is_dir() {
+        return Ok(own);
+    }
+    Ok(list_safetensors(&sharded)?.len())
+}
+
+/// Whether the shards were found in `dir`'s `sharded/` subfolder rather
+/// than in `dir` itself (for the summary).
+pub fn read_from_subfolder(dir: &Path, shards: &[PathBuf]) -> bool {
+    shards
+        .first()
+        .and_then(|shard| shard.parent())
+        .is_some_and(|folder| folder == dir.join(SHARDED_SUBFOLDER))
+}
+
+/// Whether any of `files` carries `DCP_SHARDING_INFO`, reading headers
+/// only until one does: files named like shards first, consolidated
+/// outputs (`model-IIIII-of-NNNNN`) last.
+fn any_carries_sharding_info(files: &[PathBuf]) -> Result<bool> {
+    let mut order: Vec<&PathBuf> = files.iter().collect();
+    order.sort_by_key(|path| is_output_name(path));
+    for path in order {
+        if read_header(path)?.metadata.contains_key(SHARDING_INFO_KEY) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The `*.safetensors` entries of `dir`, sorted; hidden names are left out.
+fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut unusable = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
+        let path = entry.map_err(|e| Error::io("list", dir, e))?.path();
+        let is_shard = path.extension().is_some_and(|ext| ext == "safetensors")
+            && !path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if !is_shard {
+            continue;
+        }
+        match not_a_regular_file(&path) {
+            None => files.push(path),
+            Some(why) => unusable.push((path, why)),
+        }
+    }
+    if !unusable.is_empty() {
+        return Err(unusable_entries(unusable));
+    }
+    files.sort();
     Ok(files)
 }
 

@@ -182,11 +182,17 @@ pub fn parse_header(json: &[u8], file_len: u64) -> Result<Header, Fault> {
     })
 }
 
+/// Why a header holding `"__metadata__"` twice is refused.
+const RESERVED_TWICE: &str = "appears twice in the header: a tensor saved under the header's \
+metadata key, which no safetensors file can hold (rename the tensor in the state dict, or leave it \
+out, before saving)";
+
 /// A key a header has twice: a tensor (readers would disagree on which entry
 /// holds its bytes), a field of one tensor's entry, or a metadata key.
 fn duplicate_fault(dup: DuplicateKey) -> Fault {
     match dup.within.as_slice() {
-        [] if dup.key == "__metadata__" => Fault::File("\"__metadata__\" appears twice".into()),
+        // PyTorch's HF writer saves a tensor named "__metadata__" this way.
+        [] if dup.key == "__metadata__" => Fault::Tensor(dup.key, RESERVED_TWICE.into()),
         [] => Fault::Tensor(dup.key, "appears twice in the header".into()),
         [meta] if meta == "__metadata__" => {
             Fault::File(format!("__metadata__ has the key '{}' twice", dup.key))
@@ -362,7 +368,7 @@ mod tests {
         let json = r#"{"__metadata__":{},"__metadata__":{}}"#;
         assert_eq!(
             header(json, 0),
-            Err(Fault::File("\"__metadata__\" appears twice".into()))
+            Err(Fault::Tensor("__metadata__".into(), RESERVED_TWICE.into()))
         );
     }
 
