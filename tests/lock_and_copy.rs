@@ -37,7 +37,11 @@ fn a_lock_whose_token_cannot_be_written_is_not_left_behind() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("No space left"), "{err}");
-    assert_eq!(names(&out), Vec::<String>::new(), "nothing left in OUTPUT_DIR");
+    assert_eq!(
+        names(&out),
+        Vec::<String>::new(),
+        "nothing left in OUTPUT_DIR"
+    );
 
     // The same through the binary: one message naming the full disk, and a
     // later run, with space again, takes the lock and consolidates.
@@ -48,4 +52,37 @@ fn a_lock_whose_token_cannot_be_written_is_not_left_behind() {
     std::fs::remove_file(ballast).unwrap();
     consolidate_ok(1, &args);
     assert!(!out.join(LOCK_NAME).exists());
+}
+
+#[test]
+fn outputs_on_another_filesystem_than_the_shards_are_exact() {
+    // Row-sharded tensors take the in-kernel path, which the kernel refuses
+    // from this folder's filesystem to a tmpfs (EXDEV): those copies go
+    // through a buffer, and copies within one filesystem stay in the kernel.
+    let ckpt = tempfile::tempdir().unwrap();
+    make_shards(
+        ckpt.path(),
+        &[
+            "--layout", "fsdp", "--ranks", "2", "--files", "2", "--layers", "1", "--hidden", "256",
+            "--vocab", "4096",
+        ],
+    );
+    let plan = plan_for(ckpt.path(), None);
+    let want = manifest_digests(ckpt.path());
+    let disk = SmallDisk::new("64m");
+    let near = tempfile::tempdir().unwrap();
+    for out in [
+        disk.0.path(),
+        near.path(),
+        disk.0.path().join("again").as_path(),
+    ] {
+        std::fs::create_dir_all(out).unwrap();
+        let paths = write_outputs(&plan, out).unwrap();
+        assert_eq!(
+            output_digests(&plan, &paths),
+            want,
+            "into {}",
+            out.display()
+        );
+    }
 }
