@@ -86,11 +86,14 @@ fn check_written_once_checks_the_reports_against_the_plan() {
     }
 }
 
+/// Something done to a written temporary behind the run's back.
+type Damage = fn(&Path);
+
 #[test]
 fn check_written_once_checks_the_files_on_disk() {
     let plan = fixture_plan();
     let name = &plan.files[1].name;
-    let cases: [(&str, fn(&Path)); 3] = [
+    let cases: [(&str, Damage); 3] = [
         ("cannot find the written", |p| {
             std::fs::remove_file(p).unwrap()
         }),
