@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use st_consolidate_mpi::exec::verify::{compare, written_targets};
+use st_consolidate_mpi::exec::verify::{compare, planned_target};
 use st_consolidate_mpi::plan::Plan;
 use st_consolidate_mpi::safetensors::dtype::Dtype;
 use std::os::unix::fs::FileExt;
@@ -52,7 +52,9 @@ fn write_layout(layout: &str, shard_dtype: &str, export: Option<Dtype>) -> Writt
 }
 
 fn mismatches(written: &Written) -> Vec<String> {
-    let targets = written_targets(&written.plan, 0, &written.paths);
+    let targets: Vec<_> = (written.paths.iter().enumerate())
+        .map(|(f, path)| planned_target(&written.plan, f, path.clone()))
+        .collect();
     compare(&written.plan, &targets).unwrap()
 }
 

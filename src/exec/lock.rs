@@ -1,9 +1,9 @@
 //! The OUTPUT_DIR lock: one run at a time writes into a folder.
 //!
-//! Rank 0 creates `OUTPUT_DIR/.st-consolidate.lock` with `O_EXCL` before it
-//! touches anything in the folder, and removes it when the run ends. The
-//! file names its holder (host, pid, the process's start time and the
-//! run's start time), so a second run refuses with a message that says who
+//! Rank 0 creates `OUTPUT_DIR/.st-consolidate.lock` exclusively, and only
+//! ever whole, before it touches anything in the folder, and removes it when
+//! the run ends. The file names its holder (host, pid, the process's start
+//! time and the run's start time), so a second run refuses with a message that says who
 //! holds the folder, and a lock left by a killed run on the same host is
 //! recognised (its process is gone, or the pid now belongs to a process that
 //! started later) and taken over. A lock from another host cannot be checked
@@ -13,9 +13,11 @@
 //! by which every rank proves it sees the same OUTPUT_DIR as rank 0.
 
 use crate::error::{Error, Result};
+use crate::exec::output::PendingFile;
+use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -89,20 +91,25 @@ impl OutputLock {
             Error::internal(format!("cannot encode the lock of {}: {e}", path.display()))
         })?;
         token.push(b'\n');
+        // The token is written and synced under a name of this run's own,
+        // then given the lock's name in one step: the lock never exists
+        // without its token, so a failed write (a full disk) or a crash
+        // leaves no lock at all rather than one no later run can read. The
+        // staged file is removed on drop, or by the next run's cleanup of
+        // stale temporaries if this process is killed first.
+        let staged_name = format!(
+            "st-consolidate.lock.{}-{}",
+            std::process::id(),
+            holder.started_ns
+        );
+        let staged = PendingFile::with_contents(dir, &staged_name, &token)?;
         // Two attempts: the second after removing a dead holder's lock.
         for _ in 0..2 {
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut file) => {
-                    let lock = OutputLock {
-                        path: path.clone(),
-                        token: token.clone(),
-                    };
-                    file.write_all(&token)
-                        .and_then(|()| file.sync_all())
-                        .map_err(|e| Error::io("write", &path, e))?;
-                    return Ok(lock);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            match place_token(staged.temp_path(), &path, &token) {
+                Ok(()) => return Ok(OutputLock { path, token }),
+                // NotFound: the holder's cleanup of stale temporaries removed
+                // our staged token, so there is a holder to name.
+                Err(e) if matches!(e.kind(), ErrorKind::AlreadyExists | ErrorKind::NotFound) => {
                     let text = std::fs::read(&path).unwrap_or_default();
                     match serde_json::from_slice::<Holder>(&text) {
                         Ok(other) if other.is_dead_here() => {
@@ -150,6 +157,41 @@ fn held_by(dir: &Path, path: &Path, holder: &str) -> Error {
             path.display()
         ),
     )
+}
+
+/// Gives the synced token at `staged` the name `lock`, failing with
+/// `AlreadyExists` if `lock` exists: `link(2)`, which refuses an existing
+/// name as `O_EXCL` does, so one run at a time gets the lock. On a
+/// filesystem without hard links, the lock is created with `O_EXCL` and the
+/// token written into it instead, and removed again if that write fails.
+fn place_token(staged: &Path, lock: &Path, token: &[u8]) -> std::io::Result<()> {
+    match std::fs::hard_link(staged, lock) {
+        Err(e) if has_no_hard_links(&e) => create_exclusive(lock, |file| {
+            file.write_all(token)?;
+            file.sync_all()
+        }),
+        other => other,
+    }
+}
+
+/// What `link(2)` returns where the filesystem has no hard links (FAT,
+/// some FUSE and network filesystems).
+fn has_no_hard_links(err: &std::io::Error) -> bool {
+    [Errno::PERM, Errno::OPNOTSUPP, Errno::NOSYS]
+        .iter()
+        .any(|errno| err.raw_os_error() == Some(errno.raw_os_error()))
+}
+
+/// Creates `path` with `O_EXCL` and fills it with `write`; if `write` fails
+/// the file is removed, so no empty or partial lock is left behind.
+fn create_exclusive(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
+    write(&mut file).inspect_err(|_| {
+        let _ = std::fs::remove_file(path);
+    })
 }
 
 /// Reads the lock file of `dir` as another rank sees it: the token rank 0
@@ -273,6 +315,32 @@ mod tests {
         };
         std::mem::forget(OutputLock::acquire(dir.path(), &live).unwrap());
         assert!(OutputLock::acquire(dir.path(), &Holder::me()).is_err());
+    }
+
+    #[test]
+    fn the_fallback_lock_is_removed_when_its_write_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_NAME);
+        let err = create_exclusive(&path, |_| Err(Errno::NOSPC.into())).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(Errno::NOSPC.raw_os_error()));
+        assert!(!path.exists(), "an empty lock was left behind");
+        create_exclusive(&path, |file| file.write_all(b"token")).unwrap();
+        let again = create_exclusive(&path, |_| Ok(())).unwrap_err();
+        assert_eq!(again.kind(), ErrorKind::AlreadyExists, "O_EXCL still holds");
+        assert_eq!(std::fs::read(&path).unwrap(), b"token");
+    }
+
+    #[test]
+    fn taking_the_lock_leaves_only_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = OutputLock::acquire(dir.path(), &Holder::me()).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [LOCK_NAME], "the staged token is removed");
+        drop(lock);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::exec::clobber::{Protected, RunPaths};
 use crate::exec::lock::{Holder, OutputLock};
-use crate::exec::output::{PendingFile, remove_stale_temps, sync_dir};
+use crate::exec::output::{PendingFile, remove_stale_temps, sync_dir, temp_name};
 use crate::plan::Plan;
 use crate::report::{RankReport, RunReport};
 use crate::safetensors::naming::{INDEX_NAME, parse_output_name};
@@ -182,22 +182,69 @@ fn older_outputs(dir: &Path, plan: &Plan) -> Result<Vec<String>> {
     Ok(older)
 }
 
-/// Rank 0 only: checks that every planned file was reported written by
-/// exactly one rank (none for a file kept from an earlier run).
-pub fn check_written_once(plan: &Plan, ranks: &[RankReport]) -> Result<()> {
-    let mut written: BTreeMap<u32, usize> = BTreeMap::new();
-    for index in ranks.iter().flat_map(|r| &r.files) {
-        *written.entry(*index).or_default() += 1;
+/// Rank 0 only, before publishing: checks what the ranks actually did
+/// against the plan. Each rank reports the files it created
+/// ([`RankReport::files`], from what `create_files` returned, not from the
+/// plan), and every planned file must have been created by exactly one rank
+/// (by none for a file kept from an earlier run). Each created file must
+/// also be in `dir` under its temporary name: a regular file of its planned
+/// length that begins with its planned header.
+pub fn check_written_once(plan: &Plan, ranks: &[RankReport], dir: &Path) -> Result<()> {
+    let mut written: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for report in ranks {
+        for index in &report.files {
+            written.entry(*index).or_default().push(report.rank);
+        }
     }
     for (f, file) in plan.files.iter().enumerate() {
-        let times = written.get(&file.index).copied().unwrap_or(0);
+        let by = written.remove(&file.index).unwrap_or_default();
         let expected = usize::from(!plan.kept.contains(&f));
-        if times != expected {
+        if by.len() != expected {
             return Err(Error::ranks_disagree(
-                format!("{} was written {times} times, not {expected}", file.name),
+                format!(
+                    "{} was created by {} rank(s) {by:?}, not {expected}",
+                    file.name,
+                    by.len()
+                ),
                 "all ranks must run the same command on the same inputs; rerun with --overwrite",
             ));
         }
+        if expected == 1 {
+            check_on_disk(&dir.join(temp_name(&file.name)), file.len(), &file.header)?;
+        }
+    }
+    if let Some((index, by)) = written.into_iter().next() {
+        return Err(Error::ranks_disagree(
+            format!("rank(s) {by:?} created output {index}, which the plan does not have"),
+            "all ranks must run the same command on the same inputs; rerun with --overwrite",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that the written temporary `path` is a regular file of `len`
+/// bytes that begins with `header`.
+fn check_on_disk(path: &Path, len: u64, header: &[u8]) -> Result<()> {
+    let changed = |what: String| {
+        Error::usage(
+            format!("{} {what}", path.display()),
+            "another process changed OUTPUT_DIR during the run (it is locked for this run); stop it and rerun",
+        )
+    };
+    let meta =
+        std::fs::symlink_metadata(path).map_err(|e| Error::io("find the written", path, e))?;
+    if !meta.is_file() || meta.len() != len {
+        return Err(changed(format!(
+            "is not the written file: {} bytes, not {len}",
+            meta.len()
+        )));
+    }
+    let mut start = vec![0u8; header.len()];
+    std::fs::File::open(path)
+        .and_then(|file| std::os::unix::fs::FileExt::read_exact_at(&file, &mut start, 0))
+        .map_err(|e| Error::io("read the written", path, e))?;
+    if start != header {
+        return Err(changed("does not begin with its planned header".into()));
     }
     Ok(())
 }

@@ -373,11 +373,9 @@ fn consolidate(
     // (under the balanced schedule, other ranks write into them too).
     let created = job.agree(|| create_files(out, plan, rank))?;
     let timing = agree(comm, copy_with_progress(job, plan, &created))?;
-    let pending: Vec<_> = created.into_values().collect();
-    report_timing(job, plan, pending.len(), &timing);
+    report_timing(job, plan, created.len(), &timing);
     if verify {
-        let temp_paths: Vec<PathBuf> = pending.iter().map(|p| p.temp_path().to_owned()).collect();
-        let mismatches = job.agree(|| compare(plan, &written_targets(plan, rank, &temp_paths)))?;
+        let mismatches = job.agree(|| compare(plan, &written_targets(plan, &created)))?;
         agree(comm, collect_mismatches(comm, &mismatches))?;
         job.say(&format!(
             "verified: every written byte equals the inputs{}",
@@ -387,23 +385,20 @@ fn consolidate(
     let mine = RankReport {
         rank,
         host: crate::exec::lock::host_name(),
-        files: plan
-            .files_to_write(rank)
-            .iter()
-            .map(|&f| plan.files[f].index)
-            .collect(),
+        files: created.keys().map(|&f| plan.files[f].index).collect(),
         bytes: plan.bytes_per_rank()[rank],
         seconds: job.started.elapsed().as_secs_f64(),
         threads: job.threads,
         header_files_read: headers_read,
     };
+    let pending: Vec<_> = created.into_values().collect();
     // Publishing: everything is written and synced under temporary names
     // first (rank 0: report and index), then only renames remain, with the
     // index last. A failure before the renames leaves OUTPUT_DIR as it was.
     let ranks = agree(comm, gather_reports(comm, &mine))?;
     let staged = job.on_rank0(|| {
         let ranks = ranks.unwrap_or_default();
-        check_written_once(plan, &ranks)?;
+        check_written_once(plan, &ranks, out)?;
         inputs
             .as_ref()
             .map_or(Ok(()), identity::Inputs::check_unchanged)?;

@@ -54,6 +54,46 @@ pub fn consolidate(ranks: usize, args: &[&str]) -> Output {
         .expect("mpirun runs (scripts/setup.sh installs OpenMPI)")
 }
 
+/// Runs like [`consolidate`], and also returns each rank's exit code, in
+/// rank order (`None`: the rank left no code). Under mpirun each rank runs
+/// in a shell that writes its exit code to a file of its own, and mpirun
+/// is told to wait for every rank instead of killing the others at the
+/// first non-zero exit (it then exits 0 itself, so only these codes tell).
+/// `timeout` turns a rank that never ends into exit code 124, a failure
+/// the caller sees, instead of a test that waits for ever; it is no
+/// assertion on speed.
+pub fn consolidate_each_rank(ranks: usize, args: &[&str]) -> (Output, Vec<Option<i32>>) {
+    if ranks == 0 {
+        let out = consolidate(0, args);
+        let code = out.status.code();
+        return (out, vec![code]);
+    }
+    let codes = tempfile::tempdir().unwrap();
+    let out = Command::new("mpirun")
+        .args(["--oversubscribe", "-n", &ranks.to_string()])
+        .args(["sh", "-c", RECORD_EXIT_CODE, BIN])
+        .args(args)
+        .env("ST_TEST_EXIT_CODES", codes.path())
+        .env("OMPI_MCA_orte_abort_on_non_zero_status", "0")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("mpirun runs (scripts/setup.sh installs OpenMPI)");
+    let codes = (0..ranks)
+        .map(|rank| {
+            std::fs::read_to_string(codes.path().join(format!("rank-{rank}")))
+                .ok()
+                .and_then(|code| code.trim().parse().ok())
+        })
+        .collect();
+    (out, codes)
+}
+
+/// The shell run as each rank by [`consolidate_each_rank`]: `$0` is the
+/// binary, `$@` its arguments.
+const RECORD_EXIT_CODE: &str = r#"timeout -k 10 600 "$0" "$@"; code=$?
+echo "$code" > "$ST_TEST_EXIT_CODES/rank-$OMPI_COMM_WORLD_RANK"; exit "$code""#;
+
 /// Like [`consolidate`], but the run must succeed.
 pub fn consolidate_ok(ranks: usize, args: &[&str]) -> Output {
     let out = consolidate(ranks, args);
@@ -201,8 +241,9 @@ pub fn edit_sharding_info(path: &Path, edit: impl FnOnce(&mut serde_json::Value)
     });
 }
 
-/// Asserts a run failed cleanly: non-zero exit, one error message that
-/// contains every `needle`, no final-named output, untouched inputs.
+/// Asserts a run failed cleanly: exit code 1 on every rank, one error
+/// message that contains every `needle`, no final-named output, untouched
+/// inputs.
 pub fn assert_fails(
     ranks: usize,
     args: &[&str],
@@ -211,10 +252,13 @@ pub fn assert_fails(
     needles: &[&str],
 ) -> String {
     let before = snapshot(input);
-    let out = consolidate(ranks, args);
+    let (out, codes) = consolidate_each_rank(ranks, args);
     let text = stderr(&out);
-    assert!(!out.status.success(), "run should fail: {args:?}\n{text}");
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(
+        codes,
+        vec![Some(1); ranks.max(1)],
+        "every rank must exit 1 (rank order): {args:?}\n{text}"
+    );
     for needle in needles {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
@@ -267,9 +311,11 @@ impl Drop for SmallDisk {
 }
 
 /// Starts `mpirun -n 2 st-consolidate-mpi -q ARGS` writing into `out`, and
-/// once copying has begun (temporary files exist) SIGKILLs one rank and
-/// SIGTERMs the launcher; returns once every rank has exited (a rank still
-/// alive rightly holds OUTPUT_DIR, so a rerun must wait for it).
+/// once copying has begun (a model file's temporary holds tensor bytes: see
+/// [`copying_has_begun`]) SIGKILLs one rank and SIGTERMs the launcher;
+/// returns once every rank has exited (a rank still alive rightly holds
+/// OUTPUT_DIR, so a rerun must wait for it). Panics if the run ends before
+/// copying was seen: the kill would not have cut a copy short.
 pub fn kill_mid_copy(args: &[&str], out: &Path) {
     let mut launcher = Command::new("mpirun")
         .args(["-n", "2", BIN, "-q"])
@@ -281,10 +327,13 @@ pub fn kill_mid_copy(args: &[&str], out: &Path) {
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
-    while !names(out).iter().any(|n| n.ends_with(".tmp")) {
+    while !copying_has_begun(out) {
+        if let Some(status) = launcher.try_wait().unwrap() {
+            panic!("the run ended ({status}) before any tensor bytes were copied");
+        }
         assert!(
             started.elapsed() < std::time::Duration::from_secs(60),
-            "the run never started writing"
+            "the run never started copying"
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
@@ -307,6 +356,45 @@ pub fn kill_mid_copy(args: &[&str], out: &Path) {
             "a rank outlived its launcher"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Whether a model output's temporary in `dir`
+/// (`.model-*.st-consolidate.tmp`, not the write probe or a staged lock,
+/// index or report) holds tensor bytes. Such a file is created at its full
+/// length and zero-filled, with its header at the start; a non-zero byte
+/// after the header is a copied one (synthetic tensors are pseudo-random,
+/// never long runs of zeros).
+pub fn copying_has_begun(dir: &Path) -> bool {
+    names(dir)
+        .iter()
+        .filter(|n| n.starts_with(".model-") && n.ends_with(".st-consolidate.tmp"))
+        .any(|n| has_tensor_bytes(&dir.join(n)))
+}
+
+/// Whether the data section of the safetensors file at `path` (being
+/// written) holds a non-zero byte. False while its header is not written.
+fn has_tensor_bytes(path: &Path) -> bool {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false; // renamed or removed meanwhile
+    };
+    let mut len = [0u8; 8];
+    if file.read_exact(&mut len).is_err() {
+        return false;
+    }
+    let header_len = u64::from_le_bytes(len);
+    if header_len == 0 || file.seek(SeekFrom::Start(8 + header_len)).is_err() {
+        return false;
+    }
+    // Compared a block at a time: slice equality is a memcmp.
+    let zeros = vec![0u8; 1 << 20];
+    let mut block = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut block) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if block[..n] != zeros[..n] => return true,
+            Ok(_) => {}
+        }
     }
 }
 

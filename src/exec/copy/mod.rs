@@ -4,7 +4,8 @@
 //! Two paths, chosen per tensor:
 //! - *direct*: when every piece's runs are long (row-sharded or replicated
 //!   tensors), each run is copied file-to-file inside the kernel with
-//!   `copy_file_range`, touching no user memory;
+//!   `copy_file_range`, touching no user memory (through a buffer where the
+//!   two files' filesystems refuse it: see the `range` module);
 //! - *gathered*: when runs are short (column- or mesh-sharded tensors), a
 //!   bounded window of the output is gathered from positioned reads of the
 //!   pieces and written with one positioned write.
@@ -15,6 +16,7 @@
 //! file and tensor, not a SIGBUS.
 
 mod inputs;
+mod range;
 mod replicas;
 
 use crate::checkpoint::{FullTensor, Location};
@@ -24,23 +26,19 @@ use crate::exec::runs::Runs;
 use crate::plan::{Plan, WorkItem};
 use crate::safetensors::dtype::Dtype;
 pub use inputs::{OpenInputs, TRUNCATED_DURING_RUN, read_shard_at};
+use range::{RangeCopier, Side};
 pub use replicas::check_replicas;
-use rustix::fs::copy_file_range;
-use rustix::io::Errno;
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Runs at least this long are copied in the kernel; shorter runs are gathered.
 pub const DIRECT_MIN_RUN: u64 = 256 << 10;
 
 /// Bytes of output gathered at a time on the gathered path.
 pub const WINDOW_BYTES: u64 = 8 << 20;
-
-/// Set once `copy_file_range` has proved unusable on this system.
-static NO_COPY_FILE_RANGE: AtomicBool = AtomicBool::new(false);
 
 /// Copies one work item into `out`, whose data section starts at
 /// `plan.files[item.file].data_start()`.
@@ -53,6 +51,8 @@ pub fn copy_item(
 ) -> Result<()> {
     let file = &plan.files[item.file];
     let mut inputs = OpenInputs::new(&plan.shards);
+    // What this work item learns about in-kernel copies stays with it.
+    let mut copier = RangeCopier::default();
     for entry in &file.entries {
         let lo = entry.bytes.start.max(item.bytes.start);
         let hi = entry.bytes.end.min(item.bytes.end);
@@ -65,7 +65,13 @@ pub fn copy_item(
         let out_base = file.data_start() + entry.bytes.start;
         let local = lo - entry.bytes.start..hi - entry.bytes.start;
         if entry.dtype == tensor.dtype && job.is_direct() {
-            job.copy_direct(local.clone(), &mut inputs, out, out_path, out_base)?;
+            job.copy_direct(
+                local.clone(),
+                &mut inputs,
+                &mut copier,
+                (out, out_path),
+                out_base,
+            )?;
             copied.fetch_add(local.end - local.start, Ordering::Relaxed);
         } else {
             job.copy_windows(
@@ -125,8 +131,8 @@ impl<'a> TensorCopy<'a> {
         &self,
         range: Range<u64>,
         inputs: &mut OpenInputs,
-        out: &File,
-        out_path: &Path,
+        copier: &mut RangeCopier,
+        (out, out_path): (&File, &Path),
         out_base: u64,
     ) -> Result<()> {
         for (location, runs) in &self.pieces {
@@ -137,8 +143,10 @@ impl<'a> TensorCopy<'a> {
                 let lo = dst.max(range.start);
                 let hi = (dst + runs.run_len()).min(range.end);
                 let src = location.offset + runs.src(n) + (lo - dst);
-                copy_range(input, src, out, out_base + lo, hi - lo).map_err(
-                    |(side, e)| match side {
+                let dst = out_base + lo;
+                copier
+                    .copy(location.shard, input, src, out, dst, hi - lo)
+                    .map_err(|(side, e)| match side {
                         Side::Read => self.fail("read", &paths[location.shard], e),
                         Side::Write => self.fail("write", out_path, e),
                         Side::Either => Error::CopyBetween {
@@ -147,8 +155,7 @@ impl<'a> TensorCopy<'a> {
                             to: out_path.to_owned(),
                             source: e,
                         },
-                    },
-                )?;
+                    })?;
             }
         }
         Ok(())
@@ -270,123 +277,4 @@ struct Buffers {
     scratch: Vec<u8>,
     /// The window as written.
     window: Vec<u8>,
-}
-
-/// Which file an I/O error came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Side {
-    /// The shard being read.
-    Read,
-    /// The output being written.
-    Write,
-    /// Either: an in-kernel copy failed without saying which.
-    Either,
-}
-
-/// Copies `len` bytes from `input` at `src` to `output` at `dst`, in the
-/// kernel where possible, falling back to reads and writes through a buffer
-/// when `copy_file_range` is unsupported (other filesystems, old kernels,
-/// cross-device copies) or stops short.
-fn copy_range(
-    input: &File,
-    mut src: u64,
-    output: &File,
-    mut dst: u64,
-    mut len: u64,
-) -> Result<(), (Side, std::io::Error)> {
-    while len > 0 && !NO_COPY_FILE_RANGE.load(Ordering::Relaxed) {
-        let (mut off_in, mut off_out) = (src, dst);
-        let chunk = len.min(1 << 30) as usize;
-        match copy_file_range(input, Some(&mut off_in), output, Some(&mut off_out), chunk) {
-            Ok(0) => break, // input ended early: let the fallback report it
-            Ok(copied) => {
-                src += copied as u64;
-                dst += copied as u64;
-                len -= copied as u64;
-            }
-            Err(Errno::INTR) => continue,
-            Err(
-                Errno::XDEV
-                | Errno::OPNOTSUPP
-                | Errno::NOSYS
-                | Errno::INVAL
-                | Errno::BADF
-                | Errno::PERM,
-            ) => {
-                NO_COPY_FILE_RANGE.store(true, Ordering::Relaxed);
-            }
-            Err(e @ (Errno::NOSPC | Errno::DQUOT | Errno::FBIG)) => {
-                return Err((Side::Write, e.into()));
-            }
-            // An in-kernel copy does not say which side failed.
-            Err(e) => return Err((Side::Either, e.into())),
-        }
-    }
-    copy_through_buffer(input, src, output, dst, len)
-}
-
-/// The portable path of [`copy_range`]: positioned reads and writes.
-fn copy_through_buffer(
-    input: &File,
-    mut src: u64,
-    output: &File,
-    mut dst: u64,
-    mut len: u64,
-) -> Result<(), (Side, std::io::Error)> {
-    let mut buffer = vec![0u8; len.min(1 << 20) as usize];
-    while len > 0 {
-        let chunk = &mut buffer[..len.min(1 << 20) as usize];
-        read_shard_at(input, chunk, src).map_err(|e| (Side::Read, e))?;
-        output
-            .write_all_at(chunk, dst)
-            .map_err(|e| (Side::Write, e))?;
-        src += chunk.len() as u64;
-        dst += chunk.len() as u64;
-        len -= chunk.len() as u64;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn file_with(bytes: &[u8]) -> (tempfile::NamedTempFile, File) {
-        let temp = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(temp.path(), bytes).unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(temp.path())
-            .unwrap();
-        (temp, file)
-    }
-
-    #[test]
-    fn both_copy_paths_copy_the_same_bytes() {
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
-        let (_in_path, input) = file_with(&data);
-        for fallback in [false, true] {
-            let (out_path, output) = file_with(&[0u8; 16]);
-            let result = if fallback {
-                copy_through_buffer(&input, 7, &output, 3, 2_500_000)
-            } else {
-                copy_range(&input, 7, &output, 3, 2_500_000)
-            };
-            result.unwrap();
-            let got = std::fs::read(out_path.path()).unwrap();
-            assert_eq!(&got[..3], &[0, 0, 0]);
-            assert_eq!(&got[3..], &data[7..2_500_007], "fallback={fallback}");
-        }
-    }
-
-    #[test]
-    fn a_short_input_is_a_read_error() {
-        let (_in_path, input) = file_with(&[1, 2, 3]);
-        let (_out_path, output) = file_with(&[]);
-        let err = copy_range(&input, 0, &output, 0, 10).unwrap_err();
-        assert_eq!(err.0, Side::Read);
-        let err = copy_through_buffer(&input, 0, &output, 0, 10).unwrap_err();
-        assert_eq!(err.0, Side::Read);
-    }
 }

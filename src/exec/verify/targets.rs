@@ -2,6 +2,7 @@
 //! existing output, whose index and headers are checked against the plan.
 
 use crate::error::{Error, Result};
+use crate::exec::output::PendingFile;
 use crate::plan::Plan;
 use crate::safetensors::dtype::Dtype;
 use crate::safetensors::dtype::can_convert;
@@ -23,12 +24,15 @@ pub struct Target {
     pub tensors: Vec<(usize, u64, Dtype)>,
 }
 
-/// The files `rank` just wrote, at their temporary paths.
-pub fn written_targets(plan: &Plan, rank: usize, temp_paths: &[PathBuf]) -> Vec<Target> {
-    plan.files_to_write(rank)
-        .into_iter()
-        .zip(temp_paths)
-        .map(|(f, path)| planned_target(plan, f, path.clone()))
+/// The files this rank created and wrote (as [`create_files`] returns
+/// them, by planned file index), at their temporary paths: exactly the files
+/// it renames into place, each with its own planned layout.
+///
+/// [`create_files`]: crate::exec::write::create_files
+pub fn written_targets(plan: &Plan, created: &BTreeMap<usize, PendingFile>) -> Vec<Target> {
+    created
+        .iter()
+        .map(|(&f, file)| planned_target(plan, f, file.temp_path().to_owned()))
         .collect()
 }
 
