@@ -225,6 +225,7 @@ impl Cli {
                 strip_prefixes: self.strip_prefix,
                 dtype: self.dtype.map(ExportDtype::dtype),
                 schedule: self.schedule.into(),
+                input_fingerprint: None,
             },
             threads: self.threads.map(usize::from),
             overwrite: self.overwrite,

@@ -163,7 +163,7 @@ mod tests {
             file_count: file_sizes.len() as u32,
             missing: vec![],
         };
-        let mut plan = Plan::new(vec![], tensors, assignment, ranks, None);
+        let mut plan = Plan::new(vec![], tensors, assignment, ranks, None, None);
         plan.schedule = schedule;
         plan
     }

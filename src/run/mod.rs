@@ -161,7 +161,12 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     let (checkpoint, format, headers_read) =
         read_checkpoint(&config.input, &config.read, comm, &job.pool)?;
     let facts = input_facts(config, format, &checkpoint);
-    let plan_options = plan_options_for(config, format);
+    let mut plan_options = plan_options_for(config, format);
+    plan_options.input_fingerprint = Some(resume::input_fingerprint(
+        &job,
+        format,
+        &checkpoint.files,
+    )?);
     let plan = job.agree(|| plan::make(checkpoint, &plan_options, plan_ranks))?;
     agree(comm, same_plan_everywhere(comm, &plan))?;
     agree(comm, same_inputs_everywhere(comm, &plan.shards, &job.pool))?;
@@ -305,7 +310,7 @@ fn consolidate(
     })?;
     agree(comm, same_output_dir(comm, out, lock.as_ref()))?;
     if config.resume {
-        plan.kept = resume::keep_complete_files(job, &plan, verify)?;
+        resume::keep_complete_files(job, &mut plan, verify)?;
     }
     let plan = &plan;
     job.say(&format!(
