@@ -34,13 +34,20 @@ fn identities(dir: &Path) -> BTreeMap<String, (u64, i64)> {
         .filter(|n| n.ends_with(".safetensors"))
         .map(|n| {
             let meta = std::fs::metadata(dir.join(&n)).unwrap();
-            (n, (meta.ino(), meta.mtime_nsec() + meta.mtime() * 1_000_000_000))
+            (
+                n,
+                (meta.ino(), meta.mtime_nsec() + meta.mtime() * 1_000_000_000),
+            )
         })
         .collect()
 }
 
 fn fingerprint_of(path: &Path) -> Option<String> {
-    read_header(path).unwrap().metadata.get(FINGERPRINT_KEY).cloned()
+    read_header(path)
+        .unwrap()
+        .metadata
+        .get(FINGERPRINT_KEY)
+        .cloned()
 }
 
 #[test]
@@ -65,7 +72,10 @@ fn files_written_from_another_checkpoint_are_rewritten() {
         );
     }
     let after = identities(out.path());
-    assert!(before.iter().all(|(n, id)| after[n] != *id), "every file rewritten");
+    assert!(
+        before.iter().all(|(n, id)| after[n] != *id),
+        "every file rewritten"
+    );
     assert_matches_manifest(out.path(), &b.path().join("manifest.json"));
     let mapping = b.path().join("mapping.json");
     let verify = [
@@ -97,7 +107,11 @@ fn the_same_inputs_elsewhere_give_the_same_bytes_and_are_kept() {
     assert_eq!(names(out_a.path()), names(out_b.path()));
     for name in names(out_a.path()) {
         let (x, y) = (out_a.path().join(&name), out_b.path().join(&name));
-        assert_eq!(std::fs::read(&x).unwrap(), std::fs::read(&y).unwrap(), "{name}");
+        assert_eq!(
+            std::fs::read(&x).unwrap(),
+            std::fs::read(&y).unwrap(),
+            "{name}"
+        );
         if name.ends_with(".safetensors") {
             let recorded = fingerprint_of(&x).unwrap();
             assert!(recorded.starts_with("sha256:"), "{recorded}");
@@ -106,7 +120,10 @@ fn the_same_inputs_elsewhere_give_the_same_bytes_and_are_kept() {
     let before = identities(out_a.path());
     std::fs::remove_file(out_a.path().join(INDEX)).unwrap();
     let text = run(2, &["--resume"], copy.path(), out_a.path());
-    assert!(text.contains(&format!("kept {}, wrote 0", before.len())), "{text}");
+    assert!(
+        text.contains(&format!("kept {}, wrote 0", before.len())),
+        "{text}"
+    );
     assert_eq!(identities(out_a.path()), before);
 }
 
@@ -155,8 +172,14 @@ fn a_file_without_a_fingerprint_is_kept_only_if_verify_finds_it_equal() {
     let legacy = std::fs::read(&path).unwrap();
     let before = identities(out.path());
     let text = run(2, &["--resume", "--verify"], ckpt.path(), out.path());
-    assert!(text.contains("but its tensor bytes equal the inputs; it is kept"), "{text}");
-    assert!(text.contains(&format!("kept {}, wrote 0", before.len())), "{text}");
+    assert!(
+        text.contains("but its tensor bytes equal the inputs; it is kept"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("kept {}, wrote 0", before.len())),
+        "{text}"
+    );
     assert_eq!(identities(out.path()), before);
     assert_eq!(std::fs::read(&path).unwrap(), legacy);
     assert_matches_manifest(out.path(), &manifest);

@@ -104,7 +104,12 @@ fn read_header_bytes(path: &Path, len: u64) -> Result<Option<Vec<u8>>> {
 /// The input fingerprint a header (length prefix included) records.
 fn recorded_fingerprint(header: &[u8]) -> Option<String> {
     let json: serde_json::Value = serde_json::from_slice(header.get(8..)?).ok()?;
-    Some(json.get("__metadata__")?.get(FINGERPRINT_KEY)?.as_str()?.to_string())
+    Some(
+        json.get("__metadata__")?
+            .get(FINGERPRINT_KEY)?
+            .as_str()?
+            .to_string(),
+    )
 }
 
 /// A fingerprint shortened for messages (`sha256:` and 12 hex digits).

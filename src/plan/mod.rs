@@ -338,9 +338,16 @@ mod tests {
             file_of,
             missing: vec![],
         };
-        let err = Plan::build(vec![], tensors.clone(), assignment(vec![1, 1, 2]), 1, None, None)
-            .unwrap_err()
-            .to_string();
+        let err = Plan::build(
+            vec![],
+            tensors.clone(),
+            assignment(vec![1, 1, 2]),
+            1,
+            None,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.starts_with("model-00001-of-00002.safetensors would hold 2 tensors with a 1000001"),
             "{}",

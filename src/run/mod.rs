@@ -19,7 +19,7 @@ use crate::comm::collectives::{
     same_output_dir, same_plan_everywhere,
 };
 use crate::error::{Error, Result, shown};
-use crate::exec::assets::{asset_names, check_assets_absent, stage_assets, ties_word_embeddings};
+use crate::exec::assets::{ExistingAssets, plan_assets, ties_word_embeddings};
 use crate::exec::output::sync_dir;
 use crate::exec::publish::{
     Refusal, check_written_once, prepare_output_dir, retire_old_index, stage_index_and_report,
@@ -162,11 +162,8 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         read_checkpoint(&config.input, &config.read, comm, &job.pool)?;
     let facts = input_facts(config, format, &checkpoint);
     let mut plan_options = plan_options_for(config, format);
-    plan_options.input_fingerprint = Some(resume::input_fingerprint(
-        &job,
-        format,
-        &checkpoint.files,
-    )?);
+    plan_options.input_fingerprint =
+        Some(resume::input_fingerprint(&job, format, &checkpoint.files)?);
     let plan = job.agree(|| plan::make(checkpoint, &plan_options, plan_ranks))?;
     agree(comm, same_plan_everywhere(comm, &plan))?;
     agree(comm, same_inputs_everywhere(comm, &plan.shards, &job.pool))?;
@@ -300,14 +297,35 @@ fn consolidate(
         (false, true) => Refusal::OtherPlans,
         (false, false) => Refusal::AnyOutput,
     };
-    let lock = job.on_rank0(|| {
+    // The assets are checked here, before any weight is copied: a folder
+    // or config.json that cannot be used must not fail a long run at its end.
+    let existing_assets = match refusal {
+        Refusal::Nothing => ExistingAssets::Replace,
+        Refusal::OtherPlans => ExistingAssets::KeepIfEqual,
+        Refusal::AnyOutput => ExistingAssets::Refuse,
+    };
+    let prepared = job.on_rank0(|| {
         let lock = prepare_output_dir(out, &plan, refusal, report_path, mapping_file)?;
-        // Assets are rewritten on --resume (they are small), never clobbered otherwise.
-        if let (Some(assets), Refusal::AnyOutput) = (&config.hf_assets, refusal) {
-            check_assets_absent(out, &asset_names(assets)?)?;
-        }
-        Ok(lock)
+        let assets = match &config.hf_assets {
+            Some(dir) => Some(plan_assets(dir, out, config.plan.dtype, existing_assets)?),
+            None => None,
+        };
+        Ok((lock, assets))
     })?;
+    let (lock, assets) = prepared.unzip();
+    if let Some(kept) = assets
+        .iter()
+        .flatten()
+        .map(|a| &a.kept)
+        .find(|k| !k.is_empty())
+    {
+        job.say(&format!(
+            "resume: keeping {} asset(s) already in {} with the same bytes: {}",
+            kept.len(),
+            out.display(),
+            shown(&kept.join(", "))
+        ));
+    }
     agree(comm, same_output_dir(comm, out, lock.as_ref()))?;
     if config.resume {
         resume::keep_complete_files(job, &mut plan, verify)?;
@@ -366,8 +384,8 @@ fn consolidate(
         }
         // Staged before the index, renamed with the weights: the index
         // stays the last file to appear.
-        let assets = match &config.hf_assets {
-            Some(dir) => stage_assets(dir, out, config.plan.dtype)?,
+        let assets = match assets.flatten() {
+            Some(assets) => assets.stage(out)?,
             None => vec![],
         };
         report.assets = assets.iter().map(|(name, _)| name.clone()).collect();

@@ -28,7 +28,8 @@ pub(super) fn input_fingerprint(
 ) -> Result<String> {
     let input = &job.config.input;
     let metadata = (format == InputFormat::Dcp).then(|| input.join(METADATA_FILE));
-    let mine = job.on_rank0(|| fingerprint::input_fingerprint(input, files, metadata.as_deref()))?;
+    let mine =
+        job.on_rank0(|| fingerprint::input_fingerprint(input, files, metadata.as_deref()))?;
     let shared = job
         .comm
         .all_gather(mine.unwrap_or_default().as_bytes())
