@@ -98,6 +98,12 @@ pub fn plan_assets(
             rewritten,
         };
         let target = out.join(&asset.name);
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::usage(
+                format!("{} exists and is not a regular file", target.display()),
+                "move it out of OUTPUT_DIR; --hf-assets replaces only files",
+            ));
+        }
         if std::fs::symlink_metadata(&target).is_err() || existing == ExistingAssets::Replace {
             plan.to_copy.push(asset);
         } else if existing == ExistingAssets::KeepIfEqual && asset.is_written_at(&target)? {
@@ -254,6 +260,16 @@ fn fill(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 impl AssetPlan {
+    /// The line saying which assets `--resume` left as they are in `out`.
+    pub fn kept_summary(&self, out: &Path) -> String {
+        format!(
+            "resume: keeping {} asset(s) already in {} with the same bytes: {}",
+            self.kept.len(),
+            out.display(),
+            crate::error::shown(&self.kept.join(", "))
+        )
+    }
+
     /// Rank 0, at publish time: every asset not kept, written into `out`
     /// under its temporary name and synced, with its name.
     pub fn stage(&self, out: &Path) -> Result<Vec<(String, PendingFile)>> {
@@ -411,5 +427,102 @@ mod tests {
                 .unwrap_err()
                 .contains("not valid JSON")
         );
+    }
+
+    #[test]
+    fn existing_assets_are_refused_kept_when_equal_or_replaced() {
+        let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::fs::write(src.path().join("config.json"), r#"{"dtype": "float32"}"#).unwrap();
+        std::fs::write(src.path().join("README.md"), "# model").unwrap();
+        let plan = |existing| plan_assets(src.path(), out.path(), Some(Dtype::BF16), existing);
+        assert_eq!(plan(ExistingAssets::Refuse).unwrap().to_copy.len(), 2);
+        // What this run writes: config.json converted, README.md as it is.
+        let converted = with_dtype(br#"{"dtype": "float32"}"#, Dtype::BF16).unwrap();
+        std::fs::write(out.path().join("config.json"), &converted).unwrap();
+        std::fs::write(out.path().join("README.md"), "# model").unwrap();
+        let err = plan(ExistingAssets::Refuse).unwrap_err().to_string();
+        assert!(
+            err.contains("already holds README.md, config.json"),
+            "{err}"
+        );
+        let kept = plan(ExistingAssets::KeepIfEqual).unwrap();
+        assert_eq!((kept.kept.len(), kept.to_copy.len()), (2, 0));
+        std::fs::write(out.path().join("README.md"), "# mine").unwrap();
+        let err = plan(ExistingAssets::KeepIfEqual).unwrap_err().to_string();
+        assert!(
+            err.contains("README.md (files --hf-assets would copy, with other"),
+            "{err}"
+        );
+        assert!(!err.contains("config.json"), "{err}");
+        assert_eq!(plan(ExistingAssets::Replace).unwrap().to_copy.len(), 2);
+        std::fs::remove_file(out.path().join("README.md")).unwrap();
+        std::fs::create_dir(out.path().join("README.md")).unwrap();
+        let err = plan(ExistingAssets::Replace).unwrap_err().to_string();
+        assert!(err.contains("is not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn dangling_links_and_fifos_are_errors_and_folders_are_skipped() {
+        let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::fs::create_dir(src.path().join("checkpoint")).unwrap();
+        std::fs::write(src.path().join("real.json"), "{}").unwrap();
+        std::os::unix::fs::symlink("real.json", src.path().join("linked.json")).unwrap();
+        let plan = || plan_assets(src.path(), out.path(), None, ExistingAssets::Refuse);
+        let names: Vec<String> = plan()
+            .unwrap()
+            .to_copy
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        assert_eq!(names, ["linked.json", "real.json"]);
+        std::os::unix::fs::symlink("../blobs/x", src.path().join("tokenizer.json")).unwrap();
+        let err = plan().unwrap_err().to_string();
+        assert!(
+            err.contains("tokenizer.json is a link to ../blobs/x"),
+            "{err}"
+        );
+        std::fs::remove_file(src.path().join("tokenizer.json")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            src.path().join("pipe"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        let err = plan().unwrap_err().to_string();
+        assert!(
+            err.contains("pipe is not a regular file or a folder"),
+            "{err}"
+        );
+        let err = plan_assets(
+            &src.path().join("gone"),
+            out.path(),
+            None,
+            ExistingAssets::Refuse,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("cannot list --hf-assets") && err.contains("gone"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_staged_asset_holds_the_source_bytes() {
+        let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(src.path().join("tokenizer.model"), &bytes).unwrap();
+        let plan = plan_assets(src.path(), out.path(), None, ExistingAssets::Refuse).unwrap();
+        for (_, file) in plan.stage(out.path()).unwrap() {
+            file.commit().unwrap();
+        }
+        assert_eq!(
+            std::fs::read(out.path().join("tokenizer.model")).unwrap(),
+            bytes
+        );
+        let again = plan_assets(src.path(), out.path(), None, ExistingAssets::KeepIfEqual).unwrap();
+        assert_eq!(again.kept, ["tokenizer.model"]);
     }
 }

@@ -175,4 +175,63 @@ mod tests {
         assert_eq!(decode_found(&encode_found(&found)).unwrap(), found);
         assert!(decode_found(b"").is_err());
     }
+
+    /// A plan of five one-tensor files whose headers record `fingerprint`.
+    fn plan(fingerprint: Option<&str>) -> Plan {
+        use crate::checkpoint::FullTensor;
+        use crate::plan::mapping::Assignment;
+        use crate::safetensors::dtype::Dtype;
+        let tensors = (0..5)
+            .map(|i| FullTensor {
+                name: format!("t{i}"),
+                dtype: Dtype::U8,
+                shape: vec![16],
+                pieces: vec![],
+            })
+            .collect();
+        let assignment = Assignment {
+            file_of: vec![1, 2, 3, 4, 5],
+            file_count: 5,
+            missing: vec![],
+        };
+        Plan::new(vec![], tensors, assignment, 1, None, fingerprint)
+    }
+
+    fn write(dir: &Path, plan: &Plan, f: usize, header: &[u8], data: usize) {
+        let mut bytes = header.to_vec();
+        bytes.resize(header.len() + data, 7);
+        std::fs::write(dir.join(&plan.files[f].name), bytes).unwrap();
+    }
+
+    #[test]
+    fn files_are_told_apart_by_header_fingerprint_and_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ours = plan(Some("sha256:aaaaaaaaaaaaaaaa"));
+        let theirs = plan(Some("sha256:bbbbbbbbbbbbbbbb"));
+        let older = plan(None);
+        write(d, &ours, 0, &ours.files[0].header, 16);
+        write(d, &theirs, 1, &theirs.files[1].header, 16);
+        write(d, &older, 2, &older.files[2].header, 16);
+        write(d, &ours, 3, &ours.files[3].header, 15);
+        std::os::unix::fs::symlink(d.join(&ours.files[0].name), d.join(&ours.files[4].name))
+            .unwrap();
+        let found = find_kept(d, &ours).unwrap();
+        assert_eq!(found.complete, BTreeSet::from([0]));
+        assert_eq!(found.unfingerprinted, BTreeSet::from([2]));
+        let [other, short, link] = found.rewritten.as_slice() else {
+            panic!("{:?}", found.rewritten)
+        };
+        assert!(other.starts_with("model-00002-of-00005.safetensors was written from other inputs (its header records input fingerprint sha256:bbbbbbbbbbbb, these inputs give sha256:aaaaaaaaaaaa)"), "{other}");
+        assert!(
+            short.starts_with(
+                "model-00004-of-00005.safetensors does not have this plan's header and size"
+            ),
+            "{short}"
+        );
+        assert!(
+            link.contains("model-00005-of-00005.safetensors is not a regular file"),
+            "{link}"
+        );
+    }
 }

@@ -313,18 +313,8 @@ fn consolidate(
         Ok((lock, assets))
     })?;
     let (lock, assets) = prepared.unzip();
-    if let Some(kept) = assets
-        .iter()
-        .flatten()
-        .map(|a| &a.kept)
-        .find(|k| !k.is_empty())
-    {
-        job.say(&format!(
-            "resume: keeping {} asset(s) already in {} with the same bytes: {}",
-            kept.len(),
-            out.display(),
-            shown(&kept.join(", "))
-        ));
+    if let Some(kept) = assets.iter().flatten().find(|a| !a.kept.is_empty()) {
+        job.say(&kept.kept_summary(out));
     }
     agree(comm, same_output_dir(comm, out, lock.as_ref()))?;
     if config.resume {
