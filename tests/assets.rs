@@ -196,3 +196,202 @@ fn a_tied_lm_head_missing_from_the_shards_is_a_note() {
         assert!(!output_tensors(&out).contains_key("lm_head.weight"));
     }
 }
+
+/// The run's assets besides the weights in `out`, and the inode of each.
+fn asset_inodes(out: &Path) -> Vec<(String, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    names(out)
+        .into_iter()
+        .filter(|n| ASSETS.contains(&n.as_str()))
+        .map(|n| {
+            let ino = std::fs::metadata(out.join(&n)).unwrap().ino();
+            (n, ino)
+        })
+        .collect()
+}
+
+#[test]
+fn under_resume_an_equal_asset_is_kept_and_another_one_needs_overwrite() {
+    let input = torch_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let assets = dir.path().join("orig");
+    model_folder(&assets, r#"{"torch_dtype": "float32"}"#);
+    let out = dir.path().join("out");
+    let args = [
+        "--dtype",
+        "bf16",
+        "--hf-assets",
+        s(&assets),
+        s(&input),
+        s(&out),
+    ];
+    consolidate_ok(2, &args);
+    let index = out.join("model.safetensors.index.json");
+    // A run killed after renaming its assets, before the index: resuming
+    // keeps them (config.json compared as --dtype rewrites it).
+    std::fs::remove_file(&index).unwrap();
+    let before = asset_inodes(&out);
+    assert_eq!(before.len(), ASSETS.len());
+    let mut resume = args.to_vec();
+    resume.insert(0, "--resume");
+    let text = stderr(&consolidate_ok(2, &resume));
+    assert!(
+        text.contains("resume: keeping 9 asset(s) already in"),
+        "{text}"
+    );
+    assert_eq!(asset_inodes(&out), before, "kept, not rewritten");
+    assert!(index.exists());
+
+    // The user's own README.md: refused, as without --resume, and untouched.
+    std::fs::write(out.join("README.md"), "my notes\n").unwrap();
+    let run = consolidate(2, &resume);
+    let text = stderr(&run);
+    assert!(!run.status.success(), "{text}");
+    assert!(
+        text.contains(
+            "already holds README.md (files --hf-assets would copy, with other contents)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("hint: pass --overwrite"), "{text}");
+    assert_eq!(std::fs::read(out.join("README.md")).unwrap(), b"my notes\n");
+    assert!(
+        !text.contains("consolidating"),
+        "refused before copying: {text}"
+    );
+
+    resume.insert(0, "--overwrite");
+    consolidate_ok(2, &resume);
+    assert_eq!(std::fs::read(out.join("README.md")).unwrap(), b"# model\n");
+}
+
+#[test]
+fn weights_of_every_format_and_the_checkpoint_itself_are_not_assets() {
+    // --hf-assets pointing at the DCP checkpoint itself, OUTPUT_DIR inside it.
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    let fixture = torch_fixture().join("../torch-dcpfs-w2/checkpoint");
+    for name in [".metadata", "__0_0.distcp", "__1_0.distcp"] {
+        std::fs::copy(fixture.join(name), ckpt.join(name)).unwrap();
+    }
+    for name in [
+        "tf_model.h5",
+        "flax_model.msgpack",
+        "model-q4_k_m.gguf",
+        "last.ckpt",
+        "model.onnx",
+    ] {
+        std::fs::write(ckpt.join(name), "weights").unwrap();
+    }
+    std::fs::write(ckpt.join("config.json"), "{}").unwrap();
+    let out = ckpt.join("out");
+    let args = ["--hf-assets", s(&ckpt), s(&ckpt), s(&out)];
+    let text = stderr(&consolidate_ok(2, &args));
+    let copied: Vec<String> = names(&out)
+        .into_iter()
+        .filter(|n| !n.starts_with("model-") && !n.starts_with("model.safetensors"))
+        .collect();
+    assert_eq!(copied, ["config.json"], "{text}");
+    assert!(
+        text.contains("copied 1 file(s) besides the weights: config.json"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_dangling_link_is_named_before_any_weight_is_copied() {
+    let input = torch_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let assets = dir.path().join("snapshot");
+    model_folder(&assets, "{}");
+    // A Hugging Face cache snapshot whose blob was never downloaded.
+    std::fs::remove_file(assets.join("tokenizer.json")).unwrap();
+    std::os::unix::fs::symlink("../blobs/4f2a9c", assets.join("tokenizer.json")).unwrap();
+    let out = dir.path().join("out");
+    let args = ["--hf-assets", s(&assets), s(&input), s(&out)];
+    let link = assets.join("tokenizer.json");
+    let text = assert_fails(
+        2,
+        &args,
+        &input,
+        &out,
+        &[
+            s(&link),
+            "is a link to ../blobs/4f2a9c, which does not exist",
+        ],
+    );
+    assert!(!text.contains("consolidating"), "{text}");
+    assert!(names(&out).is_empty(), "{:?}", names(&out));
+}
+
+#[test]
+fn an_unusable_assets_folder_or_config_is_found_before_the_copy() {
+    let input = torch_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // --overwrite: no check of existing files lists the folder early.
+    let missing = dir.path().join("no-such-folder");
+    let args = [
+        "--overwrite",
+        "--hf-assets",
+        s(&missing),
+        s(&input),
+        s(&out),
+    ];
+    let text = assert_fails(2, &args, &input, &out, &["no-such-folder"]);
+    assert!(!text.contains("consolidating"), "{text}");
+    let not_a_folder = input.join("mapping.json");
+    let args = [
+        "--resume",
+        "--hf-assets",
+        s(&not_a_folder),
+        s(&input),
+        s(&out),
+    ];
+    let text = assert_fails(2, &args, &input, &out, &["mapping.json"]);
+    assert!(!text.contains("consolidating"), "{text}");
+
+    let assets = dir.path().join("orig");
+    model_folder(&assets, r#"{"torch_dtype": "float32",}"#);
+    let args = [
+        "--dtype",
+        "bf16",
+        "--hf-assets",
+        s(&assets),
+        s(&input),
+        s(&out),
+    ];
+    let text = assert_fails(2, &args, &input, &out, &["config.json", "not valid JSON"]);
+    assert!(!text.contains("consolidating"), "{text}");
+    assert!(!names(&out).iter().any(|n| n.starts_with("model")));
+}
+
+#[test]
+fn dtype_updates_the_nested_configs_of_a_multimodal_model() {
+    let input = torch_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let assets = dir.path().join("orig");
+    let config = r#"{"torch_dtype": "float32", "model_type": "llava",
+        "text_config": {"torch_dtype": "float32", "hidden_size": 8},
+        "vision_config": {"dtype": "float32", "patch_size": 14}}"#;
+    model_folder(&assets, config);
+    let out = dir.path().join("out");
+    let args = [
+        "--dtype",
+        "bf16",
+        "--hf-assets",
+        s(&assets),
+        s(&input),
+        s(&out),
+    ];
+    consolidate_ok(1, &args);
+    let got: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        got,
+        serde_json::json!({"torch_dtype": "bfloat16", "model_type": "llava",
+            "text_config": {"torch_dtype": "bfloat16", "hidden_size": 8},
+            "vision_config": {"dtype": "bfloat16", "patch_size": 14}})
+    );
+}

@@ -100,10 +100,11 @@ fn a_lock_from_another_host_is_never_broken() {
 
 #[test]
 fn a_full_disk_at_the_index_publishes_nothing() {
-    // 312 KiB = 78 pages: the lock and both model files fit (1 + 40 + 37
-    // pages), the index does not. Everything is staged before any rename,
-    // so the run fails with no model file under a final name.
-    let disk = SmallDisk::new("312k");
+    // 316 KiB = 79 pages: the lock and both model files fit (1 + 40 + 38
+    // pages, headers holding the input fingerprint), the index does not.
+    // Everything is staged before any rename, so the run fails with no
+    // model file under a final name.
+    let disk = SmallDisk::new("316k");
     let out = disk.0.path().join("out");
     let mapping = torch_fixture().join("mapping.json");
     let text = assert_fails(

@@ -251,6 +251,7 @@ impl Cli {
                     None => DtypeMapSource::None,
                 },
                 schedule: self.schedule.into(),
+                input_fingerprint: None,
             },
             threads: self.threads.map(usize::from),
             overwrite: self.overwrite,

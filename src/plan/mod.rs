@@ -3,6 +3,7 @@
 //! builds it from the same inputs gets the same plan.
 
 pub mod dtypes;
+pub mod fingerprint;
 pub mod mapping;
 pub mod names;
 pub mod schedule;
@@ -85,6 +86,10 @@ pub struct PlanOptions {
     pub dtype_map: DtypeMapSource,
     /// How output bytes are split among ranks.
     pub schedule: Schedule,
+    /// The inputs' fingerprint ([`fingerprint::input_fingerprint`]),
+    /// recorded in every header's `__metadata__`: not from the command line
+    /// but set by the run once it has read the inputs.
+    pub input_fingerprint: Option<String>,
 }
 
 /// Plans the consolidation of `checkpoint` for `world_size` ranks
@@ -107,6 +112,7 @@ pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) ->
         assignment,
         world_size,
         output.dtypes,
+        options.input_fingerprint.as_deref(),
     )?;
     plan.dtype_warning = dtype_warning;
     plan.schedule = options.schedule;
@@ -148,8 +154,9 @@ impl Plan {
         assignment: Assignment,
         world_size: usize,
         dtypes: Vec<Dtype>,
+        fingerprint: Option<&str>,
     ) -> Result<Plan> {
-        let plan = Plan::new(shards, tensors, assignment, world_size, dtypes);
+        let plan = Plan::new(shards, tensors, assignment, world_size, dtypes, fingerprint);
         for file in &plan.files {
             let json_len = file.header.len() as u64 - 8;
             check_header_len(&file.name, file.entries.len(), json_len)?;
@@ -158,15 +165,18 @@ impl Plan {
     }
 
     /// Lays out the output files, writing tensor `t` as `dtypes[t]` (its
-    /// saved dtype or the one [`dtypes::resolve`] chose), and assigns file `index` to rank `index % world_size`
-    /// (the design card's schedule). Does not check header sizes: runs use
-    /// [`Plan::build`].
+    /// saved dtype or the one [`dtypes::resolve`] chose), and assigns file
+    /// `index` to rank `index % world_size` (the design card's schedule).
+    /// Every header records `fingerprint`, the inputs'
+    /// ([`fingerprint::input_fingerprint`]), if given. Does not check header
+    /// sizes: runs use [`Plan::build`].
     pub fn new(
         shards: Vec<PathBuf>,
         tensors: Vec<FullTensor>,
         assignment: Assignment,
         world_size: usize,
         dtypes: Vec<Dtype>,
+        fingerprint: Option<&str>,
     ) -> Plan {
         let mut members: BTreeMap<u32, Vec<usize>> = (1..=assignment.file_count)
             .map(|i| (i, Vec::new()))
@@ -174,7 +184,7 @@ impl Plan {
         for (tensor, &index) in assignment.file_of.iter().enumerate() {
             members.entry(index).or_default().push(tensor);
         }
-        let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let metadata = fingerprint::header_metadata(fingerprint);
         let files = members
             .into_iter()
             .map(|(index, mut members)| {
@@ -187,7 +197,6 @@ impl Plan {
                 });
                 let mut offset = 0u64;
                 let mut entries = Vec::with_capacity(members.len());
-                let mut header_entries = Vec::with_capacity(members.len());
                 for tensor in members {
                     let dtype = dtype_of(tensor);
                     let len = tensors[tensor].element_count() * dtype.size();
@@ -196,19 +205,12 @@ impl Plan {
                         dtype,
                         bytes: offset..offset + len,
                     });
-                    header_entries.push(TensorEntry {
-                        name: tensors[tensor].name.clone(),
-                        dtype,
-                        shape: tensors[tensor].shape.clone(),
-                        begin: offset,
-                        end: offset + len,
-                    });
                     offset += len;
                 }
                 OutputFile {
                     index,
                     name: output_name(index, assignment.file_count),
-                    header: encode_header(&metadata, &header_entries),
+                    header: file_header(&tensors, &entries, &metadata),
                     entries,
                     owner: index as usize % world_size,
                 }
@@ -224,6 +226,14 @@ impl Plan {
             schedule: Schedule::Modulo,
             kept: BTreeSet::new(),
         }
+    }
+
+    /// The header file `f` would have with `fingerprint` recorded instead
+    /// of the plan's (none: as versions before the fingerprint wrote it),
+    /// to recognise a file of this layout written from other inputs.
+    pub fn header_with_fingerprint(&self, f: usize, fingerprint: Option<&str>) -> Vec<u8> {
+        let metadata = fingerprint::header_metadata(fingerprint);
+        file_header(&self.tensors, &self.files[f].entries, &metadata)
     }
 
     /// Indices of the files `rank` writes: the ones it owns and that are
@@ -293,6 +303,25 @@ impl Plan {
     }
 }
 
+/// The header bytes of an output file holding `entries`, with `metadata`.
+fn file_header(
+    tensors: &[FullTensor],
+    entries: &[OutputEntry],
+    metadata: &BTreeMap<String, String>,
+) -> Vec<u8> {
+    let header_entries: Vec<TensorEntry> = entries
+        .iter()
+        .map(|entry| TensorEntry {
+            name: tensors[entry.tensor].name.clone(),
+            dtype: entry.dtype,
+            shape: tensors[entry.tensor].shape.clone(),
+            begin: entry.bytes.start,
+            end: entry.bytes.end,
+        })
+        .collect();
+    encode_header(metadata, &header_entries)
+}
+
 /// Refuses an output file whose JSON header (`json_len` bytes, padding
 /// included) exceeds [`MAX_HEADER_LEN`], the limit of the safetensors
 /// library and of this tool's own reader: such a file would be written in
@@ -353,6 +382,7 @@ mod tests {
             assignment(vec![1, 1, 2]),
             1,
             saved(&tensors),
+            None,
         )
         .unwrap_err()
         .to_string();
@@ -363,7 +393,8 @@ mod tests {
         );
         // One long name per file fits.
         let dtypes = saved(&tensors);
-        let plan = Plan::build(vec![], tensors, assignment(vec![1, 2, 2]), 1, dtypes).unwrap();
+        let plan =
+            Plan::build(vec![], tensors, assignment(vec![1, 2, 2]), 1, dtypes, None).unwrap();
         assert!(plan.files[0].header.len() as u64 - 8 <= MAX_HEADER_LEN);
         assert!(plan.files[1].header.len() as u64 - 8 > MAX_HEADER_LEN / 2);
     }
@@ -396,7 +427,7 @@ mod tests {
             missing: vec![],
         };
         let dtypes = saved(&tensors);
-        let plan = Plan::new(vec![], tensors, assignment, 1, dtypes);
+        let plan = Plan::new(vec![], tensors, assignment, 1, dtypes, None);
         let file = &plan.files[0];
         let order: Vec<&str> = file
             .entries
@@ -426,7 +457,7 @@ mod tests {
             missing: vec![],
         };
         let dtypes = saved(&tensors);
-        let plan = Plan::new(vec![], tensors, assignment, 2, dtypes);
+        let plan = Plan::new(vec![], tensors, assignment, 2, dtypes, None);
         let owners: Vec<usize> = plan.files.iter().map(|f| f.owner).collect();
         assert_eq!(owners, [1, 0, 1]);
         assert!(plan.files[1].is_empty());

@@ -164,7 +164,7 @@ mod tests {
             missing: vec![],
         };
         let dtypes = vec![Dtype::U8; tensors.len()];
-        let mut plan = Plan::new(vec![], tensors, assignment, ranks, dtypes);
+        let mut plan = Plan::new(vec![], tensors, assignment, ranks, dtypes, None);
         plan.schedule = schedule;
         plan
     }

@@ -22,7 +22,7 @@ use crate::comm::collectives::{
     same_output_dir, same_plan_everywhere,
 };
 use crate::error::{Error, Result, shown};
-use crate::exec::assets::{asset_names, check_assets_absent, stage_assets, ties_word_embeddings};
+use crate::exec::assets::{ExistingAssets, asset_names, plan_assets, ties_word_embeddings};
 use crate::exec::clobber::RunPaths;
 use crate::exec::output::sync_dir;
 use crate::exec::publish::{
@@ -189,7 +189,9 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         ));
     }
     let facts = input_facts(config, format, &checkpoint);
-    let plan_options = plan_options_for(config, format);
+    let mut plan_options = plan_options_for(config, format);
+    plan_options.input_fingerprint =
+        Some(resume::input_fingerprint(&job, format, &checkpoint.files)?);
     let plan = job.agree(|| plan::make(checkpoint, &plan_options, plan_ranks))?;
     agree(comm, same_plan_everywhere(comm, &plan))?;
     agree(comm, same_inputs_everywhere(comm, &inputs, &job.pool))?;
@@ -334,27 +336,38 @@ fn consolidate(
         (false, true) => Refusal::OtherPlans,
         (false, false) => Refusal::AnyOutput,
     };
-    let lock = job.on_rank0(|| {
-        let assets = match &config.hf_assets {
+    // The assets are checked here, before any weight is copied: a folder
+    // or config.json that cannot be used must not fail a long run at its end.
+    let existing_assets = match refusal {
+        Refusal::Nothing => ExistingAssets::Replace,
+        Refusal::OtherPlans => ExistingAssets::KeepIfEqual,
+        Refusal::AnyOutput => ExistingAssets::Refuse,
+    };
+    let prepared = job.on_rank0(|| {
+        let listed = match &config.hf_assets {
             Some(dir) => Some((dir.as_path(), asset_names(dir)?)),
             None => None,
         };
         let paths = RunPaths {
             input_dir: &config.input,
             mapping,
-            assets: assets.as_ref().map(|(dir, names)| (*dir, names.as_slice())),
+            assets: listed.as_ref().map(|(dir, names)| (*dir, names.as_slice())),
             report: report_path,
         };
         let lock = prepare_output_dir(out, &plan, refusal, &paths)?;
-        // Assets are rewritten on --resume (they are small), never clobbered otherwise.
-        if let (Some((_, names)), Refusal::AnyOutput) = (&assets, refusal) {
-            check_assets_absent(out, names)?;
-        }
-        Ok(lock)
+        let assets = match &config.hf_assets {
+            Some(dir) => Some(plan_assets(dir, out, config.plan.dtype, existing_assets)?),
+            None => None,
+        };
+        Ok((lock, assets))
     })?;
+    let (lock, assets) = prepared.unzip();
+    if let Some(kept) = assets.iter().flatten().find(|a| !a.kept.is_empty()) {
+        job.say(&kept.kept_summary(out));
+    }
     agree(comm, same_output_dir(comm, out, lock.as_ref()))?;
     if config.resume {
-        plan.kept = resume::keep_complete_files(job, &plan, verify)?;
+        resume::keep_complete_files(job, &mut plan, verify)?;
     }
     let plan = &plan;
     if let Some(note) = idle_note(plan) {
@@ -413,8 +426,8 @@ fn consolidate(
         }
         // Staged before the index, renamed with the weights: the index
         // stays the last file to appear.
-        let assets = match &config.hf_assets {
-            Some(dir) => stage_assets(dir, out, config.plan.dtype)?,
+        let assets = match assets.flatten() {
+            Some(assets) => assets.stage(out)?,
             None => vec![],
         };
         report.assets = assets.iter().map(|(name, _)| name.clone()).collect();

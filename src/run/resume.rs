@@ -1,26 +1,86 @@
-//! `--resume` in the run: which files an earlier run completed, agreed by
-//! every rank before anyone creates a file.
+//! `--resume` in the run: the inputs' fingerprint every header records, and
+//! which files an earlier run completed, agreed by every rank before anyone
+//! creates a file.
 
 use super::Job;
-use crate::error::Result;
-use crate::exec::resume::{decode_kept, encode_kept, find_kept, kept_targets};
+use crate::checkpoint::dcp::METADATA_FILE;
+use crate::checkpoint::format::InputFormat;
+use crate::comm::collectives::agree;
+use crate::error::{Error, Result};
+use crate::exec::resume::{
+    Found, decode_found, decode_kept, encode_found, encode_kept, find_kept, kept_targets,
+};
 use crate::exec::verify::compare;
 use crate::plan::Plan;
+use crate::plan::fingerprint;
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 
-/// `--resume`: the planned files an earlier run completed, found by rank 0
-/// and sent to every rank; with `verify`, a file whose tensor bytes differ
-/// from the inputs (compared by its owner) is rewritten instead.
-pub(super) fn keep_complete_files(job: &Job, plan: &Plan, verify: bool) -> Result<BTreeSet<usize>> {
+/// The fingerprint of the inputs (`files`, and a DCP checkpoint's
+/// `.metadata`), computed on rank 0 and sent to every rank: every rank's
+/// headers then record the same one, and inputs that differ between nodes
+/// are named by the content check that follows the plan, not hidden in a
+/// plan mismatch.
+pub(super) fn input_fingerprint(
+    job: &Job,
+    format: InputFormat,
+    files: &[PathBuf],
+) -> Result<String> {
+    let input = &job.config.input;
+    let metadata = (format == InputFormat::Dcp).then(|| input.join(METADATA_FILE));
+    let mine =
+        job.on_rank0(|| fingerprint::input_fingerprint(input, files, metadata.as_deref()))?;
+    let shared = job
+        .comm
+        .all_gather(mine.unwrap_or_default().as_bytes())
+        .swap_remove(0);
+    String::from_utf8(shared).map_err(|_| {
+        Error::ranks_disagree(
+            "rank 0 sent an unreadable input fingerprint",
+            "all ranks must run the same st-consolidate-mpi binary",
+        )
+    })
+}
+
+/// `--resume`: sets `plan.kept` to the planned files an earlier run
+/// completed from these inputs, found by rank 0 and sent to every rank.
+/// With `verify`, a kept file whose tensor bytes differ from the inputs
+/// (compared by its owner) is rewritten instead, and a file of this layout
+/// that records no input fingerprint (an older version wrote it) is kept
+/// if its bytes are equal; without `verify` such a file is rewritten.
+pub(super) fn keep_complete_files(job: &Job, plan: &mut Plan, verify: bool) -> Result<()> {
     let (out, comm, rank) = (&job.config.output, job.comm, job.rank());
     let found = job.on_rank0(|| find_kept(out, plan))?;
-    let shared = comm.all_gather(&found.map(|k| encode_kept(&k)).unwrap_or_default());
-    let mut kept = decode_kept(&shared[0]);
-    if verify && !kept.is_empty() {
-        let candidates = Plan {
-            kept: kept.clone(),
-            ..plan.clone()
-        };
+    for line in found.iter().flat_map(|found| &found.rewritten) {
+        job.say(&format!("resume: {line}"));
+    }
+    let shared = comm.all_gather(&found.as_ref().map(encode_found).unwrap_or_default());
+    let Found {
+        complete,
+        unfingerprinted,
+        ..
+    } = agree(comm, decode_found(&shared[0]))?;
+    let mut kept = complete;
+    if !verify {
+        for &f in &unfingerprinted {
+            job.say(&format!(
+                "resume: {} records no input fingerprint (an older version wrote it); it is rewritten (with --verify it would be kept if its bytes equal the inputs)",
+                plan.files[f].name
+            ));
+        }
+        plan.kept = kept;
+        return say_kept(job, plan);
+    }
+    // The candidates as they are on disk: an unfingerprinted file's header
+    // is the planned one without the fingerprint, so its data starts earlier.
+    let mut candidates = Plan {
+        kept: kept.iter().chain(&unfingerprinted).copied().collect(),
+        ..plan.clone()
+    };
+    for &f in &unfingerprinted {
+        candidates.files[f].header = plan.header_with_fingerprint(f, None);
+    }
+    if !candidates.kept.is_empty() {
         let differ = job.agree(|| {
             let mut differ = BTreeSet::new();
             for target in kept_targets(out, &candidates, rank) {
@@ -31,21 +91,37 @@ pub(super) fn keep_complete_files(job: &Job, plan: &Plan, verify: bool) -> Resul
             }
             Ok(differ)
         })?;
-        for bytes in comm.all_gather(&encode_kept(&differ)) {
-            for f in decode_kept(&bytes) {
+        let differ: BTreeSet<usize> = comm
+            .all_gather(&encode_kept(&differ))
+            .iter()
+            .flat_map(|bytes| decode_kept(bytes))
+            .collect();
+        for &f in &candidates.kept {
+            let name = &plan.files[f].name;
+            if differ.contains(&f) {
                 job.say(&format!(
-                    "resume: {} differs from the inputs; it is rewritten",
-                    plan.files[f].name
+                    "resume: {name} differs from the inputs; it is rewritten"
                 ));
-                kept.remove(&f);
+            } else if unfingerprinted.contains(&f) {
+                job.say(&format!(
+                    "resume: {name} records no input fingerprint (an older version wrote it), but its tensor bytes equal the inputs; it is kept"
+                ));
+                plan.files[f].header = candidates.files[f].header.clone();
+                kept.insert(f);
             }
         }
+        kept.retain(|f| !differ.contains(f));
     }
+    plan.kept = kept;
+    say_kept(job, plan)
+}
+
+fn say_kept(job: &Job, plan: &Plan) -> Result<()> {
     job.say(&format!(
         "resume: keeping {} of {} files already complete in {}",
-        kept.len(),
+        plan.kept.len(),
         plan.files.len(),
-        out.display()
+        job.config.output.display()
     ));
-    Ok(kept)
+    Ok(())
 }
