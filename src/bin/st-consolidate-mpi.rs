@@ -38,22 +38,28 @@ Outputs appear under their final names only once every rank has succeeded;
 model.safetensors.index.json is written last.
 
 Examples:
-  st-consolidate-mpi --exclude 'optim.*' outputs/checkpoint/step-1000 hf-out/
-  mpirun -n 4 st-consolidate-mpi --include 'model.*' ckpt/pytorch_model_fsdp_0 hf-out/
+  st-consolidate-mpi --exclude 'optimizer.*' outputs/checkpoint/step-1000 hf-out/
+  mpirun -n 4 st-consolidate-mpi --hf-index orig/model.safetensors.index.json \\
+      ckpt/pytorch_model_fsdp_0 hf-out/
+  srun -n 64 st-consolidate-mpi ckpt/epoch_0_step_19/model ckpt/epoch_0_step_19/model/consolidated
   st-consolidate-mpi --mapping ckpt/mapping.json ckpt/sharded out/
   mpirun -n 4 st-consolidate-mpi --hf-index orig/model.safetensors.index.json ckpt out
   srun -n 64 --mpi=pmix st-consolidate-mpi --max-shard-size 5GB ckpt out"
 )]
 struct Cli {
-    /// The checkpoint folder: .metadata + *.distcp (DCP format), or shard-*.safetensors files
-    /// (or a sharded/ subfolder of them).
+    /// The checkpoint folder: .metadata + *.distcp (DCP format), or HF shards: every
+    /// *.safetensors file whose header carries DCP_SHARDING_INFO, whatever its name (or those of
+    /// a sharded/ subfolder, PyTorch's enable_consolidation layout). Files named
+    /// shard-RRRRR-model-IIIII-of-NNNNN are also checked for missing ranks; for other names the
+    /// coverage check (every tensor tiled exactly by its pieces) is what catches a missing file.
+    /// A NeMo Automodel model/ folder with .hf_metadata/ needs no other option.
     input_dir: PathBuf,
 
     /// Folder for model-*.safetensors and model.safetensors.index.json (created if missing).
     output_dir: PathBuf,
 
-    /// The input's format; auto decides from the folder (.metadata: dcp; shard-*.safetensors:
-    /// hf-shards) and refuses a folder holding both or neither.
+    /// The input's format; auto decides from the folder (.metadata: dcp; *.safetensors shards:
+    /// hf-shards, reading at most one header) and refuses a folder holding both or neither.
     #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
     input_format: FormatArg,
 
