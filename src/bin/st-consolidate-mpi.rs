@@ -124,6 +124,13 @@ struct Cli {
     #[arg(long, value_name = "DIR", conflicts_with_all = ["dry_run", "verify_only"])]
     hf_assets: Option<PathBuf>,
 
+    /// The index file's name instead of model.safetensors.index.json; `diffusers` stands for
+    /// diffusion_pytorch_model.safetensors.index.json (Diffusers models, NeMo's
+    /// --diffusers-compatible). --verify-only and --resume look for it under that name; with
+    /// --overwrite, an index of the other name left by an earlier run is removed.
+    #[arg(long, value_name = "NAME", value_parser = index_name_arg)]
+    index_name: Option<String>,
+
     /// Ignore INPUT_DIR/.hf_metadata. By default, when NeMo Automodel's .hf_metadata folder is
     /// in INPUT_DIR, its fqn_to_file_index_mapping.json is the mapping (unless a mapping option
     /// is given), its fqn_to_dtype_mapping.json the dtype map (unless --dtype-map is given), and
@@ -258,6 +265,7 @@ impl Cli {
                 },
                 schedule: self.schedule.into(),
                 input_fingerprint: None,
+                index_name: self.index_name,
             },
             threads: self.threads.map(usize::from),
             overwrite: self.overwrite,
@@ -339,6 +347,11 @@ impl From<HeadersArg> for HeaderReading {
             HeadersArg::Shared => HeaderReading::Shared,
         }
     }
+}
+
+/// `--index-name`, checked as clap parses it.
+fn index_name_arg(arg: &str) -> Result<String, String> {
+    st_consolidate_mpi::safetensors::naming::index_name_for(arg)
 }
 
 /// The `--dtype` choices.

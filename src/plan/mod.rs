@@ -90,6 +90,9 @@ pub struct PlanOptions {
     /// recorded in every header's `__metadata__`: not from the command line
     /// but set by the run once it has read the inputs.
     pub input_fingerprint: Option<String>,
+    /// The index file's name (`--index-name`); `None`: Hugging Face's
+    /// `model.safetensors.index.json`.
+    pub index_name: Option<String>,
 }
 
 /// Plans the consolidation of `checkpoint` for `world_size` ranks
@@ -115,6 +118,9 @@ pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) ->
         options.input_fingerprint.as_deref(),
     )?;
     plan.dtype_warning = dtype_warning;
+    if let Some(name) = &options.index_name {
+        plan.index_name = name.clone();
+    }
     plan.schedule = options.schedule;
     Ok(plan)
 }
@@ -133,6 +139,8 @@ pub struct Plan {
     /// The one warning about tensors of `--dtype-map` whose quantized or
     /// packed original was not restored.
     pub dtype_warning: Option<String>,
+    /// The index file's name, written last.
+    pub index_name: String,
     /// Number of ranks the plan was made for.
     pub world_size: usize,
     /// How work is split among the ranks. File creation, renaming and
@@ -222,6 +230,7 @@ impl Plan {
             files,
             missing: assignment.missing,
             dtype_warning: None,
+            index_name: crate::safetensors::naming::INDEX_NAME.to_string(),
             world_size,
             schedule: Schedule::Modulo,
             kept: BTreeSet::new(),

@@ -450,7 +450,7 @@ fn consolidate(
     };
     // An old index goes before any model file is replaced, so that a crash
     // part-way never leaves an index describing a mix of old and new files.
-    job.on_rank0(|| retire_old_index(out))?;
+    job.on_rank0(|| retire_old_index(out, plan))?;
     // Every folder a file was renamed in is synced: OUTPUT_DIR, and the
     // subfolders assets went into.
     let mut folders = std::collections::BTreeSet::from([out.clone()]);
