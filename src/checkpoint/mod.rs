@@ -53,6 +53,12 @@ pub struct Checkpoint {
     /// checkpoint's `.metadata`), with what each was when this rank opened
     /// it: compared across ranks and checked again before publishing.
     pub inputs: identity::Inputs,
+    /// For a DCP checkpoint saved from a nested state dict (`dcp.save({"model":
+    /// sd})`), each tensor's top-level key there (`model`), by tensor name,
+    /// from `.metadata`'s planner_data; tensors saved at the top level have
+    /// none. Only recorded, never applied to the names.
+    #[serde(default)]
+    pub top_level_keys: std::collections::BTreeMap<String, String>,
 }
 
 /// Where a piece's bytes live: an input file and an absolute byte offset.

@@ -24,7 +24,7 @@ use crate::safetensors::header::byte_len;
 use archive::{ChunkRequest, locate_chunk_data};
 use metadata::{Entry, Metadata, MetadataError, TensorMeta, TorchDtype};
 use pickle::{Limits, PickleErrorKind};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
@@ -55,6 +55,9 @@ pub struct DcpCheckpoint {
     pub excluded: Vec<(String, u64)>,
     /// `.metadata` and then `files`, with what each was when opened.
     pub inputs: Inputs,
+    /// Each tensor's top-level key in the state dict given to `dcp.save`,
+    /// when planner_data records one (see `Checkpoint::top_level_keys`).
+    pub top_level_keys: BTreeMap<String, String>,
 }
 
 /// A tensor whose dtype cannot be written to safetensors.
@@ -99,6 +102,7 @@ pub fn read_checkpoint(dir: &Path, select: &Selection) -> Result<Checkpoint> {
         non_tensors: dcp.non_tensors,
         excluded: dcp.excluded,
         inputs: dcp.inputs,
+        top_level_keys: dcp.top_level_keys,
     })
 }
 
@@ -132,6 +136,7 @@ pub fn read_dcp_checkpoint_with(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Resu
         skipped: Vec::new(),
         excluded: Vec::new(),
         inputs: Inputs::default(),
+        top_level_keys: BTreeMap::new(),
     };
     for entry in &metadata.entries {
         let tensor = match entry {
@@ -141,6 +146,11 @@ pub fn read_dcp_checkpoint_with(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Resu
             }
             Entry::Tensor(tensor) => tensor,
         };
+        if let Some(key) = &tensor.top_level_key {
+            checkpoint
+                .top_level_keys
+                .insert(tensor.name.clone(), key.clone());
+        }
         if !keep(&tensor.name) {
             let bytes = match tensor.dtype {
                 TorchDtype::Supported(dtype) => byte_len(&tensor.shape, dtype).unwrap_or(0),
@@ -191,18 +201,7 @@ pub fn read_metadata_file(path: &Path) -> Result<Metadata> {
 /// Reads and parses a `.metadata` file, adding it to `inputs` as opened.
 fn read_metadata_into(path: &Path, inputs: &mut Inputs) -> Result<Metadata> {
     let bytes = read_capped(path, Limits::METADATA.max_input as u64, inputs)?;
-    let parsed = pickle::parse(&bytes, &Limits::METADATA).map_err(|err| {
-        let hint = match err.kind {
-            PickleErrorKind::ForbiddenGlobal(_) => {
-                "either a newer PyTorch saved a class this program does not know yet (report its name so it can be reviewed and allowed), or the file was made to run code: do not load it in Python before checking where it came from"
-            }
-            _ => {
-                "the file is truncated or corrupt, or not a DCP checkpoint's .metadata; copy it again or re-save the checkpoint"
-            }
-        };
-        bad_metadata(path, err.to_string(), hint)
-    })?;
-    metadata::from_pickle(&parsed).map_err(|err| metadata_error(path, err))
+    metadata::parse_metadata(&bytes).map_err(|err| metadata_error(path, err))
 }
 
 fn read_capped(path: &Path, max: u64, inputs: &mut Inputs) -> Result<Vec<u8>> {
@@ -237,6 +236,17 @@ fn bad_metadata(path: &Path, reason: String, hint: &str) -> Error {
 
 fn metadata_error(path: &Path, err: MetadataError) -> Error {
     const HINT: &str = "the checkpoint's .metadata is inconsistent or from an unknown PyTorch version; re-save the checkpoint";
+    if let Some(refusal) = &err.pickle {
+        let hint = match refusal.kind {
+            PickleErrorKind::ForbiddenGlobal(_) => {
+                "either a newer PyTorch saved a class this program does not know yet (report its name so it can be reviewed and allowed), or the file was made to run code: do not load it in Python before checking where it came from"
+            }
+            _ => {
+                "the file is truncated or corrupt, or not a DCP checkpoint's .metadata; copy it again or re-save the checkpoint"
+            }
+        };
+        return bad_metadata(path, err.reason, hint);
+    }
     match err.tensor {
         Some(tensor) => Error::BadTensor {
             path: path.to_owned(),
@@ -316,36 +326,36 @@ fn locate_tensor(
         hint: "the checkpoint's .metadata is inconsistent; re-save the checkpoint",
     };
     let mut pieces = Vec::with_capacity(tensor.chunks.len());
-    for chunk in &tensor.chunks {
-        let chunk_region = region(&chunk.offsets, &chunk.sizes);
-        let key = (tensor.name.clone(), chunk.offsets.clone());
-        let Some(info) = metadata.storage.get(&key) else {
+    for meta in &tensor.chunks {
+        let chunk = metadata.chunk(tensor, meta);
+        let chunk_region = region(chunk.offsets, chunk.sizes);
+        let Some(info) = meta.storage else {
             return Err(in_metadata(format!(
                 "chunk {chunk_region} has no storage_data entry"
             )));
         };
-        if !is_plain_relative(&info.relative_path) {
+        let relative_path = &metadata.files[info.file as usize];
+        if !is_plain_relative(relative_path) {
             return Err(in_metadata(format!(
-                "chunk {chunk_region} is stored in {:?}, outside the checkpoint directory",
-                info.relative_path
+                "chunk {chunk_region} is stored in {relative_path:?}, outside the checkpoint directory"
             )));
         }
-        let path = dir.join(&info.relative_path);
-        if !info.transforms.is_empty() {
+        let path = dir.join(relative_path);
+        let transforms = &metadata.transforms[info.transforms as usize];
+        if !transforms.is_empty() {
             return Err(Error::BadTensor {
                 path,
                 tensor: tensor.name.clone(),
                 reason: format!(
-                    "chunk {chunk_region} was written through stream transforms {:?} (compression), which this program does not undo",
-                    info.transforms
+                    "chunk {chunk_region} was written through stream transforms {transforms:?} (compression), which this program does not undo"
                 ),
                 hint: "re-save the checkpoint without FileSystemWriter extensions such as ZStandard (the default writes plain archives)",
             });
         }
-        let (shard, file, file_len) = files.get(dir, &info.relative_path, &tensor.name)?;
+        let (shard, file, file_len) = files.get(dir, relative_path, &tensor.name)?;
         let request = ChunkRequest {
             dtype,
-            sizes: &chunk.sizes,
+            sizes: chunk.sizes,
             offset: info.offset,
             length: info.length,
         };
@@ -361,7 +371,7 @@ fn locate_tensor(
             offset: data.offset,
             crc32: Some(data.crc32),
         };
-        pieces.push(Piece::new(location, &chunk.offsets, &chunk.sizes));
+        pieces.push(Piece::new(location, chunk.offsets, chunk.sizes));
     }
     let spec = TensorSpec {
         name: &tensor.name,

@@ -242,6 +242,7 @@ pub fn checkpoint_from(
         skipped_outputs: set.skipped,
         non_tensors: Vec::new(),
         excluded: Vec::new(),
+        top_level_keys: Default::default(),
     })
 }
 

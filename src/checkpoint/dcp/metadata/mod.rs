@@ -1,12 +1,20 @@
-//! DCP's `.metadata` pickle as plain Rust values: what each saved entry is,
-//! its chunks, and which byte range of which file holds each chunk.
+//! DCP's `.metadata` pickle read straight into a compact model: what each
+//! saved entry is, its chunks, and which byte range of which file holds
+//! each chunk.
+//!
+//! The reader ([`fold`]) takes each of DCP's objects as the pickle
+//! interpreter completes it, so the file is never held as a tree of values:
+//! names and file paths are shared strings, offsets and sizes live in one
+//! pool of integers, and a chunk costs a few dozen bytes. What the reader
+//! builds is bounded by the file's size (chunks, attribute pairs), a part
+//! shared through the memo is taken once, and a duplicate chunk is refused
+//! when its tensor is read; [`ReadCounters`] say what a read built.
 
-mod reader;
+mod fold;
 
-use super::pickle::{self, Limits, Pickle};
+use super::pickle::{self, Limits, PickleError};
 use crate::safetensors::dtype::Dtype;
-use reader::Reader;
-use std::collections::HashMap;
+use fold::Folder;
 use std::fmt;
 
 /// Everything this reader needs from a `.metadata` file.
@@ -14,8 +22,14 @@ use std::fmt;
 pub struct Metadata {
     /// The saved entries, in the order the state dict had them.
     pub entries: Vec<Entry>,
-    /// Where each tensor chunk is stored, by (tensor name, chunk offsets).
-    pub storage: HashMap<(String, Vec<u64>), StorageInfo>,
+    /// The files chunks are stored in, relative to the checkpoint
+    /// directory (`StorageInfo::file` indexes them).
+    pub files: Vec<String>,
+    /// Stream transforms chunks were written through (`StorageInfo::transforms`
+    /// indexes them; 0 is none).
+    pub transforms: Vec<Vec<String>>,
+    /// Every chunk's offsets and sizes (`ChunkMeta` indexes them).
+    dims: Vec<u64>,
 }
 
 /// One entry of the saved state dict.
@@ -54,32 +68,83 @@ pub struct TensorMeta {
     pub dtype: TorchDtype,
     /// The full tensor's shape.
     pub shape: Vec<u64>,
-    /// The saved pieces, each a block inside `shape`.
-    pub chunks: Vec<Chunk>,
+    /// The saved pieces, each a block inside `shape` (see [`Metadata::chunk`]).
+    pub chunks: Vec<ChunkMeta>,
+    /// The top-level key of the state dict the entry was saved under, when
+    /// `planner_data` records a path of more than one element for it:
+    /// `model` for `model.lm_head.weight` saved by `dcp.save({"model": sd})`.
+    pub top_level_key: Option<String>,
 }
 
-/// One saved block of a tensor.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Chunk {
-    /// Where the block starts in the full tensor.
-    pub offsets: Vec<u64>,
-    /// The block's shape.
-    pub sizes: Vec<u64>,
+/// One saved block of a tensor, compactly: where its offsets and sizes are
+/// in [`Metadata`]'s pool, and where its archive is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkMeta {
+    offsets: u32,
+    sizes: u32,
+    /// Where the chunk's archive is, if `storage_data` lists it.
+    pub storage: Option<StorageInfo>,
 }
 
 /// Where one chunk's torch.save archive is: `[offset, offset + length)` of
-/// the file `relative_path` in the checkpoint directory.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// the file `Metadata::files[file]` in the checkpoint directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StorageInfo {
-    /// The `.distcp` file, relative to the checkpoint directory.
-    pub relative_path: String,
+    /// Index into [`Metadata::files`].
+    pub file: u32,
+    /// Index into [`Metadata::transforms`]; 0 for plain archives.
+    pub transforms: u32,
     /// First byte of the archive in that file.
     pub offset: u64,
     /// Length of the archive.
     pub length: u64,
-    /// Stream transforms applied when writing (e.g. `stream.zstd/1`); empty
-    /// for plain archives.
-    pub transforms: Vec<String>,
+}
+
+/// One chunk as its reader sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk<'a> {
+    /// Where the block starts in the full tensor.
+    pub offsets: &'a [u64],
+    /// The block's shape.
+    pub sizes: &'a [u64],
+}
+
+impl Metadata {
+    /// The offsets and sizes of `chunk`, a chunk of `tensor`.
+    pub fn chunk<'a>(&'a self, tensor: &TensorMeta, chunk: &ChunkMeta) -> Chunk<'a> {
+        let ndim = tensor.shape.len();
+        let at = |start: u32| &self.dims[start as usize..start as usize + ndim];
+        Chunk {
+            offsets: at(chunk.offsets),
+            sizes: at(chunk.sizes),
+        }
+    }
+
+    /// The tensor entries.
+    pub fn tensors(&self) -> impl Iterator<Item = &TensorMeta> {
+        self.entries.iter().filter_map(|entry| match entry {
+            Entry::Tensor(tensor) => Some(tensor),
+            Entry::NonTensor(_) => None,
+        })
+    }
+}
+
+/// What reading a `.metadata` built, counted by the interpreter and the
+/// reader: the tests assert on these rather than on time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadCounters {
+    /// The file's size in bytes.
+    pub input: usize,
+    /// Values the interpreter built.
+    pub values: u64,
+    /// Bytes charged for them.
+    pub bytes: usize,
+    /// Objects taken into the model as they were completed.
+    pub folded: u64,
+    /// Chunks built into the model (every tensor's, summed).
+    pub pieces: u64,
+    /// Attribute-dictionary pairs looked at.
+    pub attribute_pairs: u64,
 }
 
 /// Why a `.metadata` file cannot be used.
@@ -89,6 +154,9 @@ pub struct MetadataError {
     pub tensor: Option<String>,
     /// What is wrong.
     pub reason: String,
+    /// The interpreter's refusal, when the pickle itself was refused
+    /// (a forbidden global, truncation, a limit).
+    pub pickle: Option<PickleError>,
 }
 
 impl fmt::Display for MetadataError {
@@ -108,13 +176,14 @@ fn fail<T>(reason: impl Into<String>) -> Parsed<T> {
     Err(MetadataError {
         tensor: None,
         reason: reason.into(),
+        pickle: None,
     })
 }
 
 fn in_entry(name: &str) -> impl Fn(MetadataError) -> MetadataError + '_ {
     move |err| MetadataError {
         tensor: err.tensor.or_else(|| Some(name.to_owned())),
-        reason: err.reason,
+        ..err
     }
 }
 
@@ -122,55 +191,32 @@ const DCP_METADATA: &str = "torch.distributed.checkpoint.metadata";
 
 /// Parses the bytes of a `.metadata` file.
 pub fn parse_metadata(bytes: &[u8]) -> Parsed<Metadata> {
-    let pickle = pickle::parse(bytes, &Limits::METADATA).map_err(|err| MetadataError {
-        tensor: None,
-        reason: err.to_string(),
-    })?;
-    from_pickle(&pickle)
+    parse_metadata_counted(bytes).0
 }
 
-/// Reads DCP metadata from an already parsed pickle.
-pub fn from_pickle(pickle: &Pickle) -> Parsed<Metadata> {
-    let reader = Reader { pickle };
-    let root = reader.object_of(pickle.root(), DCP_METADATA, "Metadata", "the pickle")?;
-    let fields = reader.fields(root, "Metadata")?;
-    let Some(state_dict) = reader.field(fields, "state_dict_metadata") else {
-        return fail("Metadata has no state_dict_metadata");
+/// Parses the bytes of a `.metadata` file, and says what it built, also
+/// when it refused them.
+pub fn parse_metadata_counted(bytes: &[u8]) -> (Parsed<Metadata>, ReadCounters) {
+    let mut folder = Folder::new(bytes.len());
+    let (parsed, machine) = pickle::parse_folding(bytes, &Limits::METADATA, Some(&mut folder));
+    let result = match parsed {
+        Ok(pickle) => folder.finish(&pickle),
+        Err(err) if err.kind == pickle::PickleErrorKind::Refused => Err(folder.take_error()),
+        Err(err) => Err(MetadataError {
+            tensor: None,
+            reason: err.to_string(),
+            pickle: Some(err),
+        }),
     };
-    let Some(entries) = pickle.dict(state_dict) else {
-        return fail(format!(
-            "state_dict_metadata is a {}, not a dict",
-            pickle.describe(state_dict)
-        ));
+    let counters = ReadCounters {
+        input: bytes.len(),
+        values: machine.values,
+        bytes: machine.bytes,
+        folded: machine.folded,
+        pieces: folder.pieces,
+        attribute_pairs: folder.attribute_pairs,
     };
-    let entries = entries
-        .iter()
-        .map(|&(key, value)| reader.entry(key, value))
-        .collect::<Parsed<Vec<_>>>()?;
-    check_unique_names(&entries)?;
-    let storage = match reader.field(fields, "storage_data") {
-        Some(storage) => reader.storage_data(storage)?,
-        None => return fail("Metadata has no storage_data"),
-    };
-    Ok(Metadata { entries, storage })
-}
-
-/// A Python dict has unique keys; a pickle listing one twice is not DCP's.
-fn check_unique_names(entries: &[Entry]) -> Parsed<()> {
-    let mut seen = std::collections::HashSet::with_capacity(entries.len());
-    for entry in entries {
-        let name = match entry {
-            Entry::Tensor(tensor) => &tensor.name,
-            Entry::NonTensor(name) => name,
-        };
-        if !seen.insert(name) {
-            return Err(MetadataError {
-                tensor: Some(name.clone()),
-                reason: "is listed twice in state_dict_metadata".into(),
-            });
-        }
-    }
-    Ok(())
+    (result, counters)
 }
 
 #[cfg(test)]
@@ -286,27 +332,31 @@ mod tests {
     #[test]
     fn a_hand_written_metadata_reads_back() {
         let meta = parse_metadata(&metadata("bfloat16", 0, 4, &[])).unwrap();
+        assert_eq!(meta.entries.len(), 2);
+        assert_eq!(meta.entries[1], Entry::NonTensor("step".into()));
+        let Entry::Tensor(tensor) = &meta.entries[0] else {
+            panic!("not a tensor");
+        };
         assert_eq!(
-            meta.entries,
-            vec![
-                Entry::Tensor(TensorMeta {
-                    name: "w".into(),
-                    dtype: TorchDtype::Supported(Dtype::BF16),
-                    shape: vec![4],
-                    chunks: vec![Chunk {
-                        offsets: vec![0],
-                        sizes: vec![4]
-                    }],
-                }),
-                Entry::NonTensor("step".into()),
-            ]
+            (tensor.name.as_str(), tensor.dtype, tensor.shape.as_slice()),
+            ("w", TorchDtype::Supported(Dtype::BF16), &[4][..])
         );
-        let info = &meta.storage[&("w".to_owned(), vec![0])];
+        assert_eq!(tensor.top_level_key, None);
+        let [chunk] = tensor.chunks.as_slice() else {
+            panic!("one chunk");
+        };
+        let view = meta.chunk(tensor, chunk);
+        assert_eq!((view.offsets, view.sizes), (&[0][..], &[4][..]));
+        let info = chunk.storage.unwrap();
         assert_eq!(
-            (info.relative_path.as_str(), info.offset, info.length),
+            (
+                meta.files[info.file as usize].as_str(),
+                info.offset,
+                info.length
+            ),
             ("__0_0.distcp", 0, 100)
         );
-        assert!(info.transforms.is_empty());
+        assert!(meta.transforms[info.transforms as usize].is_empty());
     }
 
     #[test]
@@ -317,8 +367,8 @@ mod tests {
         };
         assert_eq!(tensor.dtype, TorchDtype::Unsupported("complex128"));
         assert_eq!(tensor.dtype.to_string(), "torch.complex128");
-        let info = &meta.storage[&("w".to_owned(), vec![0])];
-        assert_eq!(info.transforms, vec!["stream.zstd/1".to_owned()]);
+        let info = tensor.chunks[0].storage.unwrap();
+        assert_eq!(meta.transforms[info.transforms as usize], ["stream.zstd/1"]);
     }
 
     #[test]

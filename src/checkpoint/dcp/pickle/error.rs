@@ -38,6 +38,8 @@ pub enum PickleErrorKind {
     MissingMemo(u64),
     /// An operand of the wrong type or value.
     Invalid(String),
+    /// The reader folding the pickle's objects refused one (it says why).
+    Refused,
 }
 
 /// A refused pickle: what was wrong and where.
@@ -82,6 +84,7 @@ impl fmt::Display for PickleError {
             }
             PickleErrorKind::MissingMemo(index) => write!(f, "memo entry {index} was never stored"),
             PickleErrorKind::Invalid(reason) => f.write_str(reason),
+            PickleErrorKind::Refused => f.write_str("refused by the reader of its objects"),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The opcode interpreter: reads one opcode at a time and builds values,
 //! refusing what the allowlist and the limits do not admit.
 
-use super::{Limits, Node, Object, PickleErrorKind, Value, allowed_global};
+use super::{Fold, Limits, Node, NodeId, Object, Pickle, PickleErrorKind, Value, allowed_global};
 use std::collections::HashMap;
 
 pub(super) type Step<T> = Result<T, PickleErrorKind>;
@@ -10,11 +10,12 @@ pub(super) fn invalid<T>(reason: impl Into<String>) -> Step<T> {
     Err(PickleErrorKind::Invalid(reason.into()))
 }
 
-pub(super) struct Machine<'a> {
+pub(super) struct Machine<'a, 'f> {
     pub(super) data: &'a [u8],
     pub(super) pos: usize,
     pub(super) limits: Limits,
-    pub(super) nodes: Vec<Node>,
+    /// The arena built so far (its root is set at `STOP`).
+    pub(super) pickle: Pickle,
     pub(super) stack: Vec<Value>,
     /// Stack lengths at each open MARK.
     pub(super) marks: Vec<usize>,
@@ -26,9 +27,15 @@ pub(super) struct Machine<'a> {
     pub(super) memo_count: usize,
     /// Bytes of values built so far, as charged against `max_memory`.
     pub(super) memory: usize,
+    /// The reader taking completed objects, if any.
+    pub(super) fold: Option<&'f mut dyn Fold>,
+    /// The nodes the last fold consumed (reused between folds).
+    pub(super) spent: Vec<NodeId>,
+    /// Objects folded so far.
+    pub(super) folded: u64,
 }
 
-impl Machine<'_> {
+impl Machine<'_, '_> {
     /// Runs one opcode; returns the root at `STOP`.
     pub(super) fn step(&mut self, op: u8) -> Step<Option<Value>> {
         match op {
@@ -227,6 +234,7 @@ impl Machine<'_> {
                     }
                     _ => return invalid("BUILD on a value that is not an object"),
                 }
+                self.fold_top()?;
             }
             b'Q' => {
                 let pid = self.pop()?;
@@ -355,7 +363,44 @@ impl Machine<'_> {
             args,
             kwargs,
             state: None,
-        })))
+        })))?;
+        self.fold_top()
+    }
+
+    /// Offers the object on top of the stack to the fold, if there is one:
+    /// a taken object becomes `Folded` and its parts are retired.
+    fn fold_top(&mut self) -> Step<()> {
+        let Some(fold) = self.fold.as_mut() else {
+            return Ok(());
+        };
+        let Some(&Value::Node(id)) = self.stack.last() else {
+            return Ok(());
+        };
+        let Some(Node::Object(object)) = self.pickle.nodes.get(id) else {
+            return Ok(());
+        };
+        let object = **object;
+        let frame = self.marks.last().copied().unwrap_or(0);
+        let below = match self.stack.len().checked_sub(2) {
+            Some(at) if at >= frame => Some(self.stack[at]),
+            _ => None,
+        };
+        self.spent.clear();
+        let folded = fold
+            .fold(&self.pickle, &object, below, &mut self.spent)
+            .map_err(|_| PickleErrorKind::Refused)?;
+        if let Some(folded) = folded {
+            self.folded += 1;
+            self.pickle.nodes[id] = Node::Folded(folded);
+            for &part in &self.spent {
+                if part != id
+                    && let Some(node) = self.pickle.nodes.get_mut(part)
+                {
+                    *node = Node::Spent;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

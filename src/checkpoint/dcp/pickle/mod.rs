@@ -11,6 +11,15 @@
 //! Values live in an arena and refer to each other by index, so a memo
 //! lookup (`BINGET`) copies an index, not a subtree: the work and memory of
 //! a parse are linear in the input's size whatever the input.
+//!
+//! A reader that knows what the pickle holds passes a [`Fold`]: each object
+//! is handed to it as soon as it is complete (at `BUILD`, or at `REDUCE` for
+//! objects built from their arguments), and the reader may take it into a
+//! model of its own. The object then becomes a small [`Node::Folded`] and
+//! the parts it was built from are retired ([`Node::Spent`], their memory
+//! freed), so no value tree of the whole file is ever kept, and a part
+//! shared through the memo by two objects is refused instead of being
+//! expanded twice. [`Counters`] record what a parse built.
 
 mod allowlist;
 mod error;
@@ -108,7 +117,7 @@ impl fmt::Display for Global {
 
 /// A class instance or call result that Python would have built by running
 /// code; here only its ingredients are recorded.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Object {
     /// The class or function called.
     pub class: Global,
@@ -144,7 +153,45 @@ pub enum Node {
     Object(Box<Object>),
     /// `BINPERSID`'s result: torch.save's reference to a storage record.
     PersistentId(Value),
+    /// An object a [`Fold`] took into its own model: its id there.
+    Folded(u32),
+    /// A part of an object a [`Fold`] took (its attributes, its
+    /// arguments): consumed, its memory freed. A pickle that uses it again
+    /// is refused.
+    Spent,
 }
+
+/// What a parse built, for the tests and for refusals that say why.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Values built in the arena (strings, containers, objects, ...).
+    pub values: u64,
+    /// Bytes charged for them against [`Limits::max_memory`].
+    pub bytes: usize,
+    /// Objects a [`Fold`] took into its model.
+    pub folded: u64,
+}
+
+/// A reader that takes completed objects into a model of its own while the
+/// pickle is parsed (see the module documentation).
+pub trait Fold {
+    /// Called with each object as soon as it is complete; `below` is the
+    /// value under it on the stack, if any in the current MARK frame (in a
+    /// dict being filled, the object's key). `Ok(Some(n))` takes it: the node becomes `Folded(n)` and every node
+    /// the folder pushed on `spent` is retired. `Ok(None)` leaves it as an
+    /// [`Object`]. `Err` stops the parse (the folder keeps the reason).
+    fn fold(
+        &mut self,
+        pickle: &Pickle,
+        object: &Object,
+        below: Option<Value>,
+        spent: &mut Vec<NodeId>,
+    ) -> Result<Option<u32>, FoldStop>;
+}
+
+/// A [`Fold`] refused the pickle; it holds the reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FoldStop;
 
 /// A parsed pickle: the arena and the root value.
 #[derive(Clone, Debug)]
@@ -244,6 +291,10 @@ impl Pickle {
                 Some(Node::Global(global)) => format!("global {global}"),
                 Some(Node::Object(object)) => format!("{} object", object.class),
                 Some(Node::PersistentId(_)) => "persistent id".into(),
+                Some(Node::Folded(_)) => "checkpoint object".into(),
+                Some(Node::Spent) => {
+                    "part of another object, used again through the pickle memo".into()
+                }
                 None => "dangling reference".into(),
             },
         }
@@ -252,32 +303,49 @@ impl Pickle {
 
 /// Parses a pickle into values, refusing anything outside the allowlist.
 pub fn parse(data: &[u8], limits: &Limits) -> Result<Pickle, PickleError> {
+    parse_folding(data, limits, None).0
+}
+
+/// Parses a pickle, handing each completed object to `fold` if given, and
+/// returns what the parse built even when it refused the pickle.
+pub fn parse_folding(
+    data: &[u8],
+    limits: &Limits,
+    fold: Option<&mut dyn Fold>,
+) -> (Result<Pickle, PickleError>, Counters) {
     if data.len() > limits.max_input {
-        return Err(PickleError {
+        let err = PickleError {
             offset: 0,
             opcode: None,
             kind: PickleErrorKind::TooLarge {
                 len: data.len(),
                 max: limits.max_input,
             },
-        });
+        };
+        return (Err(err), Counters::default());
     }
     let mut machine = Machine {
         data,
         pos: 0,
         limits: *limits,
-        nodes: Vec::new(),
+        pickle: Pickle {
+            nodes: Vec::new(),
+            root: Value::None,
+        },
         stack: Vec::new(),
         marks: Vec::new(),
         memo: Vec::new(),
         sparse_memo: HashMap::new(),
         memo_count: 0,
         memory: 0,
+        fold,
+        spent: Vec::new(),
+        folded: 0,
     };
-    loop {
+    let result = loop {
         let start = machine.pos;
         let Some(&op) = data.get(start) else {
-            return Err(PickleError {
+            break Err(PickleError {
                 offset: start,
                 opcode: None,
                 kind: PickleErrorKind::Truncated,
@@ -285,20 +353,25 @@ pub fn parse(data: &[u8], limits: &Limits) -> Result<Pickle, PickleError> {
         };
         machine.pos += 1;
         match machine.step(op) {
-            Ok(Some(root)) => {
-                return Ok(Pickle {
-                    nodes: machine.nodes,
-                    root,
-                });
-            }
+            Ok(Some(root)) => break Ok(root),
             Ok(None) => {}
             Err(kind) => {
-                return Err(PickleError {
+                break Err(PickleError {
                     offset: start,
                     opcode: Some(op),
                     kind,
                 });
             }
         }
-    }
+    };
+    let counters = Counters {
+        values: machine.pickle.nodes.len() as u64,
+        bytes: machine.memory,
+        folded: machine.folded,
+    };
+    let result = result.map(|root| Pickle {
+        nodes: machine.pickle.nodes,
+        root,
+    });
+    (result, counters)
 }

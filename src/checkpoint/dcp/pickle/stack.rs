@@ -4,7 +4,7 @@
 use super::machine::{Machine, Step, invalid};
 use super::{Global, Node, Object, PickleErrorKind, Value};
 
-impl Machine<'_> {
+impl Machine<'_, '_> {
     pub(super) fn put(&mut self, index: u64) -> Step<()> {
         let top = self.peek()?;
         let new = match usize::try_from(index) {
@@ -56,11 +56,11 @@ impl Machine<'_> {
             }
             Node::Dict(pairs) => pairs.len() * size_of::<(Value, Value)>(),
             Node::Object(_) => size_of::<Object>(),
-            Node::Global(_) | Node::PersistentId(_) => 0,
+            Node::Global(_) | Node::PersistentId(_) | Node::Folded(_) | Node::Spent => 0,
         };
         self.charge(size_of::<Node>() + heap)?;
-        self.nodes.push(node);
-        self.push(Value::Node(self.nodes.len() - 1))
+        self.pickle.nodes.push(node);
+        self.push(Value::Node(self.pickle.nodes.len() - 1))
     }
 
     /// Pops from the current frame: values below the last MARK are out of reach.
@@ -98,6 +98,7 @@ impl Machine<'_> {
         let top = self.peek()?;
         match top {
             Value::Node(id) => self
+                .pickle
                 .nodes
                 .get_mut(id)
                 .ok_or(PickleErrorKind::StackUnderflow),
@@ -138,7 +139,7 @@ impl Machine<'_> {
 
     pub(super) fn node_of(&self, value: Value) -> Option<&Node> {
         match value {
-            Value::Node(id) => self.nodes.get(id),
+            Value::Node(id) => self.pickle.nodes.get(id),
             _ => None,
         }
     }
