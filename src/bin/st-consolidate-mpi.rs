@@ -131,6 +131,13 @@ struct Cli {
     #[arg(long, value_name = "NAME", value_parser = index_name_arg)]
     index_name: Option<String>,
 
+    /// Keep the saved names of a DCP checkpoint whose tensors all sit under one top-level key of
+    /// the saved state dict. By default the names inside it are written, as accelerate
+    /// merge-weights does for accelerate's FSDP folders (dcp.save({"model": state_dict}) saves
+    /// model.lm_head.weight; the output says lm_head.weight). Mappings match either name.
+    #[arg(long)]
+    keep_top_level_key: bool,
+
     /// Ignore INPUT_DIR/.hf_metadata. By default, when NeMo Automodel's .hf_metadata folder is
     /// in INPUT_DIR, its fqn_to_file_index_mapping.json is the mapping (unless a mapping option
     /// is given), its fqn_to_dtype_mapping.json the dtype map (unless --dtype-map is given), and
@@ -266,6 +273,7 @@ impl Cli {
                 schedule: self.schedule.into(),
                 input_fingerprint: None,
                 index_name: self.index_name,
+                keep_top_level_key: self.keep_top_level_key,
             },
             threads: self.threads.map(usize::from),
             overwrite: self.overwrite,

@@ -93,13 +93,24 @@ pub struct PlanOptions {
     /// The index file's name (`--index-name`); `None`: Hugging Face's
     /// `model.safetensors.index.json`.
     pub index_name: Option<String>,
+    /// Keep saved names under a single top-level key of the saved state
+    /// dict (`--keep-top-level-key`) instead of writing the names inside it.
+    pub keep_top_level_key: bool,
 }
 
 /// Plans the consolidation of `checkpoint` for `world_size` ranks
 /// (identical on every rank that read the same checkpoint).
 pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) -> Result<Plan> {
     let mut tensors = checkpoint.tensors;
-    let saved_names = strip_prefixes(&mut tensors, &options.strip_prefixes, &checkpoint.files)?;
+    let unwrapped = match options.keep_top_level_key {
+        true => None,
+        false => names::single_top_level_key(&tensors, &checkpoint.top_level_keys),
+    };
+    let prefixes = match &unwrapped {
+        Some(key) => names::under_key(key, &options.strip_prefixes),
+        None => options.strip_prefixes.clone(),
+    };
+    let saved_names = strip_prefixes(&mut tensors, &prefixes, &checkpoint.files)?;
     let map = dtypes::load_map(&options.dtype_map)?;
     let output = dtypes::resolve(&tensors, &saved_names, options.dtype, &map);
     let sizes: Vec<(&str, u64)> = tensors
@@ -118,6 +129,7 @@ pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) ->
         options.input_fingerprint.as_deref(),
     )?;
     plan.dtype_warning = dtype_warning;
+    plan.unwrapped_key = unwrapped;
     if let Some(name) = &options.index_name {
         plan.index_name = name.clone();
     }
@@ -141,6 +153,9 @@ pub struct Plan {
     pub dtype_warning: Option<String>,
     /// The index file's name, written last.
     pub index_name: String,
+    /// The one top-level key of the saved state dict every tensor sat
+    /// under, left out of the output names (accelerate's `{"model": ...}`).
+    pub unwrapped_key: Option<String>,
     /// Number of ranks the plan was made for.
     pub world_size: usize,
     /// How work is split among the ranks. File creation, renaming and
@@ -231,6 +246,7 @@ impl Plan {
             missing: assignment.missing,
             dtype_warning: None,
             index_name: crate::safetensors::naming::INDEX_NAME.to_string(),
+            unwrapped_key: None,
             world_size,
             schedule: Schedule::Modulo,
             kept: BTreeSet::new(),

@@ -202,6 +202,15 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     if let Some(warning) = &plan.dtype_warning {
         job.say(warning);
     }
+    if let Some(key) = &plan.unwrapped_key {
+        job.say(&format!(
+            "note: every tensor was saved under the state dict's one top-level key '{}' \
+             (accelerate's FSDP layout): names are written without '{}.', as accelerate \
+             merge-weights writes them; --keep-top-level-key keeps the saved names",
+            shown(key),
+            shown(key)
+        ));
+    }
     if let Some(note) = crate::report::optimizer_note(&facts) {
         job.say(&note);
     }
