@@ -61,7 +61,8 @@ for names in shard model; do
         cast_arg=()
         if [ "$cast" != none ]; then
             flag=(--dtype "$cast")
-            cast_arg=(--cast "$cast")
+            # NeMo's alias for the same dtype (resolve_dtype_cast).
+            cast_arg=(--cast "$(echo "$cast" | sed "s/^f\([0-9]\)/fp\1/")")
         fi
         "$venv/bin/python" scripts/nemo_reference.py nemo "$ckpt" "$ref" "${cast_arg[@]}" 2>"$work/nemo.log" ||
             { cat "$work/nemo.log"; exit 1; }

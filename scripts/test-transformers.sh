@@ -35,4 +35,22 @@ for dtype in bf16 f16; do
     mpirun -n 2 "$bin" -q --dtype "$dtype" --hf-index "$index" --hf-assets "$work/model" "$work/shards" "$work/out-$dtype"
     "$venv/bin/python" scripts/transformers_roundtrip.py cast "$work" "$work/out-$dtype" "$dtype"
 done
-echo "transformers: 1 passed, 0 failed"
+# accelerate's FSDP folder (dcp.save({"model": state_dict}), written by
+# PyTorch with scripts/make_layout_fixtures.py), consolidated with the
+# README's example plus --hf-assets: transformers loads it, with the original
+# model's names and weights.
+orig=tests/fixtures/layout-orig
+mpirun -n 2 "$bin" -q --hf-index "$orig/model.safetensors.index.json" --hf-assets "$orig" \
+    tests/fixtures/layout-accelerate "$work/accelerate-out"
+"$venv/bin/python" - "$orig" "$work/accelerate-out" <<'PY' 2>&1 | grep -v "Loading weights"
+import sys
+import torch
+from transformers import AutoModelForCausalLM
+orig = AutoModelForCausalLM.from_pretrained(sys.argv[1]).state_dict()
+got = AutoModelForCausalLM.from_pretrained(sys.argv[2]).state_dict()
+assert got.keys() == orig.keys(), sorted(set(got) ^ set(orig))
+for name, tensor in orig.items():
+    assert torch.equal(got[name], tensor), name
+print(f"accelerate layout: {len(got)} tensors load with transformers, equal to the original")
+PY
+echo "transformers: 2 passed, 0 failed"

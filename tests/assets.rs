@@ -1,5 +1,5 @@
 //! `--hf-assets DIR`: the files besides the weights are copied into
-//! OUTPUT_DIR (never weights, indices or hidden files), config.json follows
+//! OUTPUT_DIR with their subfolders (never weights, indices or hidden files), config.json follows
 //! `--dtype`, and existing files need `--overwrite`.
 
 mod common;
@@ -28,6 +28,7 @@ fn model_folder(dir: &Path, config: &str) {
         ("rng.pth", "weights"),
         (".gitattributes", "hidden"),
         ("subfolder/inner.json", "{}"),
+        ("subfolder/weights.safetensors", "weights"),
     ] {
         std::fs::write(dir.join(name), text).unwrap();
     }
@@ -76,7 +77,12 @@ fn every_asset_and_no_weight_is_copied_and_listed() {
         .into_iter()
         .filter(|n| !n.starts_with("model-") && !n.starts_with("model.safetensors"))
         .collect();
-    assert_eq!(copied, ASSETS, "{:?}", names(&out));
+    // Subfolders are copied whole, without their weights.
+    let mut expected: Vec<&str> = ASSETS.to_vec();
+    expected.push("subfolder");
+    expected.sort();
+    assert_eq!(copied, expected, "{:?}", names(&out));
+    assert_eq!(names(&out.join("subfolder")), ["inner.json"]);
     for name in ASSETS {
         let (a, b) = (
             std::fs::read(assets.join(name)),
@@ -91,12 +97,15 @@ fn every_asset_and_no_weight_is_copied_and_listed() {
     // The weights are the consolidated ones, not the folder's.
     assert_matches_manifest(&out, &input.join("manifest.json"));
     assert!(
-        text.contains("copied 9 file(s) besides the weights: README.md, chat_template.jinja"),
+        text.contains("copied 10 file(s) besides the weights: README.md, chat_template.jinja"),
         "{text}"
     );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-    assert_eq!(report["assets"], serde_json::json!(ASSETS));
+    let mut listed: Vec<&str> = ASSETS.to_vec();
+    listed.push("subfolder/inner.json");
+    listed.sort();
+    assert_eq!(report["assets"], serde_json::json!(listed));
 }
 
 #[test]
@@ -236,7 +245,7 @@ fn under_resume_an_equal_asset_is_kept_and_another_one_needs_overwrite() {
     resume.insert(0, "--resume");
     let text = stderr(&consolidate_ok(2, &resume));
     assert!(
-        text.contains("resume: keeping 9 asset(s) already in"),
+        text.contains("resume: keeping 10 asset(s) already in"),
         "{text}"
     );
     assert_eq!(asset_inodes(&out), before, "kept, not rewritten");

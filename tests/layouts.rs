@@ -169,3 +169,69 @@ fn idle_ranks_under_modulo_get_one_line_and_none_under_balanced() {
     let text = stderr(&consolidate_ok(1, &[s(&input), s(&out)]));
     assert!(idle(&text).is_empty(), "{text}");
 }
+
+#[test]
+fn the_accelerate_example_writes_the_original_model_names_and_layout() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("hf-out");
+    let orig = fixture("layout-orig");
+    let index = orig.join("model.safetensors.index.json");
+    let input = fixture("layout-accelerate");
+    let args = readme_example(
+        "# an accelerate FSDP SHARDED_STATE_DICT folder",
+        &[
+            ("orig/model.safetensors.index.json", s(&index)),
+            ("ckpt/pytorch_model_fsdp_0", s(&input)),
+            ("hf-out/", s(&out)),
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text = stderr(&consolidate_ok(4, &args));
+    let notes: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("top-level key 'model'"))
+        .collect();
+    assert_eq!(notes.len(), 1, "said once:\n{text}");
+    let got: BTreeMap<String, String> = output_tensors(&out)
+        .into_iter()
+        .map(|(name, (_, _, sha))| (name, sha))
+        .collect();
+    assert_eq!(got, model_manifest());
+    // The original model's file layout: the same weight_map.
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    assert_eq!(
+        read(&out.join("model.safetensors.index.json"))["weight_map"],
+        read(&index)["weight_map"]
+    );
+
+    // --keep-top-level-key keeps the saved names.
+    let kept = work.path().join("kept");
+    consolidate_ok(0, &["--keep-top-level-key", s(&input), s(&kept)]);
+    let names: Vec<String> = output_tensors(&kept).into_keys().collect();
+    assert!(names.iter().all(|n| n.starts_with("model.")), "{names:?}");
+    assert!(
+        names.contains(&"model.lm_head.weight".to_string()),
+        "{names:?}"
+    );
+    assert!(names.contains(&"model.model.embed_tokens.weight".to_string()));
+}
+
+#[test]
+fn a_checkpoint_with_tensors_under_several_keys_keeps_its_names() {
+    // torchtitan: the model at the top level, the optimizer under `optimizer`.
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let text = stderr(&consolidate_ok(
+        0,
+        &[s(&fixture("layout-torchtitan")), s(&out)],
+    ));
+    assert!(!text.contains("top-level key"), "{text}");
+    let names: Vec<String> = output_tensors(&out).into_keys().collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("optimizer.state.")),
+        "{names:?}"
+    );
+    assert!(names.contains(&"lm_head.weight".to_string()), "{names:?}");
+}

@@ -38,22 +38,28 @@ Outputs appear under their final names only once every rank has succeeded;
 model.safetensors.index.json is written last.
 
 Examples:
-  st-consolidate-mpi --exclude 'optim.*' outputs/checkpoint/step-1000 hf-out/
-  mpirun -n 4 st-consolidate-mpi --include 'model.*' ckpt/pytorch_model_fsdp_0 hf-out/
+  st-consolidate-mpi --exclude 'optimizer.*' outputs/checkpoint/step-1000 hf-out/
+  mpirun -n 4 st-consolidate-mpi --hf-index orig/model.safetensors.index.json \\
+      ckpt/pytorch_model_fsdp_0 hf-out/
+  srun -n 64 st-consolidate-mpi ckpt/epoch_0_step_19/model ckpt/epoch_0_step_19/model/consolidated
   st-consolidate-mpi --mapping ckpt/mapping.json ckpt/sharded out/
   mpirun -n 4 st-consolidate-mpi --hf-index orig/model.safetensors.index.json ckpt out
   srun -n 64 --mpi=pmix st-consolidate-mpi --max-shard-size 5GB ckpt out"
 )]
 struct Cli {
-    /// The checkpoint folder: .metadata + *.distcp (DCP format), or shard-*.safetensors files
-    /// (or a sharded/ subfolder of them).
+    /// The checkpoint folder: .metadata + *.distcp (DCP format), or HF shards: every
+    /// *.safetensors file whose header carries DCP_SHARDING_INFO, whatever its name (or those of
+    /// a sharded/ subfolder, PyTorch's enable_consolidation layout). Files named
+    /// shard-RRRRR-model-IIIII-of-NNNNN are also checked for missing ranks; for other names the
+    /// coverage check (every tensor tiled exactly by its pieces) is what catches a missing file.
+    /// A NeMo Automodel model/ folder with .hf_metadata/ needs no other option.
     input_dir: PathBuf,
 
     /// Folder for model-*.safetensors and model.safetensors.index.json (created if missing).
     output_dir: PathBuf,
 
-    /// The input's format; auto decides from the folder (.metadata: dcp; shard-*.safetensors:
-    /// hf-shards) and refuses a folder holding both or neither.
+    /// The input's format; auto decides from the folder (.metadata: dcp; *.safetensors shards:
+    /// hf-shards, reading at most one header) and refuses a folder holding both or neither.
     #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
     input_format: FormatArg,
 
@@ -117,6 +123,20 @@ struct Cli {
     /// files. With --dtype, config.json's dtype is updated.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["dry_run", "verify_only"])]
     hf_assets: Option<PathBuf>,
+
+    /// The index file's name instead of model.safetensors.index.json; `diffusers` stands for
+    /// diffusion_pytorch_model.safetensors.index.json (Diffusers models, NeMo's
+    /// --diffusers-compatible). --verify-only and --resume look for it under that name; with
+    /// --overwrite, an index of the other name left by an earlier run is removed.
+    #[arg(long, value_name = "NAME", value_parser = index_name_arg)]
+    index_name: Option<String>,
+
+    /// Keep the saved names of a DCP checkpoint whose tensors all sit under one top-level key of
+    /// the saved state dict. By default the names inside it are written, as accelerate
+    /// merge-weights does for accelerate's FSDP folders (dcp.save({"model": state_dict}) saves
+    /// model.lm_head.weight; the output says lm_head.weight). Mappings match either name.
+    #[arg(long)]
+    keep_top_level_key: bool,
 
     /// Ignore INPUT_DIR/.hf_metadata. By default, when NeMo Automodel's .hf_metadata folder is
     /// in INPUT_DIR, its fqn_to_file_index_mapping.json is the mapping (unless a mapping option
@@ -252,6 +272,8 @@ impl Cli {
                 },
                 schedule: self.schedule.into(),
                 input_fingerprint: None,
+                index_name: self.index_name,
+                keep_top_level_key: self.keep_top_level_key,
             },
             threads: self.threads.map(usize::from),
             overwrite: self.overwrite,
@@ -333,6 +355,11 @@ impl From<HeadersArg> for HeaderReading {
             HeadersArg::Shared => HeaderReading::Shared,
         }
     }
+}
+
+/// `--index-name`, checked as clap parses it.
+fn index_name_arg(arg: &str) -> Result<String, String> {
+    st_consolidate_mpi::safetensors::naming::index_name_for(arg)
 }
 
 /// The `--dtype` choices.

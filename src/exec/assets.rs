@@ -77,6 +77,7 @@ pub struct AssetPlan {
 pub fn plan_assets(
     src: &Path,
     out: &Path,
+    skip: &[PathBuf],
     dtype: Option<Dtype>,
     existing: ExistingAssets,
 ) -> Result<AssetPlan> {
@@ -85,7 +86,7 @@ pub fn plan_assets(
         kept: Vec::new(),
     };
     let mut refused = Vec::new();
-    for name in asset_names(src)? {
+    for name in asset_names(src, skip)? {
         let source = src.join(&name);
         File::open(&source).map_err(|e| Error::io("read", &source, e))?;
         let rewritten = match (dtype, name.as_str()) {
@@ -135,13 +136,37 @@ pub fn plan_assets(
     ))
 }
 
-/// The files of `dir` to copy, sorted: its regular files and links to
-/// them. Folders are never copied (so neither are INPUT_DIR or OUTPUT_DIR
-/// when they sit inside `dir`). A dangling link, as a Hugging Face cache
-/// snapshot has after a partial download, or an entry that is neither a
-/// file nor a folder (a FIFO would block the copy), is an error.
-pub fn asset_names(dir: &Path) -> Result<Vec<String>> {
+/// NeMo's consolidation inputs in its `.hf_metadata` folder: read as the
+/// mapping and the dtype map, not files of the model.
+const CONSOLIDATION_INPUTS: [&str; 2] = [
+    "fqn_to_file_index_mapping.json",
+    "fqn_to_dtype_mapping.json",
+];
+
+/// The files of `dir` to copy, sorted, as paths relative to `dir` (`/`
+/// between components): its regular files and links to them, and those of
+/// its subfolders (sentence-transformers' `1_Pooling/`), whole. Hidden
+/// entries, weights, NeMo's two mapping files and the folders in `skip`
+/// (INPUT_DIR and OUTPUT_DIR when they sit inside `dir`) are left out. A
+/// dangling link, as a Hugging Face cache snapshot has after a partial
+/// download, a link to a folder, or an entry that is neither a file nor a
+/// folder (a FIFO would block the copy), is an error.
+pub fn asset_names(dir: &Path, skip: &[PathBuf]) -> Result<Vec<String>> {
+    let skip: Vec<PathBuf> = skip.iter().filter_map(|p| p.canonicalize().ok()).collect();
     let mut names = Vec::new();
+    collect_assets(dir, "", &skip, &mut names)?;
+    names.retain(|name| !CONSOLIDATION_INPUTS.contains(&name.as_str()));
+    names.sort();
+    Ok(names)
+}
+
+/// Adds the asset files under `dir` (at `prefix` within the assets folder).
+fn collect_assets(
+    dir: &Path,
+    prefix: &str,
+    skip: &[PathBuf],
+    names: &mut Vec<String>,
+) -> Result<()> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io("list --hf-assets", dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| Error::io("list --hf-assets", dir, e))?;
@@ -157,9 +182,22 @@ pub fn asset_names(dir: &Path) -> Result<Vec<String>> {
             }
             Err(e) => return Err(Error::io("inspect", &path, e)),
         };
+        let relative = format!("{prefix}{name}");
         if meta.is_file() {
-            names.push(name);
-        } else if !meta.is_dir() {
+            names.push(relative);
+        } else if meta.is_dir() {
+            let linked = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+            if linked {
+                return Err(Error::usage(
+                    format!("--hf-assets: {} is a link to a folder", path.display()),
+                    "replace the link with the folder it points to, or move it out of the --hf-assets folder",
+                ));
+            }
+            if path.canonicalize().is_ok_and(|p| skip.contains(&p)) {
+                continue;
+            }
+            collect_assets(&path, &format!("{relative}/"), skip, names)?;
+        } else {
             return Err(Error::usage(
                 format!(
                     "--hf-assets: {} is not a regular file or a folder",
@@ -169,8 +207,7 @@ pub fn asset_names(dir: &Path) -> Result<Vec<String>> {
             ));
         }
     }
-    names.sort();
-    Ok(names)
+    Ok(())
 }
 
 /// The error for a link in the assets folder whose target does not exist.
@@ -216,10 +253,25 @@ impl Asset {
     /// streamed (the kernel's copy where it can) in fixed memory, so a
     /// large file never sits in memory whole.
     fn stage(&self, out: &Path) -> Result<PendingFile> {
-        if let Some(bytes) = &self.rewritten {
-            return PendingFile::with_contents(out, &self.name, bytes);
+        // A file of a subfolder is written in that subfolder of OUTPUT_DIR,
+        // under its own temporary name there.
+        let target = out.join(&self.name);
+        let (dir, file_name) = match (target.parent(), target.file_name()) {
+            (Some(dir), Some(name)) => (dir.to_path_buf(), name.to_os_string()),
+            _ => {
+                return Err(Error::internal(format!(
+                    "asset '{}' has no file name",
+                    self.name
+                )));
+            }
+        };
+        if dir != out {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
         }
-        let pending = PendingFile::create(out, &self.name, 0)?;
+        if let Some(bytes) = &self.rewritten {
+            return PendingFile::with_contents(&dir, &file_name, bytes);
+        }
+        let pending = PendingFile::create(&dir, &file_name, 0)?;
         let mut source =
             File::open(&self.source).map_err(|e| Error::io("read", &self.source, e))?;
         std::io::copy(&mut source, &mut pending.file())
@@ -434,7 +486,7 @@ mod tests {
         let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         std::fs::write(src.path().join("config.json"), r#"{"dtype": "float32"}"#).unwrap();
         std::fs::write(src.path().join("README.md"), "# model").unwrap();
-        let plan = |existing| plan_assets(src.path(), out.path(), Some(Dtype::BF16), existing);
+        let plan = |existing| plan_assets(src.path(), out.path(), &[], Some(Dtype::BF16), existing);
         assert_eq!(plan(ExistingAssets::Refuse).unwrap().to_copy.len(), 2);
         // What this run writes: config.json converted, README.md as it is.
         let converted = with_dtype(br#"{"dtype": "float32"}"#, Dtype::BF16).unwrap();
@@ -467,7 +519,7 @@ mod tests {
         std::fs::create_dir(src.path().join("checkpoint")).unwrap();
         std::fs::write(src.path().join("real.json"), "{}").unwrap();
         std::os::unix::fs::symlink("real.json", src.path().join("linked.json")).unwrap();
-        let plan = || plan_assets(src.path(), out.path(), None, ExistingAssets::Refuse);
+        let plan = || plan_assets(src.path(), out.path(), &[], None, ExistingAssets::Refuse);
         let names: Vec<String> = plan()
             .unwrap()
             .to_copy
@@ -498,6 +550,7 @@ mod tests {
         let err = plan_assets(
             &src.path().join("gone"),
             out.path(),
+            &[],
             None,
             ExistingAssets::Refuse,
         )
@@ -514,7 +567,7 @@ mod tests {
         let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(src.path().join("tokenizer.model"), &bytes).unwrap();
-        let plan = plan_assets(src.path(), out.path(), None, ExistingAssets::Refuse).unwrap();
+        let plan = plan_assets(src.path(), out.path(), &[], None, ExistingAssets::Refuse).unwrap();
         for (_, file) in plan.stage(out.path()).unwrap() {
             file.commit().unwrap();
         }
@@ -522,7 +575,14 @@ mod tests {
             std::fs::read(out.path().join("tokenizer.model")).unwrap(),
             bytes
         );
-        let again = plan_assets(src.path(), out.path(), None, ExistingAssets::KeepIfEqual).unwrap();
+        let again = plan_assets(
+            src.path(),
+            out.path(),
+            &[],
+            None,
+            ExistingAssets::KeepIfEqual,
+        )
+        .unwrap();
         assert_eq!(again.kept, ["tokenizer.model"]);
     }
 }

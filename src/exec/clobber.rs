@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::exec::lock::LOCK_NAME;
 use crate::exec::output::is_temp_name;
 use crate::plan::Plan;
-use crate::safetensors::naming::{INDEX_NAME, parse_output_name};
+use crate::safetensors::naming::parse_output_name;
 use std::path::{Path, PathBuf};
 
 /// What a run reads and writes besides the plan's own files, as the command
@@ -45,6 +45,8 @@ pub struct Protected {
     output_dir: PathBuf,
     /// Names this run writes in OUTPUT_DIR, with what they are.
     own: Vec<(String, String)>,
+    /// The index this run writes.
+    index_name: String,
 }
 
 impl Protected {
@@ -87,7 +89,7 @@ impl Protected {
             .iter()
             .map(|file| (file.name.clone(), "an output file of this run".to_string()))
             .collect();
-        own.push((INDEX_NAME.into(), "the index this run writes".into()));
+        own.push((plan.index_name.clone(), "the index this run writes".into()));
         own.push((LOCK_NAME.into(), "the lock this run holds".into()));
         if let Some((dir, names)) = paths.assets {
             let folder = canonical_dir(dir, "resolve the --hf-assets folder")?;
@@ -105,6 +107,7 @@ impl Protected {
             folders,
             output_dir,
             own,
+            index_name: plan.index_name.clone(),
         })
     }
 
@@ -113,9 +116,11 @@ impl Protected {
     pub fn check_outputs(&self) -> Result<()> {
         for (name, what) in &self.own {
             let target = self.output_dir.join(name);
-            let mapping = || match name.as_str() {
-                INDEX_NAME => None,
-                _ => find(&self.mapping, &target),
+            // `--hf-index OUTPUT_DIR/<the index>` is read into memory at the
+            // start: the new index may replace it.
+            let mapping = || match name == &self.index_name {
+                true => None,
+                false => find(&self.mapping, &target),
             };
             if let Some(input) = find(&self.inputs, &target).or_else(mapping) {
                 return Err(Error::usage(

@@ -10,6 +10,13 @@
 //!   kernel), but one cast from f16 becomes 0x7FC0 (its scalar kernel);
 //! - a NaN cast to f16 keeps its sign and top payload bits, quieted, as the
 //!   F16C instruction does.
+//!
+//! One thing cannot be copied: PyTorch's f16 → f32 and f64 → bf16 casts give
+//! a NaN other bits in the last `n % 8` elements of each call (its scalar
+//! tail on AVX2: 0x7FFFFFFF and 0x7FC0) than in the rest (the payload kept,
+//! and 0xFFFF), and where the calls start depends on the tensor's size, the
+//! thread count and the CPU. This module gives the vectorised result
+//! everywhere; either way the element is a NaN.
 
 use crate::safetensors::dtype::Dtype;
 #[cfg(test)]

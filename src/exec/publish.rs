@@ -9,7 +9,7 @@ use crate::exec::lock::{Holder, OutputLock};
 use crate::exec::output::{PendingFile, remove_stale_temps, sync_dir, temp_name};
 use crate::plan::Plan;
 use crate::report::{RankReport, RunReport};
-use crate::safetensors::naming::{INDEX_NAME, parse_output_name};
+use crate::safetensors::naming::{KNOWN_INDEX_NAMES, parse_output_name};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::Path;
@@ -89,7 +89,7 @@ fn existing_outputs(dir: &Path, plan: &Plan) -> Result<Vec<String>> {
         .files
         .iter()
         .map(|f| f.name.clone())
-        .chain([INDEX_NAME.to_string()])
+        .chain([plan.index_name.clone()])
         .filter(|name| std::fs::symlink_metadata(dir.join(name)).is_ok())
         .collect();
     for older in older_outputs(dir, plan)? {
@@ -138,7 +138,7 @@ pub fn stage_index_and_report(
         }
         None => None,
     };
-    let index_file = PendingFile::with_contents(dir, INDEX_NAME, &index_json(plan))?;
+    let index_file = PendingFile::with_contents(dir, &plan.index_name, &index_json(plan))?;
     Ok(Staged {
         report,
         report_file,
@@ -146,13 +146,25 @@ pub fn stage_index_and_report(
     })
 }
 
-/// Rank 0, at publish: removes the index of an earlier output (`--overwrite`).
-pub fn retire_old_index(dir: &Path) -> Result<()> {
-    let index = dir.join(INDEX_NAME);
-    match std::fs::remove_file(&index) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(Error::io("remove the old", &index, e))
-        }
+/// Rank 0, at publish: removes the index of an earlier output
+/// (`--overwrite`, `--resume`), under this plan's index name or under the
+/// other known one (`--index-name` changed between runs): no index may
+/// describe a mix of old and new files.
+pub fn retire_old_index(dir: &Path, plan: &Plan) -> Result<()> {
+    let names = KNOWN_INDEX_NAMES
+        .iter()
+        .map(|n| n.to_string())
+        .chain([plan.index_name.clone()]);
+    for name in names {
+        remove_if_there(&dir.join(name), "remove the old")?;
+    }
+    Ok(())
+}
+
+/// Removes `path`; one already gone is fine.
+fn remove_if_there(path: &Path, action: &'static str) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(action, path, e)),
         _ => Ok(()),
     }
 }
@@ -162,19 +174,22 @@ pub fn retire_old_index(dir: &Path) -> Result<()> {
 /// here with such files present).
 fn remove_older_outputs(dir: &Path, plan: &Plan) -> Result<()> {
     for name in older_outputs(dir, plan)? {
-        let path = dir.join(&name);
-        std::fs::remove_file(&path).map_err(|e| Error::io("remove the older output", &path, e))?;
+        remove_if_there(&dir.join(&name), "remove the older output")?;
     }
     Ok(())
 }
 
-/// `model-IIIII-of-NNNNN.safetensors` entries in `dir` that are not in `plan`.
+/// `model-IIIII-of-NNNNN.safetensors` entries in `dir` that are not in
+/// `plan`, and an index under the other known name.
 fn older_outputs(dir: &Path, plan: &Plan) -> Result<Vec<String>> {
     let mut older = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
         let entry = entry.map_err(|e| Error::io("list", dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if parse_output_name(&name).is_some() && !plan.files.iter().any(|f| f.name == name) {
+        let older_model =
+            parse_output_name(&name).is_some() && !plan.files.iter().any(|f| f.name == name);
+        let other_index = KNOWN_INDEX_NAMES.contains(&name.as_str()) && name != plan.index_name;
+        if older_model || other_index {
             older.push(name);
         }
     }

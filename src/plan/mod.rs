@@ -90,13 +90,27 @@ pub struct PlanOptions {
     /// recorded in every header's `__metadata__`: not from the command line
     /// but set by the run once it has read the inputs.
     pub input_fingerprint: Option<String>,
+    /// The index file's name (`--index-name`); `None`: Hugging Face's
+    /// `model.safetensors.index.json`.
+    pub index_name: Option<String>,
+    /// Keep saved names under a single top-level key of the saved state
+    /// dict (`--keep-top-level-key`) instead of writing the names inside it.
+    pub keep_top_level_key: bool,
 }
 
 /// Plans the consolidation of `checkpoint` for `world_size` ranks
 /// (identical on every rank that read the same checkpoint).
 pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) -> Result<Plan> {
     let mut tensors = checkpoint.tensors;
-    let saved_names = strip_prefixes(&mut tensors, &options.strip_prefixes, &checkpoint.files)?;
+    let unwrapped = match options.keep_top_level_key {
+        true => None,
+        false => names::single_top_level_key(&tensors, &checkpoint.top_level_keys),
+    };
+    let prefixes = match &unwrapped {
+        Some(key) => names::under_key(key, &options.strip_prefixes),
+        None => options.strip_prefixes.clone(),
+    };
+    let saved_names = strip_prefixes(&mut tensors, &prefixes, &checkpoint.files)?;
     let map = dtypes::load_map(&options.dtype_map)?;
     let output = dtypes::resolve(&tensors, &saved_names, options.dtype, &map);
     let sizes: Vec<(&str, u64)> = tensors
@@ -115,6 +129,10 @@ pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) ->
         options.input_fingerprint.as_deref(),
     )?;
     plan.dtype_warning = dtype_warning;
+    plan.unwrapped_key = unwrapped;
+    if let Some(name) = &options.index_name {
+        plan.index_name = name.clone();
+    }
     plan.schedule = options.schedule;
     Ok(plan)
 }
@@ -133,6 +151,11 @@ pub struct Plan {
     /// The one warning about tensors of `--dtype-map` whose quantized or
     /// packed original was not restored.
     pub dtype_warning: Option<String>,
+    /// The index file's name, written last.
+    pub index_name: String,
+    /// The one top-level key of the saved state dict every tensor sat
+    /// under, left out of the output names (accelerate's `{"model": ...}`).
+    pub unwrapped_key: Option<String>,
     /// Number of ranks the plan was made for.
     pub world_size: usize,
     /// How work is split among the ranks. File creation, renaming and
@@ -222,6 +245,8 @@ impl Plan {
             files,
             missing: assignment.missing,
             dtype_warning: None,
+            index_name: crate::safetensors::naming::INDEX_NAME.to_string(),
+            unwrapped_key: None,
             world_size,
             schedule: Schedule::Modulo,
             kept: BTreeSet::new(),

@@ -11,6 +11,37 @@ use std::path::PathBuf;
 /// named so (a header holding it twice cannot be loaded).
 const METADATA_KEY: &str = "__metadata__";
 
+/// The top-level key of the saved state dict that every tensor sits under
+/// (`.metadata`'s planner_data: accelerate saves `dcp.save({"model":
+/// state_dict})`, so every name starts with `model.`), if there is one.
+/// A checkpoint whose tensors sit at the top level, or under several keys
+/// (torchtitan: the model flat, the optimizer under `optimizer`), has none.
+pub fn single_top_level_key(
+    tensors: &[FullTensor],
+    keys: &BTreeMap<String, String>,
+) -> Option<String> {
+    let mut found: Option<&String> = None;
+    for tensor in tensors {
+        let key = keys.get(&tensor.name)?;
+        if found.is_some_and(|k| k != key) || !tensor.name.starts_with(&format!("{key}.")) {
+            return None;
+        }
+        found = Some(key);
+    }
+    found.cloned()
+}
+
+/// The prefixes that write the names inside `key`: each of the user's
+/// `--strip-prefix` under the key first (first match wins), then the key
+/// alone, then the user's as given.
+pub fn under_key(key: &str, prefixes: &[String]) -> Vec<String> {
+    let inside = prefixes.iter().map(|p| format!("{key}.{p}"));
+    inside
+        .chain([format!("{key}.")])
+        .chain(prefixes.iter().cloned())
+        .collect()
+}
+
 /// Removes the first of `prefixes` that each name starts with, then re-sorts
 /// by the new names. Two tensors that end up with one name are an error
 /// naming both, and so is a name safetensors cannot hold (empty or

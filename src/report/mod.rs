@@ -63,6 +63,8 @@ pub struct RunReport {
     /// `--hf-assets`: the files copied besides the weights.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub assets: Vec<String>,
+    /// The index file written last.
+    pub index: String,
 }
 
 /// What was read, beyond the plan: for the report, the summary and the
@@ -208,6 +210,7 @@ impl RunReport {
             },
             kept: None,
             assets: vec![],
+            index: plan.index_name.clone(),
         }
     }
 
@@ -220,8 +223,9 @@ impl RunReport {
         };
         let written = self.outputs.len() - self.kept.as_ref().map_or(0, Vec::len);
         let mut text = format!(
-            "{kept}wrote {written} file{} and model.safetensors.index.json to {output_dir}: {} in {:.2} s ({:.2} GB/s) on {} rank(s){}",
+            "{kept}wrote {written} file{} and {} to {output_dir}: {} in {:.2} s ({:.2} GB/s) on {} rank(s){}",
             if written == 1 { "" } else { "s" },
+            self.index,
             human_bytes(bytes),
             self.total_seconds,
             self.gb_per_s,

@@ -34,7 +34,7 @@ use crate::plan::mapping::MappingSource;
 use crate::plan::{self, Plan, PlanOptions};
 use crate::progress::{Counters, FinishOnDrop, watch};
 use crate::report::{InputFacts, RankReport, RunReport, describe, human_bytes};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// What to do, from the command line.
@@ -202,6 +202,15 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
     if let Some(warning) = &plan.dtype_warning {
         job.say(warning);
     }
+    if let Some(key) = &plan.unwrapped_key {
+        job.say(&format!(
+            "note: every tensor was saved under the state dict's one top-level key '{}' \
+             (accelerate's FSDP layout): names are written without '{}.', as accelerate \
+             merge-weights writes them; --keep-top-level-key keeps the saved names",
+            shown(key),
+            shown(key)
+        ));
+    }
     if let Some(note) = crate::report::optimizer_note(&facts) {
         job.say(&note);
     }
@@ -343,9 +352,11 @@ fn consolidate(
         Refusal::OtherPlans => ExistingAssets::KeepIfEqual,
         Refusal::AnyOutput => ExistingAssets::Refuse,
     };
+    // INPUT_DIR and OUTPUT_DIR are never assets, even inside the folder.
+    let not_assets = [config.input.clone(), out.clone()];
     let prepared = job.on_rank0(|| {
         let listed = match &config.hf_assets {
-            Some(dir) => Some((dir.as_path(), asset_names(dir)?)),
+            Some(dir) => Some((dir.as_path(), asset_names(dir, &not_assets)?)),
             None => None,
         };
         let paths = RunPaths {
@@ -356,7 +367,13 @@ fn consolidate(
         };
         let lock = prepare_output_dir(out, &plan, refusal, &paths)?;
         let assets = match &config.hf_assets {
-            Some(dir) => Some(plan_assets(dir, out, config.plan.dtype, existing_assets)?),
+            Some(dir) => Some(plan_assets(
+                dir,
+                out,
+                &not_assets,
+                config.plan.dtype,
+                existing_assets,
+            )?),
             None => None,
         };
         Ok((lock, assets))
@@ -442,12 +459,19 @@ fn consolidate(
     };
     // An old index goes before any model file is replaced, so that a crash
     // part-way never leaves an index describing a mix of old and new files.
-    job.on_rank0(|| retire_old_index(out))?;
+    job.on_rank0(|| retire_old_index(out, plan))?;
+    // Every folder a file was renamed in is synced: OUTPUT_DIR, and the
+    // subfolders assets went into.
+    let mut folders = std::collections::BTreeSet::from([out.clone()]);
     let committed = pending
         .into_iter()
         .chain(assets.into_iter().map(|(_, file)| file))
-        .try_for_each(|file| file.commit().map(drop))
-        .and_then(|()| sync_dir(out));
+        .try_for_each(|file| {
+            let path = file.commit()?;
+            folders.extend(path.parent().map(Path::to_path_buf));
+            Ok(())
+        })
+        .and_then(|()| folders.iter().try_for_each(|dir| sync_dir(dir)));
     agree(comm, committed)?;
     let finished = job.on_rank0(|| match staged {
         Some(staged) => staged.commit(out, plan),
@@ -465,14 +489,15 @@ fn consolidate(
 fn idle_note(plan: &Plan) -> Option<String> {
     let per_rank = plan.bytes_per_rank();
     let idle = per_rank.iter().filter(|&&b| b == 0).count();
-    if plan.schedule != crate::plan::Schedule::Modulo || idle == 0 {
+    let to_write = plan.files.len() - plan.kept.len();
+    if plan.schedule != crate::plan::Schedule::Modulo || idle == 0 || to_write == 0 {
         return None;
     }
     Some(format!(
         "note: {idle} of {} ranks are idle ({} file(s) to write, one rank each under --schedule modulo); \
          --schedule balanced spreads every file over all ranks",
         per_rank.len(),
-        plan.files.len() - plan.kept.len()
+        to_write
     ))
 }
 

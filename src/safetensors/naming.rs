@@ -6,6 +6,29 @@
 /// The name of the Hugging Face index file.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 
+/// The index name Diffusers models use (`--index-name diffusers`).
+pub const DIFFUSERS_INDEX_NAME: &str = "diffusion_pytorch_model.safetensors.index.json";
+
+/// Index names an earlier run may have left: all count as outputs.
+pub const KNOWN_INDEX_NAMES: [&str; 2] = [INDEX_NAME, DIFFUSERS_INDEX_NAME];
+
+/// The index file name `--index-name` asks for: `diffusers` is
+/// [`DIFFUSERS_INDEX_NAME`]; any other value must be a plain file name
+/// ending in `.index.json`, not hidden and not naming a folder.
+pub fn index_name_for(arg: &str) -> Result<String, String> {
+    if arg == "diffusers" {
+        return Ok(DIFFUSERS_INDEX_NAME.to_string());
+    }
+    let plain = !arg.contains('/') && !arg.starts_with('.') && arg.ends_with(".index.json");
+    if !plain || parse_output_name(arg).is_some() {
+        return Err(format!(
+            "'{arg}' is not an index file name: give a name like model.safetensors.index.json \
+             (a file name ending in .index.json, no folder), or 'diffusers' for {DIFFUSERS_INDEX_NAME}"
+        ));
+    }
+    Ok(arg.to_string())
+}
+
 /// The most output files: names carry the index in five digits
 /// (`model-IIIII-of-NNNNN`), and every index up to the largest is written.
 pub const MAX_FILES: u32 = 99_999;
@@ -40,6 +63,15 @@ pub fn parse_shard_name(name: &str) -> Option<(u32, u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn index_names_are_plain_file_names() {
+        assert_eq!(index_name_for("diffusers").unwrap(), DIFFUSERS_INDEX_NAME);
+        assert_eq!(index_name_for(INDEX_NAME).unwrap(), INDEX_NAME);
+        for bad in ["out/x.index.json", ".x.index.json", "index.txt", "x.json"] {
+            assert!(index_name_for(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn output_names_round_trip() {

@@ -53,18 +53,31 @@ pub fn find_shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(in_subfolder)
 }
 
-/// Whether `dir` looks like an HF-shards checkpoint, without reading any
+/// Whether `dir` looks like an HF-shards checkpoint, reading at most one
 /// header: it holds `*.safetensors` files other than consolidated outputs
-/// of an earlier run, or its `sharded/` subfolder holds some. Returns how
-/// many such files `dir` itself holds, or the subfolder's count.
+/// of an earlier run, or files named like outputs whose first header
+/// carries `DCP_SHARDING_INFO`, or its `sharded/` subfolder holds some.
+/// Returns how many such files `dir` itself holds, or the subfolder's
+/// count.
 pub fn count_shard_candidates(dir: &Path) -> Result<usize> {
-    let own = list_safetensors(dir)?
-        .iter()
-        .filter(|path| !is_output_name(path))
-        .count();
-    let sharded = dir.join(SHARDED_SUBFOLDER);
-    if own > 0 || !sharded.is_dir() {
+    let files = list_safetensors(dir)?;
+    let own = files.iter().filter(|path| !is_output_name(path)).count();
+    if own > 0 {
         return Ok(own);
+    }
+    // Files named like consolidated outputs are shards when they carry
+    // sharding information (NeMo's own tests save shards under those
+    // names); they are all of one kind, so one header tells.
+    let first_is_shard = match files.first() {
+        Some(first) => read_header(first)?.metadata.contains_key(SHARDING_INFO_KEY),
+        None => false,
+    };
+    if first_is_shard {
+        return Ok(files.len());
+    }
+    let sharded = dir.join(SHARDED_SUBFOLDER);
+    if !sharded.is_dir() {
+        return Ok(0);
     }
     Ok(list_safetensors(&sharded)?.len())
 }

@@ -8,7 +8,6 @@ use crate::safetensors::dtype::Dtype;
 use crate::safetensors::dtype::can_convert;
 use crate::safetensors::header::read_header;
 use crate::safetensors::json::{JsonError, parse_unique_json};
-use crate::safetensors::naming::INDEX_NAME;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -61,7 +60,8 @@ pub fn existing_targets(
     rank: usize,
     size: usize,
 ) -> Result<(Vec<Target>, Vec<String>)> {
-    let index_path = out_dir.join(INDEX_NAME);
+    let index_name = plan.index_name.as_str();
+    let index_path = out_dir.join(index_name);
     let text = std::fs::read(&index_path).map_err(|e| Error::io("read", &index_path, e))?;
     let bad_index = |reason: String| Error::BadIndex {
         path: index_path.clone(),
@@ -93,7 +93,7 @@ pub fn existing_targets(
         match file.as_str() {
             Some(file) => files.entry(file).or_default().push(name),
             None => problems.push(format!(
-                "{INDEX_NAME}: '{name}' maps to {file}, not a file name"
+                "{index_name}: '{name}' maps to {file}, not a file name"
             )),
         }
     }
@@ -102,7 +102,7 @@ pub fn existing_targets(
     if rank == 0 {
         for name in by_name.keys() {
             if !weight_map.contains_key(*name) {
-                problems.push(format!("'{name}' is in the shards but not in {INDEX_NAME}"));
+                problems.push(format!("'{name}' is in the shards but not in {index_name}"));
             }
         }
         let mut held = 0u64;
@@ -117,7 +117,7 @@ pub fn existing_targets(
         {
             Some(total) if total == held => {}
             other => problems.push(format!(
-                "{INDEX_NAME}: total_size is {other:?}, but its files hold {held} bytes of tensors"
+                "{index_name}: total_size is {other:?}, but its files hold {held} bytes of tensors"
             )),
         }
     }
@@ -145,7 +145,7 @@ pub fn existing_targets(
         for entry in &header.tensors {
             if !listed.contains(entry.name.as_str()) {
                 problems.push(format!(
-                    "{file}: holds '{}', which {INDEX_NAME} does not map to it",
+                    "{file}: holds '{}', which {index_name} does not map to it",
                     entry.name
                 ));
                 continue;
@@ -168,7 +168,7 @@ pub fn existing_targets(
         for name in listed {
             if !header.tensors.iter().any(|e| e.name == name) {
                 problems.push(format!(
-                    "{file}: '{name}' is listed in {INDEX_NAME} but missing from the file"
+                    "{file}: '{name}' is listed in {index_name} but missing from the file"
                 ));
             }
         }
