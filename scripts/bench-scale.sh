@@ -68,7 +68,7 @@ for size in "${sizes[@]}"; do
         "$bin" -q --headers shared "$ckpt" "$work/out"
     read -r _ rank0_mb <<<"$(secs_mb "$work/rank.0")"
     read -r _ rank1_mb <<<"$(secs_mb "$work/rank.1")"
-    check=$(python3 scripts/check_manifest.py "$work/out" "$dir/manifest.json" | tail -n 1)
+    check=$("$venv/bin/python" scripts/check_manifest.py "$work/out" "$dir/manifest.json" | tail -n 1)
     ratio=$(awk -v a="$dry_s" -v b="$py_s" 'BEGIN{printf "%.2f", a / b}')
     echo "| $((tensors * 512)) | $meta_mb | $dry_s | $dry_mb | $py_s | $py_mb | $imp_s / $imp_mb | $ratio | $rank0_mb | $rank1_mb | $check |"
 done
