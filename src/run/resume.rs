@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 pub(super) fn keep_complete_files(job: &Job, plan: &Plan, verify: bool) -> Result<BTreeSet<usize>> {
     let (out, comm, rank) = (&job.config.output, job.comm, job.rank());
     let found = job.on_rank0(|| find_kept(out, plan))?;
-    let shared = comm.all_gather(&found.map(|k| encode_kept(&k)).unwrap_or_default());
+    let shared = comm.all_gather(&found.map(|k| encode_kept(&k)).unwrap_or_default())?;
     let mut kept = decode_kept(&shared[0]);
     if verify && !kept.is_empty() {
         let candidates = Plan {
@@ -31,7 +31,7 @@ pub(super) fn keep_complete_files(job: &Job, plan: &Plan, verify: bool) -> Resul
             }
             Ok(differ)
         })?;
-        for bytes in comm.all_gather(&encode_kept(&differ)) {
+        for bytes in comm.all_gather(&encode_kept(&differ))? {
             for f in decode_kept(&bytes) {
                 job.say(&format!(
                     "resume: {} differs from the inputs; it is rewritten",
