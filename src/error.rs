@@ -284,7 +284,8 @@ fn io_hint(err: &std::io::Error) -> &'static str {
     }
 }
 
-fn list_names(names: &[String]) -> String {
+/// Up to ten names, escaped, and how many more there are.
+pub fn list_names(names: &[String]) -> String {
     const SHOWN: usize = 10;
     let mut text = names
         .iter()

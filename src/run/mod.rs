@@ -261,6 +261,13 @@ pub fn run(config: &Config, comm: &dyn Communicator, messages: &dyn Messages) ->
             shown(name)
         ));
     }
+    if !plan.omitted.is_empty() {
+        job.warn(&format!(
+            "warning: {} tensor(s) are not in the mapping and are left out: {}",
+            plan.omitted.len(),
+            crate::error::list_names(&plan.omitted)
+        ));
+    }
     let summary = match config.mode {
         Mode::DryRun { ranks_per_node, .. } => {
             let mut text = describe(&plan, &facts);
