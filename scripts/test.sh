@@ -43,6 +43,9 @@ echo "== emulated nodes (node-agent.sh: hostnames, node-local dirs, TCP, a node 
 echo "== transformers round trip (PyTorch writer, AutoModelForCausalLM, --dtype vs torch casts)"
 scripts/test-transformers.sh | tee -a "$log"
 
+echo "== the Python package (drop-ins vs PyTorch's and NeMo's functions, patch(), torchrun with gloo)"
+scripts/test-python.sh | tee -a "$log"
+
 echo "== DCP outputs equal PyTorch's own reader (torch FileSystemReader, safetensors loads them)"
 dcp_out=$(mktemp -d)
 trap 'rm -rf "$log" "$log.demo" "$zoo" "$setup_log" "$dcp_out"' EXIT
@@ -69,5 +72,5 @@ echo "== fuzz the header parser and the pickle interpreter (cargo fuzz, 20 s eac
 scripts/fuzz.sh 20
 
 # One closing line for the whole run, summed over every test binary.
-awk '/^test result:/ { p += $4; f += $6 } /^(launchers|nodes|transformers|setup|dcp-reference):/ { p += $2; f += $4 }
+awk '/^test result:/ { p += $4; f += $6 } /^(launchers|nodes|transformers|setup|dcp-reference|python):/ { p += $2; f += $4 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
