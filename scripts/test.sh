@@ -18,6 +18,9 @@ log=$(mktemp)
 trap 'rm -f "$log" "$setup_log"' EXIT
 cat "$setup_log" >>"$log"
 cargo test --release --workspace 2>&1 | tee -a "$log"
+echo "== the library without MPI (--no-default-features: what the Python extension builds)"
+cargo clippy --release --lib --tests --no-default-features -- -D warnings
+cargo test --release --no-default-features --lib --test run_api 2>&1 | tee -a "$log"
 echo "== demo"
 scripts/demo.sh >"$log.demo" 2>&1 || { cat "$log.demo"; exit 1; }
 
@@ -42,6 +45,9 @@ scripts/test-transformers.sh | tee -a "$log"
 
 echo "== NeMo Automodel 0.7.0 as the reference (.hf_metadata folders, dtype rules, 0-3 ranks)"
 scripts/test-nemo.sh | tee -a "$log"
+
+echo "== the Python package (drop-ins vs PyTorch's and NeMo's functions, patch(), torchrun with gloo)"
+scripts/test-python.sh | tee -a "$log"
 
 echo "== DCP outputs equal PyTorch's own reader (torch FileSystemReader, safetensors loads them)"
 dcp_out=$(mktemp -d)
@@ -69,5 +75,5 @@ echo "== fuzz the header parser and the pickle interpreter (cargo fuzz, 20 s eac
 scripts/fuzz.sh 20
 
 # One closing line for the whole run, summed over every test binary.
-awk '/^test result:/ { p += $4; f += $6 } /^(launchers|nodes|transformers|setup|dcp-reference|nemo):/ { p += $2; f += $4 }
+awk '/^test result:/ { p += $4; f += $6 } /^(launchers|nodes|transformers|setup|dcp-reference|nemo|python):/ { p += $2; f += $4 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -210,6 +210,22 @@ pub enum Error {
         reason: String,
     },
 
+    /// A collective failed in the communicator itself (torch.distributed
+    /// raised: a timeout, a peer that went away).
+    #[error(
+        "rank {rank}: the ranks cannot communicate: {}\n  hint: {}",
+        shown(reason),
+        shown(hint)
+    )]
+    Communicator {
+        /// This process's rank.
+        rank: usize,
+        /// What the communicator said.
+        reason: String,
+        /// What the user can do.
+        hint: String,
+    },
+
     /// Another rank failed; it reports its own error, so this one stays quiet.
     #[error("rank {0} failed")]
     PeerFailed(usize),
@@ -268,7 +284,8 @@ fn io_hint(err: &std::io::Error) -> &'static str {
     }
 }
 
-fn list_names(names: &[String]) -> String {
+/// Up to ten names, escaped, and how many more there are.
+pub fn list_names(names: &[String]) -> String {
     const SHOWN: usize = 10;
     let mut text = names
         .iter()

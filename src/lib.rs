@@ -6,13 +6,15 @@
 //! into tensors and their pieces) → [`plan`] (output files and who writes
 //! what) → [`report`] → [`exec`] (copy, verify, publish) → [`comm`] (the MPI
 //! seam and the collectives built on it) → [`progress`] → [`run`] (the
-//! phase sequence).
+//! phase sequence), which tells a front end's [`messages`] sink what
+//! happens and returns the finished report.
 #![warn(missing_docs)]
 
 pub mod checkpoint;
 pub mod comm;
 pub mod error;
 pub mod exec;
+pub mod messages;
 pub mod plan;
 pub mod progress;
 pub mod report;

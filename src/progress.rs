@@ -6,12 +6,13 @@
 //! copying) over all ranks. Every rank sees the same sums, so all leave the
 //! loop in the same round, when no rank is still copying; a rank that
 //! finished early or failed keeps joining rounds until then, so no collective
-//! is left waiting.
+//! is left waiting. What rank 0 shows is the front end's
+//! [`ProgressView`].
 
+use crate::Result;
 use crate::comm::Communicator;
+use crate::messages::ProgressView;
 use crate::report::human_bytes;
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -33,45 +34,17 @@ impl Drop for FinishOnDrop<'_> {
     }
 }
 
-/// How rank 0 shows progress.
-enum Display {
-    /// A live bar on a terminal.
-    Bar(ProgressBar),
-    /// One line per round, for Slurm output files and pipes.
-    Lines,
-    /// Nothing (other ranks).
-    Hidden,
-}
-
-/// Runs progress rounds until every rank has finished copying. `show` is
-/// true on the rank that prints (rank 0, unless quiet).
+/// Runs progress rounds until every rank has finished copying. `view` is
+/// the display on the rank that shows it (rank 0, unless quiet), `None`
+/// elsewhere. A failing collective ends the rounds with its error.
 pub fn watch(
     comm: &dyn Communicator,
     interval: Duration,
-    total: u64,
     counters: &Counters,
-    show: bool,
-) {
+    view: Option<&dyn ProgressView>,
+) -> Result<()> {
     let started = Instant::now();
-    let display = if !show {
-        Display::Hidden
-    } else if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {percent}% {binary_bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        Display::Bar(bar)
-    } else {
-        Display::Lines
-    };
-    // A bar is redrawn often; log lines once per interval.
-    let round = match display {
-        Display::Bar(_) => interval.min(Duration::from_millis(200)),
-        _ => interval,
-    };
+    let round = view.map_or(interval, |view| view.round(interval));
     let mut next = started + round;
     loop {
         while !counters.finished.load(Ordering::Acquire) && Instant::now() < next {
@@ -79,20 +52,19 @@ pub fn watch(
         }
         let still_copying = u64::from(!counters.finished.load(Ordering::Acquire));
         let [done, copying] =
-            comm.sum_polled([counters.copied.load(Ordering::Relaxed), still_copying]);
-        match &display {
-            Display::Bar(bar) => bar.set_position(done),
-            Display::Lines => eprintln!("{}", line(done, total, started.elapsed())),
-            Display::Hidden => {}
+            comm.sum_polled([counters.copied.load(Ordering::Relaxed), still_copying])?;
+        if let Some(view) = view {
+            view.update(done, started.elapsed());
         }
         if copying == 0 {
             break;
         }
         next = Instant::now() + round;
     }
-    if let Display::Bar(bar) = display {
-        bar.finish();
+    if let Some(view) = view {
+        view.finish();
     }
+    Ok(())
 }
 
 /// One log line: bytes done of total, percent, rate and time left.
@@ -164,21 +136,21 @@ mod tests {
         fn ranks_on_node(&self) -> usize {
             2
         }
-        fn lowest_failed(&self, failed: bool) -> Option<usize> {
-            failed.then_some(0)
+        fn lowest_failed(&self, failed: bool) -> Result<Option<usize>> {
+            Ok(failed.then_some(0))
         }
-        fn gather(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
-            Some(vec![bytes.to_vec(), Vec::new()])
+        fn gather(&self, bytes: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
+            Ok(Some(vec![bytes.to_vec(), Vec::new()]))
         }
-        fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
-            vec![bytes.to_vec(), Vec::new()]
+        fn all_gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+            Ok(vec![bytes.to_vec(), Vec::new()])
         }
-        fn sum_polled(&self, [bytes, copying]: [u64; 2]) -> [u64; 2] {
+        fn sum_polled(&self, [bytes, copying]: [u64; 2]) -> Result<[u64; 2]> {
             let mut rounds = self.rounds.lock().unwrap();
             let peer_copying = u64::from(rounds.len() < self.peer_busy_rounds);
             let sum = [bytes + self.peer_bytes, copying + peer_copying];
             rounds.push(sum);
-            sum
+            Ok(sum)
         }
     }
 
@@ -196,7 +168,7 @@ mod tests {
                 }
                 counters.copied.store(42, Ordering::Relaxed);
             });
-            watch(&world, Duration::from_millis(10), 42, &counters, false);
+            watch(&world, Duration::from_millis(10), &counters, None).unwrap();
         });
         let rounds = world.rounds();
         let (last, before) = rounds.split_last().unwrap();
@@ -214,7 +186,7 @@ mod tests {
         let counters = Counters::default();
         counters.copied.store(5, Ordering::Relaxed);
         counters.finished.store(true, Ordering::Release);
-        watch(&world, Duration::from_secs(3600), 105, &counters, false);
+        watch(&world, Duration::from_secs(3600), &counters, None).unwrap();
         assert_eq!(world.rounds(), [[105, 1], [105, 1], [105, 1], [105, 0]]);
     }
 }

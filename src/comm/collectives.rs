@@ -20,7 +20,7 @@ use std::time::Duration;
 /// Turns this rank's result into the job's: if any rank failed, every rank
 /// returns an error, but only the lowest failing rank returns its own.
 pub fn agree<T>(comm: &dyn Communicator, result: Result<T>) -> Result<T> {
-    match comm.lowest_failed(result.is_err()) {
+    match comm.lowest_failed(result.is_err())? {
         Some(failed) if failed != comm.rank() => Err(Error::PeerFailed(failed)),
         _ => result,
     }
@@ -31,7 +31,7 @@ pub fn agree<T>(comm: &dyn Communicator, result: Result<T>) -> Result<T> {
 /// listing or a copy still in progress would otherwise have them write
 /// different layouts into the same files.
 pub fn same_plan_everywhere(comm: &dyn Communicator, plan: &Plan) -> Result<()> {
-    let digests = comm.all_gather(&plan.fingerprint());
+    let digests = comm.all_gather(&plan.fingerprint())?;
     match digests.iter().position(|d| d != &digests[0]) {
         None => Ok(()),
         Some(rank) => Err(Error::ranks_disagree(
@@ -69,7 +69,7 @@ pub fn same_inputs_everywhere(
     let signed = agree(comm, signed)?;
     let mine = serde_json::to_vec(&(host_name(), signed)).unwrap_or_default();
     let decoded: Vec<(String, Vec<String>)> = comm
-        .all_gather(&mine)
+        .all_gather(&mine)?
         .iter()
         .map(|bytes| serde_json::from_slice(bytes).unwrap_or_default())
         .collect();
@@ -112,7 +112,7 @@ pub fn same_output_dir(
         None => read_token_patiently(dir),
     };
     let mine = serde_json::to_vec(&(host_name(), seen)).unwrap_or_default();
-    let all = comm.all_gather(&mine);
+    let all = comm.all_gather(&mine)?;
     let decoded: Vec<(String, Vec<u8>)> = all
         .iter()
         .map(|bytes| serde_json::from_slice(bytes).unwrap_or_default())
@@ -178,7 +178,7 @@ pub fn read_shard_headers(
         })
     });
     let encoded = agree(comm, encoded)?;
-    let parts = comm.all_gather(&encoded);
+    let parts = comm.all_gather(&encoded)?;
     let garbled = |what: String| {
         Error::ranks_disagree(
             what,
@@ -210,7 +210,7 @@ pub fn read_shard_headers(
 /// with all of them if there are any.
 pub fn collect_mismatches(comm: &dyn Communicator, mine: &[String]) -> Result<()> {
     let payload = serde_json::to_vec(mine).unwrap_or_default();
-    let Some(all) = comm.gather(&payload) else {
+    let Some(all) = comm.gather(&payload)? else {
         return Ok(());
     };
     let mut mismatches = Vec::new();
@@ -238,7 +238,7 @@ pub fn gather_reports(
     mine: &RankReport,
 ) -> Result<Option<Vec<RankReport>>> {
     let payload = serde_json::to_vec(mine).unwrap_or_default();
-    let Some(payloads) = comm.gather(&payload) else {
+    let Some(payloads) = comm.gather(&payload)? else {
         return Ok(None);
     };
     payloads
@@ -308,7 +308,7 @@ pub fn read_checkpoint(
         None => Ok(Vec::new()),
     };
     let payload = agree(comm, payload)?;
-    let parts = comm.all_gather(&payload);
+    let parts = comm.all_gather(&payload)?;
     let decoded = serde_json::from_slice(&parts[0]).map_err(|e| {
         Error::ranks_disagree(
             format!("the checkpoint rank 0 sent cannot be read: {e}"),

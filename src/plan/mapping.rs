@@ -20,6 +20,15 @@ pub enum MappingSource {
     HfIndex(PathBuf),
     /// Fill files in name order up to this many bytes each.
     MaxShardSize(u64),
+    /// `{fqn: index}` given by a caller (the Python binding's
+    /// `fqn_to_index_mapping`), checked as a `--mapping` file is; `origin`
+    /// names it in messages.
+    Given {
+        /// What to call the mapping in messages.
+        origin: String,
+        /// Tensor name → output file index, from 1.
+        entries: BTreeMap<String, u64>,
+    },
 }
 
 /// What to do with tensors that the mapping does not name.
@@ -30,12 +39,16 @@ pub enum Unmapped {
     Error,
     /// Put them in the last output file.
     Last,
+    /// Leave them out of the output (PyTorch's consolidation does); the
+    /// plan lists them for one warning.
+    Omit,
 }
 
 /// The result: an output file index (from 1) per tensor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Assignment {
-    /// Output index for each input tensor, in the order given.
+    /// Output index for each input tensor, in the order given; 0 for a
+    /// tensor left out ([`Unmapped::Omit`]).
     pub file_of: Vec<u32>,
     /// Number of output files (the largest index).
     pub file_count: u32,
@@ -83,6 +96,7 @@ fn assign_unchecked(
 ) -> Result<Assignment> {
     let mapping_path = match source {
         MappingSource::Mapping(path) | MappingSource::HfIndex(path) => path.clone(),
+        MappingSource::Given { origin, .. } => PathBuf::from(origin),
         _ => PathBuf::new(),
     };
     let by_name = match source {
@@ -96,6 +110,7 @@ fn assign_unchecked(
         MappingSource::MaxShardSize(limit) => return Ok(fill_by_size(tensors, *limit)),
         MappingSource::Mapping(path) => read_mapping(path)?,
         MappingSource::HfIndex(path) => read_hf_index(path)?,
+        MappingSource::Given { origin, entries } => check_indices(Path::new(origin), entries)?,
     };
     let file_count = by_name.values().copied().max().unwrap_or(1);
     let mut unmapped_names = Vec::new();
@@ -105,7 +120,10 @@ fn assign_unchecked(
             Some(index) => file_of.push(index),
             None => {
                 unmapped_names.push(name.to_string());
-                file_of.push(file_count);
+                file_of.push(match unmapped {
+                    Unmapped::Omit => 0,
+                    _ => file_count,
+                });
             }
         }
     }
@@ -219,6 +237,22 @@ pub fn read_mapping(path: &Path) -> Result<BTreeMap<String, u32>> {
                     "'{name}' maps to {value}, not an integer from 1 to {MAX_FILES}"
                 ))),
             }
+        })
+        .collect()
+}
+
+/// A caller's `{fqn: index}`, its indices checked as [`read_mapping`] checks
+/// a file's.
+fn check_indices(origin: &Path, entries: &BTreeMap<String, u64>) -> Result<BTreeMap<String, u32>> {
+    entries
+        .iter()
+        .map(|(name, &index)| match u32::try_from(index) {
+            Ok(i) if (1..=MAX_FILES).contains(&i) => Ok((name.clone(), i)),
+            _ => Err(Error::Mapping {
+                path: origin.to_owned(),
+                reason: format!("'{name}' maps to {index}, not an integer from 1 to {MAX_FILES}"),
+                hint: "output file indices start at 1, as in model-00001-of-0000N.safetensors",
+            }),
         })
         .collect()
 }

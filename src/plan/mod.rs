@@ -118,23 +118,48 @@ pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) ->
         .zip(&output.dtypes)
         .map(|(t, dtype)| (t.name.as_str(), t.element_count() * dtype.size()))
         .collect();
-    let assignment = assign_named(&sizes, &saved_names, &options.mapping, options.unmapped)?;
+    let mut assignment = assign_named(&sizes, &saved_names, &options.mapping, options.unmapped)?;
     let dtype_warning = output.warning();
+    let (tensors, dtypes, omitted) = omit_unassigned(tensors, output.dtypes, &mut assignment);
     let mut plan = Plan::build(
         checkpoint.files,
         tensors,
         assignment,
         world_size,
-        output.dtypes,
+        dtypes,
         options.input_fingerprint.as_deref(),
     )?;
     plan.dtype_warning = dtype_warning;
+    plan.omitted = omitted;
     plan.unwrapped_key = unwrapped;
     if let Some(name) = &options.index_name {
         plan.index_name = name.clone();
     }
     plan.schedule = options.schedule;
     Ok(plan)
+}
+
+/// Drops the tensors the assignment left out (file 0, [`Unmapped::Omit`]),
+/// with their dtypes and assignment entries; returns what remains and the
+/// names dropped.
+fn omit_unassigned(
+    tensors: Vec<FullTensor>,
+    dtypes: Vec<Dtype>,
+    assignment: &mut Assignment,
+) -> (Vec<FullTensor>, Vec<Dtype>, Vec<String>) {
+    let mut kept = (Vec::new(), Vec::new(), Vec::new());
+    let mut omitted = Vec::new();
+    for ((tensor, dtype), &file) in tensors.into_iter().zip(dtypes).zip(&assignment.file_of) {
+        if file == 0 {
+            omitted.push(tensor.name);
+        } else {
+            kept.0.push(tensor);
+            kept.1.push(dtype);
+            kept.2.push(file);
+        }
+    }
+    assignment.file_of = kept.2;
+    (kept.0, kept.1, omitted)
 }
 
 /// Everything every rank agrees on before any byte is written.
@@ -148,6 +173,8 @@ pub struct Plan {
     pub files: Vec<OutputFile>,
     /// Mapped names that no shard holds (left out, reported as a warning).
     pub missing: Vec<String>,
+    /// Tensors the mapping does not name, left out ([`Unmapped::Omit`]).
+    pub omitted: Vec<String>,
     /// The one warning about tensors of `--dtype-map` whose quantized or
     /// packed original was not restored.
     pub dtype_warning: Option<String>,
@@ -244,6 +271,7 @@ impl Plan {
             tensors,
             files,
             missing: assignment.missing,
+            omitted: vec![],
             dtype_warning: None,
             index_name: crate::safetensors::naming::INDEX_NAME.to_string(),
             unwrapped_key: None,

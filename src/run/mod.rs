@@ -30,6 +30,7 @@ use crate::exec::publish::{
 };
 use crate::exec::verify::{compare, existing_targets, stored_crc_summary, written_targets};
 use crate::exec::write::{WriteTiming, copy_and_sync, create_files, default_threads};
+use crate::messages::Messages;
 use crate::plan::mapping::MappingSource;
 use crate::plan::{self, Plan, PlanOptions};
 use crate::progress::{Counters, FinishOnDrop, watch};
@@ -71,6 +72,29 @@ pub struct Config {
     pub command_line: Vec<String>,
 }
 
+impl Config {
+    /// A plain consolidation of `input` into `output`, with every option
+    /// at the command's default (the starting point of other front ends).
+    pub fn new(input: impl Into<PathBuf>, output: impl Into<PathBuf>) -> Config {
+        Config {
+            input: input.into(),
+            output: output.into(),
+            mode: Mode::Consolidate { verify: false },
+            verbosity: Verbosity::Normal,
+            read: crate::checkpoint::ReadOptions::default(),
+            plan: PlanOptions::default(),
+            threads: None,
+            overwrite: false,
+            resume: false,
+            hf_assets: None,
+            hf_metadata: true,
+            progress_secs: 10.0,
+            report: None,
+            command_line: Vec::new(),
+        }
+    }
+}
+
 /// What a run does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -103,8 +127,8 @@ pub enum Verbosity {
     Verbose,
 }
 
-/// What a finished run did.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// What a finished run did, for the front end to show or return.
+#[derive(Clone, Debug, Default)]
 pub struct Summary {
     /// Output files written (by all ranks).
     pub files: usize,
@@ -112,12 +136,22 @@ pub struct Summary {
     pub bytes: u64,
     /// Wall time of the whole run on this rank.
     pub seconds: f64,
+    /// Non-tensor entries of the checkpoint that were skipped (a DCP
+    /// checkpoint's step, dataloader state).
+    pub skipped: Vec<String>,
+    /// `--dry-run`: the plan, as the table the command prints.
+    pub plan_text: Option<String>,
+    /// The run report, on rank 0 of a consolidation (what `--report`
+    /// writes; its [`RunReport::human`] is the closing summary).
+    pub report: Option<RunReport>,
 }
 
-/// One rank's view of the job: its configuration, communicator and threads.
+/// One rank's view of the job: its configuration, communicator, message
+/// sink and threads.
 struct Job<'a> {
     config: &'a Config,
     comm: &'a dyn Communicator,
+    messages: &'a dyn Messages,
     pool: rayon::ThreadPool,
     threads: usize,
     started: Instant,
@@ -128,10 +162,22 @@ impl Job<'_> {
         self.comm.rank()
     }
 
-    /// Prints on rank 0 unless quiet.
+    /// Whether this rank speaks: rank 0, unless quiet.
+    fn speaks(&self) -> bool {
+        self.rank() == 0 && self.config.verbosity > Verbosity::Quiet
+    }
+
+    /// A note on rank 0 unless quiet.
     fn say(&self, text: &str) {
-        if self.rank() == 0 && self.config.verbosity > Verbosity::Quiet {
-            eprintln!("{text}");
+        if self.speaks() {
+            self.messages.info(text);
+        }
+    }
+
+    /// A warning on rank 0 unless quiet.
+    fn warn(&self, text: &str) {
+        if self.speaks() {
+            self.messages.warning(text);
         }
     }
 
@@ -152,12 +198,14 @@ impl Job<'_> {
             files,
             bytes,
             seconds,
+            ..Summary::default()
         }
     }
 }
 
-/// Runs a consolidation on this rank. Every rank must call it.
-pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
+/// Runs a consolidation on this rank, telling `messages` what happens.
+/// Every rank must call it.
+pub fn run(config: &Config, comm: &dyn Communicator, messages: &dyn Messages) -> Result<Summary> {
     let detected = match config.hf_metadata {
         true => hf_metadata::apply(config),
         false => None,
@@ -166,7 +214,7 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         Some((config, taken)) => (config, Some(taken)),
         None => (config, None),
     };
-    let job = start(config, comm)?;
+    let job = start(config, comm, messages)?;
     if let Some(taken) = taken {
         job.say(&taken.human());
     }
@@ -200,7 +248,7 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
         .as_deref()
         .is_some_and(ties_word_embeddings);
     if let Some(warning) = &plan.dtype_warning {
-        job.say(warning);
+        job.warn(warning);
     }
     if let Some(key) = &plan.unwrapped_key {
         job.say(&format!(
@@ -219,26 +267,38 @@ pub fn run(config: &Config, comm: &dyn Communicator) -> Result<Summary> {
             job.say("note: 'lm_head.weight' is in the mapping but in no shard, as expected: config.json ties it to the input embeddings (tie_word_embeddings)");
             continue;
         }
-        job.say(&format!(
+        job.warn(&format!(
             "warning: '{}' is in the mapping but in no shard; it is left out",
             shown(name)
         ));
     }
-    match config.mode {
+    if !plan.omitted.is_empty() {
+        job.warn(&format!(
+            "warning: {} tensor(s) are not in the mapping and are left out: {}",
+            plan.omitted.len(),
+            crate::error::list_names(&plan.omitted)
+        ));
+    }
+    let summary = match config.mode {
         Mode::DryRun { ranks_per_node, .. } => {
-            if job.rank() == 0 {
-                print!("{}", describe(&plan, &facts));
-                if let Some(k) = ranks_per_node {
-                    print!("{}", crate::report::per_node_view(&plan, k));
-                }
+            let mut text = describe(&plan, &facts);
+            if let Some(k) = ranks_per_node {
+                text.push_str(&crate::report::per_node_view(&plan, k));
             }
-            Ok(Summary::default())
+            Ok(Summary {
+                plan_text: (job.rank() == 0).then_some(text),
+                ..Summary::default()
+            })
         }
         Mode::VerifyOnly => verify_existing(&job, &plan),
         Mode::Consolidate { verify } => {
             consolidate(&job, plan, &inputs, &facts, verify, headers_read)
         }
-    }
+    };
+    summary.map(|summary| Summary {
+        skipped: facts.non_tensors,
+        ..summary
+    })
 }
 
 /// The layout options, with Hugging Face's default for a DCP checkpoint
@@ -278,7 +338,11 @@ pub const DCP_DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
 
 /// Starts this rank's copy threads. Agreed on like every other phase: one
 /// node refusing threads must not leave the other ranks waiting.
-fn start<'a>(config: &'a Config, comm: &'a dyn Communicator) -> Result<Job<'a>> {
+fn start<'a>(
+    config: &'a Config,
+    comm: &'a dyn Communicator,
+    messages: &'a dyn Messages,
+) -> Result<Job<'a>> {
     let threads = config
         .threads
         .unwrap_or_else(|| default_threads(comm.ranks_on_node()));
@@ -294,6 +358,7 @@ fn start<'a>(config: &'a Config, comm: &'a dyn Communicator) -> Result<Job<'a>> 
     Ok(Job {
         config,
         comm,
+        messages,
         pool: agree(comm, pool)?,
         threads,
         started: Instant::now(),
@@ -477,11 +542,11 @@ fn consolidate(
         Some(staged) => staged.commit(out, plan),
         None => unreachable_on_rank0(),
     })?;
-    if let Some(report) = finished {
-        job.say(&report.human(&out.display().to_string()));
-    }
     drop(lock);
-    Ok(job.summary(plan.files.len(), plan.total_bytes()))
+    Ok(Summary {
+        report: finished,
+        ..job.summary(plan.files.len(), plan.total_bytes())
+    })
 }
 
 /// One line when the modulo schedule leaves ranks with nothing to write
@@ -520,14 +585,20 @@ fn copy_with_progress(
             let _finish = FinishOnDrop(&counters);
             pool.install(|| copy_and_sync(&config.output, plan, rank, created, &counters.copied))
         });
-        if config.progress_secs > 0.0 && config.verbosity > Verbosity::Quiet {
+        let progress = if config.progress_secs > 0.0 && config.verbosity > Verbosity::Quiet {
             let interval = Duration::from_secs_f64(config.progress_secs);
             let total = plan.bytes_per_rank().iter().sum();
-            watch(job.comm, interval, total, &counters, rank == 0);
-        }
-        worker
+            let view = job.speaks().then(|| job.messages.progress(total));
+            watch(job.comm, interval, &counters, view.as_deref())
+        } else {
+            Ok(())
+        };
+        // The copy is waited for even when progress failed: its threads
+        // borrow the plan and the files.
+        let copied = worker
             .join()
-            .unwrap_or_else(|_| Err(Error::internal("a copy thread panicked")))
+            .unwrap_or_else(|_| Err(Error::internal("a copy thread panicked")));
+        progress.and(copied)
     })
 }
 
@@ -538,8 +609,6 @@ fn report_timing(job: &Job, plan: &Plan, files: usize, timing: &WriteTiming) {
     }
     let rank = job.rank();
     let bytes = plan.bytes_per_rank()[rank];
-    // One write per line: stderr is unbuffered, and a line written in
-    // pieces interleaves with other ranks' lines in mpirun's forwarding.
     let line = format!(
         "rank {rank} on {}: {files} files, {} copied in {:.2} s ({:.2} GB/s) by {} thread(s), synced in {:.2} s",
         crate::exec::lock::host_name(),
@@ -549,5 +618,5 @@ fn report_timing(job: &Job, plan: &Plan, files: usize, timing: &WriteTiming) {
         job.threads,
         timing.sync
     );
-    eprintln!("{line}");
+    job.messages.detail(&line);
 }

@@ -32,7 +32,7 @@ pub(super) fn input_fingerprint(
         job.on_rank0(|| fingerprint::input_fingerprint(input, files, metadata.as_deref()))?;
     let shared = job
         .comm
-        .all_gather(mine.unwrap_or_default().as_bytes())
+        .all_gather(mine.unwrap_or_default().as_bytes())?
         .swap_remove(0);
     String::from_utf8(shared).map_err(|_| {
         Error::ranks_disagree(
@@ -54,7 +54,7 @@ pub(super) fn keep_complete_files(job: &Job, plan: &mut Plan, verify: bool) -> R
     for line in found.iter().flat_map(|found| &found.rewritten) {
         job.say(&format!("resume: {line}"));
     }
-    let shared = comm.all_gather(&found.as_ref().map(encode_found).unwrap_or_default());
+    let shared = comm.all_gather(&found.as_ref().map(encode_found).unwrap_or_default())?;
     let Found {
         complete,
         unfingerprinted,
@@ -92,7 +92,7 @@ pub(super) fn keep_complete_files(job: &Job, plan: &mut Plan, verify: bool) -> R
             Ok(differ)
         })?;
         let differ: BTreeSet<usize> = comm
-            .all_gather(&encode_kept(&differ))
+            .all_gather(&encode_kept(&differ))?
             .iter()
             .flat_map(|bytes| decode_kept(bytes))
             .collect();

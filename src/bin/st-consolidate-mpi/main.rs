@@ -1,19 +1,20 @@
 //! The `st-consolidate-mpi` command: arguments → config → driver → exit code.
 
+mod stderr;
+
 use clap::{ArgGroup, Parser};
 use st_consolidate_mpi::Error;
 use st_consolidate_mpi::checkpoint::ReadOptions;
 use st_consolidate_mpi::checkpoint::format::InputFormat;
 use st_consolidate_mpi::checkpoint::hf_shards::HeaderReading;
 use st_consolidate_mpi::checkpoint::select::Selection;
-use st_consolidate_mpi::comm::{
-    Communicator, MpiWorld, SingleProcess, check_world, launcher_tasks,
-};
+use st_consolidate_mpi::comm::mpi_world::MpiWorld;
+use st_consolidate_mpi::comm::{Communicator, SingleProcess, check_world, launcher_tasks};
 use st_consolidate_mpi::plan::PlanOptions;
 use st_consolidate_mpi::plan::Schedule;
 use st_consolidate_mpi::plan::dtypes::DtypeMapSource;
 use st_consolidate_mpi::plan::mapping::{MappingSource, Unmapped, parse_size};
-use st_consolidate_mpi::run::{Config, Mode, Verbosity, run};
+use st_consolidate_mpi::run::{Config, Mode, Summary, Verbosity, run};
 use st_consolidate_mpi::safetensors::dtype::Dtype;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -441,6 +442,19 @@ fn under_launcher() -> bool {
         .any(|var| std::env::var_os(var).is_some())
 }
 
+/// What a finished run prints: the plan of a dry run on stdout, the
+/// closing summary on stderr (rank 0; the others return neither).
+fn show(config: &Config, summary: &Summary) {
+    if let Some(text) = &summary.plan_text {
+        print!("{text}");
+    }
+    if let Some(report) = &summary.report
+        && config.verbosity > Verbosity::Quiet
+    {
+        eprintln!("{}", report.human(&config.output.display().to_string()));
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -463,8 +477,11 @@ fn main() -> ExitCode {
         Some(world) => world,
         None => &SingleProcess,
     };
-    match check_world(comm, launcher_tasks()).and_then(|()| run(&config, comm)) {
-        Ok(_) => ExitCode::SUCCESS,
+    match check_world(comm, launcher_tasks()).and_then(|()| run(&config, comm, &stderr::Stderr)) {
+        Ok(summary) => {
+            show(&config, &summary);
+            ExitCode::SUCCESS
+        }
         // The failing rank prints its own message.
         Err(Error::PeerFailed(_)) => ExitCode::FAILURE,
         // Every task is "rank 0" of its own world: the launcher's rank 0 speaks.

@@ -1,0 +1,248 @@
+"""The Python API: the whole tool (``consolidate``) and the drop-ins for
+PyTorch's and NeMo's ``consolidate_safetensors_files[_on_every_rank]``.
+Arguments are adapted here; the library does the work."""
+
+import dataclasses
+import json
+import logging
+import os
+
+from . import _dist
+from ._errors import InputError
+from ._native import consolidate as _run
+
+logger = logging.getLogger("st_consolidate")
+
+# NeMo's resolve_dtype_cast aliases, as it normalises them (lowercase,
+# "torch." prefix, "_" and "-" dropped), to the library's --dtype names.
+_CAST_ALIASES = {
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "f16",
+    "float16": "f16",
+    "half": "f16",
+    "fp32": "f32",
+    "float32": "f32",
+    "float": "f32",
+    "fp64": "f64",
+    "float64": "f64",
+    "double": "f64",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What a consolidation did (on this rank's view of the job)."""
+
+    files: int
+    """Output files written by all ranks."""
+    bytes: int
+    """Tensor bytes written by all ranks."""
+    seconds: float
+    """Wall time of the call on this rank."""
+    skipped: list
+    """Non-tensor entries of the checkpoint that were skipped."""
+    plan: str = None
+    """dry_run=True: the plan, as the command prints it (rank 0)."""
+    report: dict = None
+    """The run report (as --report writes it), on rank 0."""
+
+
+def _cast_name(cast_dtype):
+    """A float torch.dtype or one of NeMo's alias strings → the library's
+    name; anything else is refused (a stated divergence: casts go to
+    floating-point types only)."""
+    if cast_dtype is None:
+        return None
+    text = str(cast_dtype)
+    normalized = text.lower().removeprefix("torch.").replace("_", "").replace("-", "")
+    if normalized in ("", "none"):
+        return None
+    if normalized not in _CAST_ALIASES:
+        raise InputError(
+            f"cast_dtype={text} is not accepted\n"
+            f"  hint: cast to a floating-point type: torch.bfloat16, torch.float16, torch.float32, "
+            f"torch.float64, or one of {', '.join(sorted(_CAST_ALIASES))}"
+        )
+    return _CAST_ALIASES[normalized]
+
+
+def _communicator(process_group):
+    """The job's communicator: over ``process_group`` (or the default
+    group) when torch.distributed is initialized, else None (one process)."""
+    dist = _dist.distributed_or_none()
+    if dist is None:
+        return None
+    return _dist.TorchCommunicator(process_group)
+
+
+def _invoke(input_dir, output_dir, options, communicator):
+    options = {k: v for k, v in options.items() if v is not None}
+    result = _run(os.fspath(input_dir), os.fspath(output_dir), options, communicator, logger)
+    if result.get("human"):
+        logger.info("%s", result["human"])
+    report = json.loads(result["report"]) if result.get("report") else None
+    return Summary(
+        files=result["files"],
+        bytes=result["bytes"],
+        seconds=result["seconds"],
+        skipped=list(result["skipped"]),
+        plan=result.get("plan"),
+        report=report,
+    )
+
+
+def consolidate(
+    input_dir,
+    output_dir,
+    *,
+    input_format="auto",
+    include=None,
+    exclude=None,
+    mapping=None,
+    hf_index=None,
+    max_shard_size=None,
+    unmapped="error",
+    threads=None,
+    dry_run=False,
+    ranks=None,
+    ranks_per_node=None,
+    overwrite=False,
+    resume=False,
+    hf_assets=None,
+    no_hf_metadata=False,
+    keep_top_level_key=False,
+    index_name=None,
+    verify=False,
+    verify_only=False,
+    allow_missing_shard_files=False,
+    source_ranks=None,
+    progress=10.0,
+    report=None,
+    schedule="modulo",
+    headers="all",
+    dtype=None,
+    dtype_map=None,
+    strip_prefix=None,
+    process_group=None,
+):
+    """Consolidates ``input_dir`` (a DCP checkpoint or HF shards) into
+    ``output_dir``, as the ``st-consolidate-mpi`` command does; each keyword
+    is the command's flag of the same name (``--hf-index`` → ``hf_index``).
+    ``dtype`` also takes a float torch.dtype; ``dtype_map`` a path or a dict;
+    ``max_shard_size`` bytes or a string such as "5GB". With torch.distributed
+    initialized, every rank of ``process_group`` (default: the default group)
+    must call it. Returns a :class:`Summary`; raises :class:`InputError` or
+    :class:`ConsolidationError` on every rank alike."""
+    if isinstance(include, str):
+        include = [include]
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    if isinstance(strip_prefix, str):
+        strip_prefix = [strip_prefix]
+    options = dict(
+        input_format=input_format,
+        include=include,
+        exclude=exclude,
+        mapping=_path(mapping),
+        hf_index=_path(hf_index),
+        max_shard_size=max_shard_size,
+        unmapped=unmapped,
+        threads=threads,
+        dry_run=dry_run,
+        ranks=ranks,
+        ranks_per_node=ranks_per_node,
+        overwrite=overwrite,
+        resume=resume,
+        hf_assets=_path(hf_assets),
+        no_hf_metadata=no_hf_metadata,
+        keep_top_level_key=keep_top_level_key,
+        index_name=index_name,
+        verify=verify,
+        verify_only=verify_only,
+        allow_missing_shard_files=allow_missing_shard_files,
+        source_ranks=source_ranks,
+        progress=float(progress),
+        report=_path(report),
+        schedule=schedule,
+        headers=headers,
+        dtype=_cast_name(dtype),
+        dtype_map=dtype_map if isinstance(dtype_map, dict) else _path(dtype_map),
+        strip_prefix=strip_prefix,
+        command_line=["st_consolidate.consolidate", os.fspath(input_dir), os.fspath(output_dir)],
+    )
+    return _invoke(input_dir, output_dir, options, _communicator(process_group))
+
+
+def _path(value):
+    return None if value is None else os.fspath(value)
+
+
+def _dropin_options(fqn_to_index_mapping, num_threads, cast_dtype, fqn_to_dtype_mapping):
+    """What the drop-ins ask of the library: the shards given, the mapping
+    given (None: one file), tensors it does not name left out with one
+    warning (as PyTorch does), existing outputs replaced (a restarted job
+    saves again), nothing detected or copied besides the weights."""
+    if fqn_to_index_mapping is not None:
+        fqn_to_index_mapping = {str(k): int(v) for k, v in fqn_to_index_mapping.items()}
+    if fqn_to_dtype_mapping is not None:
+        fqn_to_dtype_mapping = {str(k): str(v) for k, v in fqn_to_dtype_mapping.items()}
+    return dict(
+        input_format="hf-shards",
+        fqn_to_index_mapping=fqn_to_index_mapping,
+        unmapped="omit",
+        threads=max(1, int(num_threads)),
+        overwrite=True,
+        no_hf_metadata=True,
+        dtype=_cast_name(cast_dtype),
+        fqn_to_dtype_mapping=fqn_to_dtype_mapping,
+    )
+
+
+def _dropin(input_dir, output_dir, options, communicator, use_staging, staging_dir):
+    options["command_line"] = ["st_consolidate drop-in", os.fspath(input_dir), os.fspath(output_dir)]
+    if use_staging:
+        from ._staging import staged
+
+        with staged(output_dir, staging_dir, communicator) as build_dir:
+            _invoke(input_dir, build_dir, options, communicator)
+    else:
+        _invoke(input_dir, output_dir, options, communicator)
+
+
+def consolidate_safetensors_files(
+    input_dir,
+    output_dir,
+    fqn_to_index_mapping=None,
+    num_threads=1,
+    use_staging=False,
+    staging_dir=None,
+    cast_dtype=None,
+    fqn_to_dtype_mapping=None,
+):
+    """Drop-in for PyTorch's and NeMo's ``consolidate_safetensors_files``:
+    the same output, atomically published, index last. Always one process
+    (PyTorch's writer calls it on one rank while the others wait).
+    ``fqn_to_index_mapping=None`` writes one file. Returns None."""
+    options = _dropin_options(fqn_to_index_mapping, num_threads, cast_dtype, fqn_to_dtype_mapping)
+    _dropin(input_dir, output_dir, options, None, use_staging, staging_dir)
+
+
+def consolidate_safetensors_files_on_every_rank(
+    input_dir,
+    output_dir,
+    fqn_to_index_mapping,
+    num_threads=1,
+    process_group=None,
+    use_staging=False,
+    staging_dir=None,
+    cast_dtype=None,
+    fqn_to_dtype_mapping=None,
+):
+    """Drop-in for ``consolidate_safetensors_files_on_every_rank``: every
+    rank of ``process_group`` (default: the default group; one process if
+    torch.distributed is not initialized) writes its share of the files. A
+    failure on any rank raises on every rank with the same message. Returns
+    None."""
+    options = _dropin_options(fqn_to_index_mapping, num_threads, cast_dtype, fqn_to_dtype_mapping)
+    _dropin(input_dir, output_dir, options, _communicator(process_group), use_staging, staging_dir)
