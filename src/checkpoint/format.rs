@@ -107,7 +107,8 @@ mod tests {
     #[test]
     fn consolidated_files_beside_a_sharded_subfolder_are_hf_shards() {
         // PyTorch's enable_consolidation layout; the files are not even
-        // valid safetensors: detection reads no header.
+        // valid safetensors: detection reads at most one header, and one it
+        // cannot read is no shard.
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("model-00001-of-00001.safetensors"), b"x").unwrap();
         std::fs::create_dir(dir.path().join("sharded")).unwrap();

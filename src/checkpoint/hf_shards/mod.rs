@@ -68,10 +68,11 @@ pub fn count_shard_candidates(dir: &Path) -> Result<usize> {
     // Files named like consolidated outputs are shards when they carry
     // sharding information (NeMo's own tests save shards under those
     // names); they are all of one kind, so one header tells.
-    let first_is_shard = match files.first() {
-        Some(first) => read_header(first)?.metadata.contains_key(SHARDING_INFO_KEY),
-        None => false,
-    };
+    // One that cannot be read is no shard here; reading the checkpoint
+    // names what is wrong with it if it is one.
+    let first_is_shard = files.first().is_some_and(|first| {
+        read_header(first).is_ok_and(|h| h.metadata.contains_key(SHARDING_INFO_KEY))
+    });
     if first_is_shard {
         return Ok(files.len());
     }
