@@ -316,7 +316,7 @@ fn the_plan_fingerprint_covers_where_every_piece_is() {
     use st_consolidate_mpi::checkpoint::select::Selection;
     use st_consolidate_mpi::plan::{self, PlanOptions};
     let dir = fixture("dcp-v215-w2/checkpoint");
-    let read = || dcp::read_checkpoint(&dir, &Selection::default()).unwrap();
+    let read = || dcp::read_checkpoint(&dir, &Selection::default(), false).unwrap();
     let options = PlanOptions::default();
     let same = plan::make(read(), &options, 2).unwrap();
     let again = plan::make(read(), &options, 2).unwrap();

@@ -235,3 +235,24 @@ fn a_checkpoint_with_tensors_under_several_keys_keeps_its_names() {
     );
     assert!(names.contains(&"lm_head.weight".to_string()), "{names:?}");
 }
+
+#[test]
+fn a_dry_run_plans_from_the_metadata_alone() {
+    // The chunk archive is gone: a dry run, which reads none, still plans;
+    // a real run locates every chunk and refuses.
+    let work = tempfile::tempdir().unwrap();
+    let ckpt = work.path().join("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    let src = fixture("layout-accelerate");
+    std::fs::copy(src.join(".metadata"), ckpt.join(".metadata")).unwrap();
+    std::fs::write(ckpt.join("__0_0.distcp"), b"").unwrap();
+    let out = work.path().join("out");
+    let run = consolidate_ok(2, &["--dry-run", s(&ckpt), s(&out)]);
+    let text = stderr(&run);
+    assert!(text.contains("the chunk archives were not read"), "{text}");
+    let plan = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(plan.contains("model-00001-of-00001.safetensors"), "{plan}");
+    let real = consolidate(0, &[s(&ckpt), s(&out)]);
+    assert!(!real.status.success());
+    assert!(stderr(&real).contains("__0_0.distcp"), "{}", stderr(&real));
+}

@@ -32,6 +32,10 @@ pub struct ReadOptions {
     /// Whether every rank reads every header (or `.metadata`), or the work
     /// is shared and the results exchanged.
     pub headers: hf_shards::HeaderReading,
+    /// Plan from a DCP checkpoint's `.metadata` alone, without opening the
+    /// chunk archives (`--dry-run`): pieces then point at the start of
+    /// their archive, not at their data, and nothing is copied from them.
+    pub plan_only: bool,
 }
 
 /// A checkpoint as read from disk, whatever its format.

@@ -287,7 +287,7 @@ pub fn read_checkpoint(
     let reader = !shared || comm.rank() == 0;
     let mine = if reader {
         pool.install(|| {
-            let checkpoint = dcp::read_checkpoint(dir, &options.select)?;
+            let checkpoint = dcp::read_checkpoint(dir, &options.select, options.plan_only)?;
             options.select.check_leaves_some(&checkpoint)?;
             Ok(Some(checkpoint))
         })

@@ -224,8 +224,21 @@ pub fn run(config: &Config, comm: &dyn Communicator, messages: &dyn Messages) ->
         } => ranks,
         _ => comm.size(),
     };
+    // A dry run copies nothing: a DCP checkpoint is planned from its
+    // `.metadata` alone, without a read of its chunk archives.
+    let dry_run = matches!(config.mode, Mode::DryRun { .. });
+    let read = crate::checkpoint::ReadOptions {
+        plan_only: dry_run,
+        ..config.read.clone()
+    };
     let (mut checkpoint, format, headers_read) =
-        read_checkpoint(&config.input, &config.read, comm, &job.pool)?;
+        read_checkpoint(&config.input, &read, comm, &job.pool)?;
+    if dry_run && format == InputFormat::Dcp {
+        job.say(
+            "note: planned from .metadata alone; the chunk archives were not read (a run \
+             locates and checks every chunk before it copies)",
+        );
+    }
     let inputs = std::mem::take(&mut checkpoint.inputs);
     agree(comm, check_has_tensors(&config.input, &checkpoint))?;
     if format == InputFormat::HfShards && read_from_subfolder(&config.input, &checkpoint.files) {

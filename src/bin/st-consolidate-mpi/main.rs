@@ -261,6 +261,8 @@ impl Cli {
                 allow_missing_shard_files: self.allow_missing_shard_files,
                 source_ranks: self.source_ranks,
                 headers: self.headers.into(),
+                // The run sets it for --dry-run.
+                plan_only: false,
             },
             plan: PlanOptions {
                 mapping,

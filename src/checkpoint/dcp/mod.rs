@@ -88,8 +88,10 @@ impl UnsupportedTensor {
 /// the tensors `select` keeps, located and checked; the names of non-tensor
 /// entries; and the tensors left out, with their bytes. A kept tensor of a
 /// dtype safetensors cannot hold is an error naming it.
-pub fn read_checkpoint(dir: &Path, select: &Selection) -> Result<Checkpoint> {
-    let dcp = read_dcp_checkpoint_with(dir, &|name| select.keeps(name))?;
+/// With `plan_only`, the chunk archives are not opened (see
+/// [`crate::checkpoint::ReadOptions::plan_only`]).
+pub fn read_checkpoint(dir: &Path, select: &Selection, plan_only: bool) -> Result<Checkpoint> {
+    let dcp = read_dcp_checkpoint_located(dir, &|name| select.keeps(name), !plan_only)?;
     if let Some(unsupported) = dcp.unsupported.first() {
         return Err(unsupported.error(dir));
     }
@@ -124,6 +126,17 @@ pub fn read_dcp_checkpoint(dir: &Path) -> Result<DcpCheckpoint> {
 /// without blocking, refused unless it is a regular file, and its identity
 /// taken from the open descriptor before anything is read from it.
 pub fn read_dcp_checkpoint_with(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<DcpCheckpoint> {
+    read_dcp_checkpoint_located(dir, keep, true)
+}
+
+/// [`read_dcp_checkpoint_with`]; without `locate`, from `.metadata` alone:
+/// no chunk archive is opened or read, and each piece points at the start
+/// of its archive (for a plan that copies nothing).
+fn read_dcp_checkpoint_located(
+    dir: &Path,
+    keep: &dyn Fn(&str) -> bool,
+    locate: bool,
+) -> Result<DcpCheckpoint> {
     let metadata_path = dir.join(METADATA_FILE);
     let mut files = OpenFiles::default();
     let metadata = read_metadata_into(&metadata_path, &mut files.inputs)?;
@@ -170,7 +183,7 @@ pub fn read_dcp_checkpoint_with(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Resu
                 continue;
             }
         };
-        let located = locate_tensor(dir, &metadata, tensor, dtype, &mut files)?;
+        let located = locate_tensor(dir, &metadata, tensor, dtype, &mut files, locate)?;
         checkpoint.tensors.push(located);
     }
     checkpoint.files = files.paths;
@@ -263,11 +276,23 @@ fn metadata_error(path: &Path, err: MetadataError) -> Error {
 #[derive(Default)]
 struct OpenFiles {
     open: HashMap<String, (usize, File, u64)>,
+    /// Indices of files named but not opened (plan only).
+    named: HashMap<String, usize>,
     paths: Vec<PathBuf>,
     inputs: Inputs,
 }
 
 impl OpenFiles {
+    /// The file's index, without opening it (plan only).
+    fn index_of(&mut self, dir: &Path, relative: &str) -> usize {
+        if let Some(&index) = self.named.get(relative) {
+            return index;
+        }
+        self.paths.push(dir.join(relative));
+        self.named.insert(relative.to_owned(), self.paths.len() - 1);
+        self.paths.len() - 1
+    }
+
     /// The file's index, the file and its length; `tensor` is named if it
     /// cannot be opened.
     fn get(&mut self, dir: &Path, relative: &str, tensor: &str) -> Result<(usize, &File, u64)> {
@@ -317,6 +342,7 @@ fn locate_tensor(
     tensor: &TensorMeta,
     dtype: Dtype,
     files: &mut OpenFiles,
+    locate: bool,
 ) -> Result<FullTensor> {
     let metadata_path = dir.join(METADATA_FILE);
     let in_metadata = |reason: String| Error::BadTensor {
@@ -351,6 +377,15 @@ fn locate_tensor(
                 ),
                 hint: "re-save the checkpoint without FileSystemWriter extensions such as ZStandard (the default writes plain archives)",
             });
+        }
+        if !locate {
+            let location = Location {
+                shard: files.index_of(dir, relative_path),
+                offset: info.offset,
+                crc32: None,
+            };
+            pieces.push(Piece::new(location, chunk.offsets, chunk.sizes));
+            continue;
         }
         let (shard, file, file_len) = files.get(dir, relative_path, &tensor.name)?;
         let request = ChunkRequest {
