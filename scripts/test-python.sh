@@ -25,6 +25,7 @@ trap 'rm -rf "$wheels" "$log"' EXIT
 (cd "$wheels" && "$OLDPWD/$venv/bin/python" -m pytest -q -p no:cacheprovider "$OLDPWD/python/tests") 2>&1 | tee "$log" || true
 summary=$(tail -n 1 "$log")
 passed=$(grep -oE '[0-9]+ passed' <<<"$summary" | grep -oE '[0-9]+' || echo 0)
-failed=$(grep -oE '[0-9]+ (failed|errors?)' <<<"$summary" | awk '{ n += $1 } END { print n + 0 }')
+# (grep finds nothing when nothing failed: under pipefail that must not end the script)
+failed=$({ grep -oE '[0-9]+ (failed|errors?)' <<<"$summary" || true; } | awk '{ n += $1 } END { print n + 0 }')
 echo "python: ${passed:-0} passed, ${failed:-0} failed"
 [ "${failed:-0}" -eq 0 ] && [ "${passed:-0}" -gt 0 ]
