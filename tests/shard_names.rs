@@ -95,7 +95,35 @@ fn nemo_hf_metadata_gives_mapping_dtype_map_and_assets_with_subfolders() {
     std::fs::write(meta.join("1_Pooling/weights.safetensors"), b"not copied").unwrap();
 
     let out = model.join("consolidated");
-    let run = consolidate_ok(2, &["--dtype", "bf16", s(&model), s(&out)]);
+    let report = work.path().join("report.json");
+    let run = consolidate_ok(
+        2,
+        &[
+            "--dtype",
+            "bf16",
+            "--report",
+            s(&report),
+            s(&model),
+            s(&out),
+        ],
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let taken = report["input"]["from_hf_metadata"].as_array().unwrap();
+    assert_eq!(taken.len(), 3, "{taken:?}");
+    assert!(
+        taken[0]
+            .as_str()
+            .unwrap()
+            .ends_with("fqn_to_file_index_mapping.json")
+    );
+    assert!(
+        taken[1]
+            .as_str()
+            .unwrap()
+            .ends_with("fqn_to_dtype_mapping.json")
+    );
+    assert!(taken[2].as_str().unwrap().starts_with("assets: "));
     let text = stderr(&run);
     assert!(
         text.contains("fqn_to_file_index_mapping.json as the mapping")

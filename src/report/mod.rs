@@ -79,6 +79,8 @@ pub struct InputFacts {
     pub non_tensors: Vec<String>,
     /// Every tensor as saved, with its bytes and whether it is exported.
     pub tensors: Vec<(String, u64, bool)>,
+    /// What NeMo's `.hf_metadata` in INPUT_DIR provided, for people.
+    pub from_hf_metadata: Vec<String>,
 }
 
 /// The input side of a run.
@@ -90,6 +92,10 @@ pub struct InputSummary {
     pub format: &'static str,
     /// Saved values that are not tensors, skipped (not weights).
     pub non_tensors: Vec<String>,
+    /// What NeMo's `.hf_metadata` in INPUT_DIR provided (the mapping, the
+    /// dtype map, the assets), if it was used.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub from_hf_metadata: Vec<String>,
     /// Tensors left out by `--include`/`--exclude`.
     pub excluded_tensors: usize,
     /// Their bytes.
@@ -168,6 +174,7 @@ impl RunReport {
                 dir: facts.dir.clone(),
                 format: facts.format,
                 non_tensors: facts.non_tensors.clone(),
+                from_hf_metadata: facts.from_hf_metadata.clone(),
                 excluded_tensors: facts.tensors.iter().filter(|t| !t.2).count(),
                 excluded_bytes: facts.tensors.iter().filter(|t| !t.2).map(|t| t.1).sum(),
                 files: plan.shards.len(),

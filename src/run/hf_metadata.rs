@@ -35,6 +35,21 @@ pub struct Taken {
 }
 
 impl Taken {
+    /// What was taken, one item each, for the report.
+    pub fn listed(&self) -> Vec<String> {
+        let mut items = vec![];
+        if let Some(mapping) = &self.mapping {
+            items.push(format!("mapping: {}/{mapping}", self.folder));
+        }
+        if let Some(map) = &self.dtype_map {
+            items.push(format!("dtype map: {}/{map}", self.folder));
+        }
+        if self.assets {
+            items.push(format!("assets: {}", self.folder));
+        }
+        items
+    }
+
     /// One line for people.
     pub fn human(&self) -> String {
         let mut used = vec![];

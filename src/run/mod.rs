@@ -249,7 +249,10 @@ pub fn run(config: &Config, comm: &dyn Communicator, messages: &dyn Messages) ->
             config.input.display()
         ));
     }
-    let facts = input_facts(config, format, &checkpoint);
+    let mut facts = input_facts(config, format, &checkpoint);
+    if let Some(taken) = taken {
+        facts.from_hf_metadata = taken.listed();
+    }
     let mut plan_options = plan_options_for(config, format);
     plan_options.input_fingerprint =
         Some(resume::input_fingerprint(&job, format, &checkpoint.files)?);
@@ -343,6 +346,7 @@ fn input_facts(config: &Config, format: InputFormat, checkpoint: &Checkpoint) ->
         },
         non_tensors: checkpoint.non_tensors.clone(),
         tensors: exported.chain(excluded).collect(),
+        from_hf_metadata: Vec::new(),
     }
 }
 
