@@ -153,7 +153,10 @@ fn a_file_cut_short_or_of_another_plan_or_with_wrong_bytes_is_rewritten() {
             )
         })
         .collect();
-    let other = out.path().join("../other-mapping.json");
+    // Outside OUTPUT_DIR, in a folder of this test's own (a shared path
+    // such as OUTPUT_DIR/.. is raced by tests running beside this one).
+    let spare = tempfile::tempdir().unwrap();
+    let other = spare.path().join("other-mapping.json");
     std::fs::write(&other, serde_json::to_vec(&swapped).unwrap()).unwrap();
     let before = identities(out.path());
     let args = [
