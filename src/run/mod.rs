@@ -235,8 +235,9 @@ pub fn run(config: &Config, comm: &dyn Communicator, messages: &dyn Messages) ->
         read_checkpoint(&config.input, &read, comm, &job.pool)?;
     if dry_run && format == InputFormat::Dcp {
         job.say(
-            "note: planned from .metadata alone; the chunk archives were not read (a run \
-             locates and checks every chunk before it copies)",
+            "note: planned from .metadata alone; no chunk was located in its archive (only \
+             each file's first and last 64 KiB were read, for the inputs' fingerprint); a run \
+             locates and checks every chunk before it copies",
         );
     }
     let inputs = std::mem::take(&mut checkpoint.inputs);
