@@ -69,15 +69,15 @@ pub struct AssetPlan {
     pub kept: Vec<String>,
 }
 
-/// Rank 0, before anything is written: the assets of `src` for `out`, with
-/// `config.json` converted to `dtype` if given. Fails naming the file if
-/// the folder cannot be listed, a link in it is dangling, a file cannot be
-/// opened, `config.json` cannot be converted, or (see [`ExistingAssets`])
-/// OUTPUT_DIR holds one of the names already.
+/// Rank 0, before anything is written: the assets `names` of `src` (as
+/// [`asset_names`] listed them) for `out`, with `config.json` converted to
+/// `dtype` if given. Fails naming the file if a file cannot be opened,
+/// `config.json` cannot be converted, or (see [`ExistingAssets`]) OUTPUT_DIR
+/// holds one of the names already.
 pub fn plan_assets(
     src: &Path,
+    names: &[String],
     out: &Path,
-    skip: &[PathBuf],
     dtype: Option<Dtype>,
     existing: ExistingAssets,
 ) -> Result<AssetPlan> {
@@ -86,7 +86,7 @@ pub fn plan_assets(
         kept: Vec::new(),
     };
     let mut refused = Vec::new();
-    for name in asset_names(src, skip)? {
+    for name in names.iter().cloned() {
         let source = src.join(&name);
         File::open(&source).map_err(|e| Error::io("read", &source, e))?;
         let rewritten = match (dtype, name.as_str()) {
@@ -412,6 +412,16 @@ pub fn ties_word_embeddings(dir: &Path) -> bool {
 mod tests {
     use super::*;
 
+    /// The assets of `src` listed and planned, as a run does.
+    fn plan_all(
+        src: &Path,
+        out: &Path,
+        dtype: Option<Dtype>,
+        existing: ExistingAssets,
+    ) -> Result<AssetPlan> {
+        plan_assets(src, &asset_names(src, &[])?, out, dtype, existing)
+    }
+
     #[test]
     fn weights_indices_and_hidden_files_are_not_assets() {
         for name in [
@@ -486,7 +496,7 @@ mod tests {
         let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         std::fs::write(src.path().join("config.json"), r#"{"dtype": "float32"}"#).unwrap();
         std::fs::write(src.path().join("README.md"), "# model").unwrap();
-        let plan = |existing| plan_assets(src.path(), out.path(), &[], Some(Dtype::BF16), existing);
+        let plan = |existing| plan_all(src.path(), out.path(), Some(Dtype::BF16), existing);
         assert_eq!(plan(ExistingAssets::Refuse).unwrap().to_copy.len(), 2);
         // What this run writes: config.json converted, README.md as it is.
         let converted = with_dtype(br#"{"dtype": "float32"}"#, Dtype::BF16).unwrap();
@@ -519,7 +529,7 @@ mod tests {
         std::fs::create_dir(src.path().join("checkpoint")).unwrap();
         std::fs::write(src.path().join("real.json"), "{}").unwrap();
         std::os::unix::fs::symlink("real.json", src.path().join("linked.json")).unwrap();
-        let plan = || plan_assets(src.path(), out.path(), &[], None, ExistingAssets::Refuse);
+        let plan = || plan_all(src.path(), out.path(), None, ExistingAssets::Refuse);
         let names: Vec<String> = plan()
             .unwrap()
             .to_copy
@@ -547,10 +557,9 @@ mod tests {
             err.contains("pipe is not a regular file or a folder"),
             "{err}"
         );
-        let err = plan_assets(
+        let err = plan_all(
             &src.path().join("gone"),
             out.path(),
-            &[],
             None,
             ExistingAssets::Refuse,
         )
@@ -567,7 +576,7 @@ mod tests {
         let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(src.path().join("tokenizer.model"), &bytes).unwrap();
-        let plan = plan_assets(src.path(), out.path(), &[], None, ExistingAssets::Refuse).unwrap();
+        let plan = plan_all(src.path(), out.path(), None, ExistingAssets::Refuse).unwrap();
         for (_, file) in plan.stage(out.path()).unwrap() {
             file.commit().unwrap();
         }
@@ -575,14 +584,7 @@ mod tests {
             std::fs::read(out.path().join("tokenizer.model")).unwrap(),
             bytes
         );
-        let again = plan_assets(
-            src.path(),
-            out.path(),
-            &[],
-            None,
-            ExistingAssets::KeepIfEqual,
-        )
-        .unwrap();
+        let again = plan_all(src.path(), out.path(), None, ExistingAssets::KeepIfEqual).unwrap();
         assert_eq!(again.kept, ["tokenizer.model"]);
     }
 }

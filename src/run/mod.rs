@@ -449,11 +449,12 @@ fn consolidate(
             report: report_path,
         };
         let lock = prepare_output_dir(out, &plan, refusal, &paths)?;
-        let assets = match &config.hf_assets {
-            Some(dir) => Some(plan_assets(
+        // Listed once, for the clobber rule above and for this plan.
+        let assets = match &listed {
+            Some((dir, names)) => Some(plan_assets(
                 dir,
+                names,
                 out,
-                &not_assets,
                 config.plan.dtype,
                 existing_assets,
             )?),
