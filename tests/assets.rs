@@ -108,9 +108,28 @@ fn every_asset_and_no_weight_is_copied_and_listed() {
     assert_eq!(report["assets"], serde_json::json!(listed));
 }
 
+/// The config.json a `--dtype bf16 --hf-assets` run writes from a model
+/// folder holding `config`.
+fn config_after_bf16_export(config: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let assets = dir.path().join("orig");
+    model_folder(&assets, config);
+    let out = dir.path().join("out");
+    let input = torch_fixture();
+    let args = [
+        "--dtype",
+        "bf16",
+        "--hf-assets",
+        s(&assets),
+        s(&input),
+        s(&out),
+    ];
+    consolidate_ok(1, &args);
+    serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap()
+}
+
 #[test]
 fn dtype_updates_the_config_field_present() {
-    let input = torch_fixture();
     for (config, field) in [
         (
             r#"{"torch_dtype": "float32", "vocab_size": 7}"#,
@@ -119,21 +138,7 @@ fn dtype_updates_the_config_field_present() {
         (r#"{"dtype": "float32", "vocab_size": 7}"#, "dtype"),
         (r#"{"vocab_size": 7}"#, "dtype"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let assets = dir.path().join("orig");
-        model_folder(&assets, config);
-        let out = dir.path().join("out");
-        let args = [
-            "--dtype",
-            "bf16",
-            "--hf-assets",
-            s(&assets),
-            s(&input),
-            s(&out),
-        ];
-        consolidate_ok(1, &args);
-        let got: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        let got = config_after_bf16_export(config);
         let mut want: serde_json::Value = serde_json::from_str(config).unwrap();
         want[field] = "bfloat16".into();
         assert_eq!(got, want, "{config}");
@@ -378,25 +383,10 @@ fn an_unusable_assets_folder_or_config_is_found_before_the_copy() {
 
 #[test]
 fn dtype_updates_the_nested_configs_of_a_multimodal_model() {
-    let input = torch_fixture();
-    let dir = tempfile::tempdir().unwrap();
-    let assets = dir.path().join("orig");
     let config = r#"{"torch_dtype": "float32", "model_type": "llava",
         "text_config": {"torch_dtype": "float32", "hidden_size": 8},
         "vision_config": {"dtype": "float32", "patch_size": 14}}"#;
-    model_folder(&assets, config);
-    let out = dir.path().join("out");
-    let args = [
-        "--dtype",
-        "bf16",
-        "--hf-assets",
-        s(&assets),
-        s(&input),
-        s(&out),
-    ];
-    consolidate_ok(1, &args);
-    let got: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let got = config_after_bf16_export(config);
     assert_eq!(
         got,
         serde_json::json!({"torch_dtype": "bfloat16", "model_type": "llava",
