@@ -271,33 +271,33 @@ fn metadata_error(path: &Path, err: MetadataError) -> Error {
     }
 }
 
-/// `.distcp` files opened so far: each one's index in `paths`, the open
-/// file and its length; and every input as opened.
+/// `.distcp` files named so far, each with its index in `paths`; those
+/// opened, with the open file and its length; and every input as opened.
 #[derive(Default)]
 struct OpenFiles {
-    open: HashMap<String, (usize, File, u64)>,
-    /// Indices of files named but not opened (plan only).
-    named: HashMap<String, usize>,
+    index: HashMap<String, usize>,
+    open: HashMap<usize, (File, u64)>,
     paths: Vec<PathBuf>,
     inputs: Inputs,
 }
 
 impl OpenFiles {
-    /// The file's index, without opening it (plan only).
+    /// The file's index, without opening it (all a plan-only read needs).
     fn index_of(&mut self, dir: &Path, relative: &str) -> usize {
-        if let Some(&index) = self.named.get(relative) {
+        if let Some(&index) = self.index.get(relative) {
             return index;
         }
         self.paths.push(dir.join(relative));
-        self.named.insert(relative.to_owned(), self.paths.len() - 1);
+        self.index.insert(relative.to_owned(), self.paths.len() - 1);
         self.paths.len() - 1
     }
 
     /// The file's index, the file and its length; `tensor` is named if it
     /// cannot be opened.
     fn get(&mut self, dir: &Path, relative: &str, tensor: &str) -> Result<(usize, &File, u64)> {
-        if !self.open.contains_key(relative) {
-            let path = dir.join(relative);
+        let index = self.index_of(dir, relative);
+        if !self.open.contains_key(&index) {
+            let path = self.paths[index].clone();
             let (file, seen) = open_input(&path).map_err(|err| match err {
                 Error::Io {
                     action,
@@ -317,13 +317,11 @@ impl OpenFiles {
                 path: path.clone(),
                 source: e,
             })?;
-            self.inputs.push_opened(path.clone(), seen);
-            self.open
-                .insert(relative.to_owned(), (self.paths.len(), file, len.len()));
-            self.paths.push(path);
+            self.inputs.push_opened(path, seen);
+            self.open.insert(index, (file, len.len()));
         }
-        let (index, file, len) = &self.open[relative];
-        Ok((*index, file, *len))
+        let (file, len) = &self.open[&index];
+        Ok((index, file, *len))
     }
 }
 
