@@ -15,7 +15,7 @@ use super::{
     TorchDtype, fail, in_entry,
 };
 use crate::checkpoint::coverage::region;
-use crate::checkpoint::dcp::pickle::{Fold, FoldStop, Node, NodeId, Object, Pickle, Value};
+use crate::checkpoint::dcp::pickle::{Fold, FoldStop, NodeId, Object, Pickle, Value};
 use crate::checkpoint::dcp::torch_types::torch_dtype;
 use std::collections::{HashMap, HashSet};
 
@@ -52,6 +52,45 @@ enum Folded {
     Root,
 }
 
+/// Table indices fit in the low 29 bits of a model id; the kind of table
+/// is in the top 3. Ids are decoded rather than looked up, so a folded
+/// object costs nothing beyond its table row.
+const INDEX_BITS: u32 = 29;
+
+impl Folded {
+    /// The id handed to the interpreter for this object.
+    fn encode(self) -> Parsed<u32> {
+        let (kind, index) = match self {
+            Folded::Dims(i) => (0, i),
+            Folded::Dtype(i) => (1, i),
+            Folded::Chunk(i) => (2, i),
+            Folded::Tensor(i) => (3, i),
+            Folded::Index(i) => (4, i),
+            Folded::Storage(i) => (5, i),
+            Folded::Root => (6, 0),
+        };
+        if index >> INDEX_BITS != 0 {
+            return fail(format!("more than 2^{INDEX_BITS} objects of one kind"));
+        }
+        Ok(kind << INDEX_BITS | index)
+    }
+
+    /// The object an id names.
+    fn decode(id: u32) -> Option<Folded> {
+        let index = id & ((1 << INDEX_BITS) - 1);
+        Some(match id >> INDEX_BITS {
+            0 => Folded::Dims(index),
+            1 => Folded::Dtype(index),
+            2 => Folded::Chunk(index),
+            3 => Folded::Tensor(index),
+            4 => Folded::Index(index),
+            5 => Folded::Storage(index),
+            6 => Folded::Root,
+            _ => return None,
+        })
+    }
+}
+
 /// A tensor entry's content, until the Metadata object names it.
 struct TensorRecord {
     dtype: TorchDtype,
@@ -77,7 +116,6 @@ struct StorageRecord {
 /// The reader's tables, filled while the pickle is parsed.
 pub(super) struct Folder {
     input: usize,
-    folded: Vec<Folded>,
     /// Every torch.Size's integers, one after the other.
     dims: Vec<u64>,
     /// (start, length) in `dims`.
@@ -111,9 +149,7 @@ impl Fold for Folder {
             let Some(folded) = folded else {
                 return Ok(None);
             };
-            let id = index(self.folded.len(), "objects")?;
-            self.folded.push(folded);
-            Ok(Some(id))
+            folded.encode().map(Some)
         });
         taken.map_err(|err| {
             self.error = Some(err);
@@ -138,7 +174,6 @@ impl Folder {
     pub(super) fn new(input: usize) -> Folder {
         Folder {
             input,
-            folded: Vec::new(),
             dims: Vec::new(),
             dim_sets: Vec::new(),
             dtypes: Vec::new(),
@@ -167,10 +202,9 @@ impl Folder {
     /// The model, once the pickle is parsed: its root must be the Metadata.
     pub(super) fn finish(&mut self, pickle: &Pickle) -> Parsed<Metadata> {
         let root = pickle.root();
-        let is_root = match pickle.node(root) {
-            Some(Node::Folded(id)) => self.folded.get(*id as usize) == Some(&Folded::Root),
-            _ => false,
-        };
+        let is_root = pickle
+            .folded(root)
+            .is_some_and(|id| Folded::decode(id) == Some(Folded::Root));
         match (is_root, self.root.take()) {
             (true, Some(metadata)) => Ok(metadata),
             _ => match pickle.object(root) {
@@ -216,6 +250,11 @@ impl Folder {
             "Metadata" if dcp => self.metadata(pickle, object, spent)?,
             _ => return Ok(None),
         };
+        // Python's pickler gives a dataclass's NEWOBJ a fresh `()`, never
+        // memoized: it is retired with the object.
+        if pickle.tuple(object.args).is_some_and(<[Value]>::is_empty) {
+            spent.extend(node_id(object.args));
+        }
         Ok(Some(folded))
     }
 
@@ -279,10 +318,7 @@ impl Folder {
     }
 
     fn folded_as(&self, pickle: &Pickle, value: Value) -> Option<Folded> {
-        match pickle.node(value)? {
-            Node::Folded(id) => self.folded.get(*id as usize).copied(),
-            _ => None,
-        }
+        Folded::decode(pickle.folded(value)?)
     }
 
     /// Puts integers in the pool as a new dims set.
@@ -738,7 +774,9 @@ impl Folder {
             })
             .collect();
         let mut files: HashMap<&str, u32> = HashMap::new();
-        let mut updates: Vec<(usize, usize, StorageInfo)> = Vec::with_capacity(pairs.len());
+        // (entry, chunk, file, storage record): a chunk's location is made
+        // from its record when it is attached, not held twice.
+        let mut updates: Vec<[u32; 4]> = Vec::with_capacity(pairs.len());
         for &(key, value) in pairs {
             let (Some(Folded::Index(key)), Some(Folded::Storage(value))) =
                 (self.folded_as(pickle, key), self.folded_as(pickle, value))
@@ -779,16 +817,19 @@ impl Folder {
             if file == next {
                 metadata.files.push(path.to_owned());
             }
+            updates.push([entry as u32, sorted[entry][position], file, value]);
+        }
+        drop(sorted);
+        for [entry, chunk, file, storage] in updates {
+            let record = &self.storages[storage as usize];
             let info = StorageInfo {
                 file,
                 transforms: record.transforms,
                 offset: record.offset,
                 length: record.length,
             };
-            updates.push((entry, sorted[entry][position] as usize, info));
-        }
-        for (entry, chunk, info) in updates {
-            let Entry::Tensor(tensor) = &mut metadata.entries[entry] else {
+            let chunk = chunk as usize;
+            let Entry::Tensor(tensor) = &mut metadata.entries[entry as usize] else {
                 continue;
             };
             let slot = &mut tensor.chunks[chunk].storage;

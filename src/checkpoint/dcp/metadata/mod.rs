@@ -145,6 +145,12 @@ pub struct ReadCounters {
     pub pieces: u64,
     /// Attribute-dictionary pairs looked at.
     pub attribute_pairs: u64,
+    /// The most values alive in the interpreter at once (its arena's slots).
+    pub arena_slots: usize,
+    /// Memo entries the interpreter kept, because the pickle fetches them.
+    pub memo_kept: usize,
+    /// Memo entries the pickle stored.
+    pub memo_defined: usize,
 }
 
 /// Why a `.metadata` file cannot be used.
@@ -215,6 +221,9 @@ pub fn parse_metadata_counted(bytes: &[u8]) -> (Parsed<Metadata>, ReadCounters) 
         folded: machine.folded,
         pieces: folder.pieces,
         attribute_pairs: folder.attribute_pairs,
+        arena_slots: machine.arena_slots,
+        memo_kept: machine.memo_kept,
+        memo_defined: machine.memo_defined,
     };
     (result, counters)
 }

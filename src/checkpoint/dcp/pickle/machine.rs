@@ -1,8 +1,9 @@
 //! The opcode interpreter: reads one opcode at a time and builds values,
 //! refusing what the allowlist and the limits do not admit.
 
+use super::scan::{Fetched, IndexSet};
 use super::{Fold, Limits, Node, NodeId, Object, Pickle, PickleErrorKind, Value, allowed_global};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 pub(super) type Step<T> = Result<T, PickleErrorKind>;
 
@@ -19,12 +20,19 @@ pub(super) struct Machine<'a, 'f> {
     pub(super) stack: Vec<Value>,
     /// Stack lengths at each open MARK.
     pub(super) marks: Vec<usize>,
-    /// Memo entries by index, as Python's pickler numbers them.
-    pub(super) memo: Vec<Option<Value>>,
-    /// Memo entries stored out of order.
-    pub(super) sparse_memo: HashMap<u64, Value>,
-    /// Entries in `memo` and `sparse_memo`.
+    /// The memo entries the pickle fetches (the others are never kept).
+    pub(super) fetched: Fetched,
+    /// The memo entries kept, by index, as Python's pickler numbers them.
+    pub(super) memo: HashMap<u64, Value>,
+    /// The nodes kept memo entries name (a folded one must keep its node).
+    pub(super) memo_nodes: HashSet<NodeId>,
+    /// Every index stored to, kept or not: `MEMOIZE` numbers the next
+    /// entry by their count.
+    pub(super) defined: IndexSet,
+    /// Entries in `defined`.
     pub(super) memo_count: usize,
+    /// Nodes built so far (slots are reused, so the arena holds fewer).
+    pub(super) built: u64,
     /// Bytes of values built so far, as charged against `max_memory`.
     pub(super) memory: usize,
     /// The reader taking completed objects, if any.
@@ -376,7 +384,7 @@ impl Machine<'_, '_> {
         let Some(&Value::Node(id)) = self.stack.last() else {
             return Ok(());
         };
-        let Some(Node::Object(object)) = self.pickle.nodes.get(id) else {
+        let Some(Node::Object(object)) = self.pickle.get(id) else {
             return Ok(());
         };
         let object = **object;
@@ -389,15 +397,25 @@ impl Machine<'_, '_> {
         let folded = fold
             .fold(&self.pickle, &object, below, &mut self.spent)
             .map_err(|_| PickleErrorKind::Refused)?;
-        if let Some(folded) = folded {
-            self.folded += 1;
-            self.pickle.nodes[id] = Node::Folded(folded);
-            for &part in &self.spent {
-                if part != id
-                    && let Some(node) = self.pickle.nodes.get_mut(part)
-                {
-                    *node = Node::Spent;
-                }
+        let Some(folded) = folded else {
+            return Ok(());
+        };
+        self.folded += 1;
+        for &part in &self.spent {
+            if part != id {
+                self.pickle.retire(part);
+            }
+        }
+        if self.memo_refers(id) {
+            // A kept memo entry names the node: it stays, as the model's id.
+            if let Some(node) = self.pickle.get_mut(id) {
+                *node = Node::Folded(folded);
+            }
+        } else {
+            // Only the stack names it: the value carries the id instead.
+            self.pickle.retire(id);
+            if let Some(top) = self.stack.last_mut() {
+                *top = Value::Folded(folded);
             }
         }
         Ok(())

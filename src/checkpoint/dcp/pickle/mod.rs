@@ -12,6 +12,15 @@
 //! lookup (`BINGET`) copies an index, not a subtree: the work and memory of
 //! a parse are linear in the input's size whatever the input.
 //!
+//! Memory follows what is alive, not what was built. Before the parse, a
+//! scan of the opcodes ([`scan`]) lists the memo entries the pickle ever
+//! fetches: Python's pickler memoizes nearly every value it writes, but a
+//! DCP `.metadata` fetches a few thousand of its millions, and only those
+//! are kept. Retired nodes free their slot in the arena for the next value,
+//! and an id carries its slot's generation, so a stale id (a memo entry or
+//! stack copy of a retired node) is still seen as retired, never as the
+//! slot's new value.
+//!
 //! A reader that knows what the pickle holds passes a [`Fold`]: each object
 //! is handed to it as soon as it is complete (at `BUILD`, or at `REDUCE` for
 //! objects built from their arguments), and the reader may take it into a
@@ -24,6 +33,7 @@
 mod allowlist;
 mod error;
 mod machine;
+mod scan;
 mod stack;
 #[cfg(test)]
 mod tests;
@@ -31,7 +41,7 @@ mod tests;
 pub use allowlist::{allowed_global, allowlist};
 pub use error::{PickleError, PickleErrorKind};
 use machine::Machine;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 /// Caps on what one parse may use.
@@ -75,8 +85,13 @@ impl Limits {
     };
 }
 
-/// Index of a [`Node`] in a [`Pickle`]'s arena.
-pub type NodeId = usize;
+/// A [`Node`] of a [`Pickle`]'s arena: its slot, and the slot's generation
+/// when the node was made (a slot is reused once its node is retired).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NodeId {
+    slot: u32,
+    generation: u32,
+}
 
 /// A value: a scalar inline, or a reference to a node of the arena.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -91,6 +106,9 @@ pub enum Value {
     Float(f64),
     /// Anything else: see [`Pickle::node`].
     Node(NodeId),
+    /// An object a [`Fold`] took into its model, by its id there, when
+    /// nothing else refers to its node (the node's slot is then reused).
+    Folded(u32),
 }
 
 /// An allowlisted global, `module.name`.
@@ -170,6 +188,12 @@ pub struct Counters {
     pub bytes: usize,
     /// Objects a [`Fold`] took into its model.
     pub folded: u64,
+    /// Slots the arena grew to: the most nodes alive at once.
+    pub arena_slots: usize,
+    /// Memo entries kept (those the pickle fetches), at the end.
+    pub memo_kept: usize,
+    /// Memo entries stored to, kept or not.
+    pub memo_defined: usize,
 }
 
 /// A reader that takes completed objects into a model of its own while the
@@ -196,11 +220,76 @@ pub struct FoldStop;
 /// A parsed pickle: the arena and the root value.
 #[derive(Clone, Debug)]
 pub struct Pickle {
-    nodes: Vec<Node>,
+    /// Each slot's node and generation.
+    slots: Vec<(Node, u32)>,
+    /// Slots whose node was retired, free for the next node.
+    free: Vec<u32>,
     root: Value,
 }
 
+/// What a retired node reads as.
+static SPENT: Node = Node::Spent;
+
 impl Pickle {
+    /// Stores a node, in a freed slot if there is one.
+    fn insert(&mut self, node: Node) -> Option<NodeId> {
+        if let Some(slot) = self.free.pop() {
+            let entry = &mut self.slots[slot as usize];
+            entry.0 = node;
+            return Some(NodeId {
+                slot,
+                generation: entry.1,
+            });
+        }
+        let slot = u32::try_from(self.slots.len()).ok()?;
+        self.slots.push((node, 0));
+        Some(NodeId {
+            slot,
+            generation: 0,
+        })
+    }
+
+    /// Retires a node: its slot is freed and ids of it read as spent.
+    fn retire(&mut self, id: NodeId) {
+        if let Some(entry) = self.slots.get_mut(id.slot as usize)
+            && entry.1 == id.generation
+            && !matches!(entry.0, Node::Spent)
+        {
+            entry.0 = Node::Spent;
+            entry.1 = entry.1.wrapping_add(1);
+            self.free.push(id.slot);
+        }
+    }
+
+    /// The live node `id` names, for changing it.
+    fn get_mut(&mut self, id: NodeId) -> Option<&mut Node> {
+        match self.slots.get_mut(id.slot as usize) {
+            Some((node, generation)) if *generation == id.generation => Some(node),
+            _ => None,
+        }
+    }
+
+    /// The node `id` names: a retired one reads as [`Node::Spent`].
+    fn get(&self, id: NodeId) -> Option<&Node> {
+        match self.slots.get(id.slot as usize) {
+            Some((node, generation)) if *generation == id.generation => Some(node),
+            Some(_) => Some(&SPENT),
+            None => None,
+        }
+    }
+
+    /// The model id of a value a [`Fold`] took, whether the value carries
+    /// it or its node does.
+    pub fn folded(&self, value: Value) -> Option<u32> {
+        match value {
+            Value::Folded(id) => Some(id),
+            _ => match self.node(value)? {
+                Node::Folded(id) => Some(*id),
+                _ => None,
+            },
+        }
+    }
+
     /// The value `STOP` returned.
     pub fn root(&self) -> Value {
         self.root
@@ -209,7 +298,7 @@ impl Pickle {
     /// The node a value refers to.
     pub fn node(&self, value: Value) -> Option<&Node> {
         match value {
-            Value::Node(id) => self.nodes.get(id),
+            Value::Node(id) => self.get(id),
             _ => None,
         }
     }
@@ -277,6 +366,7 @@ impl Pickle {
             Value::Bool(b) => format!("bool {}", if b { "True" } else { "False" }),
             Value::Int(i) => format!("int {i}"),
             Value::Float(x) => format!("float {x}"),
+            Value::Folded(_) => "checkpoint object".into(),
             Value::Node(_) => match self.node(value) {
                 Some(Node::Str(text)) => {
                     let shown: String = text.chars().take(60).collect();
@@ -329,14 +419,18 @@ pub fn parse_folding(
         pos: 0,
         limits: *limits,
         pickle: Pickle {
-            nodes: Vec::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
             root: Value::None,
         },
         stack: Vec::new(),
         marks: Vec::new(),
-        memo: Vec::new(),
-        sparse_memo: HashMap::new(),
+        fetched: scan::fetched_memo_entries(data),
+        memo: HashMap::new(),
+        memo_nodes: HashSet::new(),
+        defined: scan::IndexSet::default(),
         memo_count: 0,
+        built: 0,
         memory: 0,
         fold,
         spent: Vec::new(),
@@ -365,13 +459,16 @@ pub fn parse_folding(
         }
     };
     let counters = Counters {
-        values: machine.pickle.nodes.len() as u64,
+        values: machine.built,
         bytes: machine.memory,
         folded: machine.folded,
+        arena_slots: machine.pickle.slots.len(),
+        memo_kept: machine.memo.len(),
+        memo_defined: machine.memo_count,
     };
     let result = result.map(|root| Pickle {
-        nodes: machine.pickle.nodes,
         root,
+        ..machine.pickle
     });
     (result, counters)
 }

@@ -2,37 +2,43 @@
 //! with the memory charged for what it builds.
 
 use super::machine::{Machine, Step, invalid};
-use super::{Global, Node, Object, PickleErrorKind, Value};
+use super::{Global, Node, NodeId, Object, PickleErrorKind, Value};
 
 impl Machine<'_, '_> {
     pub(super) fn put(&mut self, index: u64) -> Step<()> {
         let top = self.peek()?;
-        let new = match usize::try_from(index) {
-            Ok(i) if i < self.memo.len() => self.memo[i].replace(top).is_none(),
-            Ok(i) if i == self.memo.len() => {
-                self.memo.push(Some(top));
-                true
-            }
-            // Python's pickler numbers memo entries 0, 1, 2, ...; other
-            // writers may skip, which must not make the dense table huge.
-            _ => self.sparse_memo.insert(index, top).is_none(),
-        };
+        let (new, grew) = self.defined.insert(index);
+        self.charge(grew)?;
         if new {
             self.memo_count += 1;
-            // The entry plus a hash table's overhead, roughly.
+            // The entry plus a hash table's overhead, roughly, as if every
+            // entry were kept: the cap bounds the work, whatever is kept.
             self.charge(2 * size_of::<(u64, Value)>())?;
+        }
+        if self.fetched.keeps(index) {
+            self.memo.insert(index, top);
+            if let Value::Node(id) = top {
+                self.memo_nodes.insert(id);
+            }
+        } else if !new {
+            // Stored again and never fetched: the old value is gone.
+            self.memo.remove(&index);
         }
         Ok(())
     }
 
     pub(super) fn get(&mut self, index: u64) -> Step<()> {
-        let dense = usize::try_from(index)
-            .ok()
-            .and_then(|i| self.memo.get(i).copied().flatten());
-        let value = dense
-            .or_else(|| self.sparse_memo.get(&index).copied())
+        let value = self
+            .memo
+            .get(&index)
+            .copied()
             .ok_or(PickleErrorKind::MissingMemo(index))?;
         self.push(value)
+    }
+
+    /// Whether a kept memo entry may name node `id`.
+    pub(super) fn memo_refers(&self, id: NodeId) -> bool {
+        self.memo_nodes.contains(&id)
     }
 
     pub(super) fn frame_base(&self) -> usize {
@@ -59,8 +65,11 @@ impl Machine<'_, '_> {
             Node::Global(_) | Node::PersistentId(_) | Node::Folded(_) | Node::Spent => 0,
         };
         self.charge(size_of::<Node>() + heap)?;
-        self.pickle.nodes.push(node);
-        self.push(Value::Node(self.pickle.nodes.len() - 1))
+        self.built += 1;
+        let Some(id) = self.pickle.insert(node) else {
+            return Err(PickleErrorKind::TooMuchMemory(self.limits.max_memory));
+        };
+        self.push(Value::Node(id))
     }
 
     /// Pops from the current frame: values below the last MARK are out of reach.
@@ -97,11 +106,11 @@ impl Machine<'_, '_> {
     pub(super) fn top_node_mut(&mut self) -> Step<&mut Node> {
         let top = self.peek()?;
         match top {
-            Value::Node(id) => self
-                .pickle
-                .nodes
-                .get_mut(id)
-                .ok_or(PickleErrorKind::StackUnderflow),
+            Value::Node(id) => self.pickle.get_mut(id).ok_or_else(|| {
+                PickleErrorKind::Invalid(
+                    "changes a part of another object, used again through the pickle memo".into(),
+                )
+            }),
             other => invalid(format!("expected a container, found {other:?}")),
         }
     }
@@ -139,7 +148,7 @@ impl Machine<'_, '_> {
 
     pub(super) fn node_of(&self, value: Value) -> Option<&Node> {
         match value {
-            Value::Node(id) => self.pickle.nodes.get(id),
+            Value::Node(id) => self.pickle.get(id),
             _ => None,
         }
     }
@@ -164,7 +173,7 @@ impl Machine<'_, '_> {
             (Value::Bool(_), _) => "bool",
             (Value::Int(_), _) => "int",
             (Value::Float(_), _) => "float",
-            (_, Some(Node::Object(_))) => "object",
+            (Value::Folded(_), _) | (_, Some(Node::Object(_) | Node::Folded(_))) => "object",
             (_, Some(Node::Str(_))) => "str",
             (_, _) => "container",
         }
