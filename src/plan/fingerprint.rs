@@ -41,9 +41,20 @@ pub fn input_fingerprint(
         hash.update(signature.as_bytes());
     }
     if let Some(path) = metadata_file {
-        let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+        // Streamed: a large run's .metadata is tens of MB, not worth holding.
+        let mut digest = Sha256::new();
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io("read", path, e))?;
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            match std::io::Read::read(&mut file, &mut buffer) {
+                Ok(0) => break,
+                Ok(n) => digest.update(&buffer[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("read", path, e)),
+            }
+        }
         hash.update(b"\0.metadata\0");
-        hash.update(Sha256::digest(&bytes));
+        hash.update(digest.finalize());
     }
     Ok(format!("sha256:{}", hex(&hash.finalize())))
 }

@@ -112,7 +112,18 @@ impl Plan {
     /// Tensor data bytes each rank writes under the plan's schedule
     /// (linear in ranks and files, so previews of many ranks stay fast).
     pub fn bytes_per_rank(&self) -> Vec<u64> {
+        self.bytes_per_rank_under(self.schedule)
+    }
+
+    /// [`Plan::bytes_per_rank`] if the plan used `schedule` instead (the
+    /// dry run compares both without copying the plan's pieces).
+    pub fn bytes_per_rank_under(&self, schedule: Schedule) -> Vec<u64> {
         if !self.kept.is_empty() {
+            if schedule != self.schedule {
+                let mut variant = self.clone();
+                variant.schedule = schedule;
+                return variant.bytes_per_rank();
+            }
             return (0..self.world_size)
                 .map(|r| {
                     self.work_items(r)
@@ -122,7 +133,7 @@ impl Plan {
                 })
                 .collect();
         }
-        match self.schedule {
+        match schedule {
             Schedule::Modulo => {
                 let mut bytes = vec![0; self.world_size];
                 for file in &self.files {

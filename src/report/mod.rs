@@ -325,9 +325,7 @@ pub fn describe(plan: &Plan, facts: &InputFacts) -> String {
         }
     ));
     for schedule in [Schedule::Modulo, Schedule::Balanced] {
-        let mut variant = plan.clone();
-        variant.schedule = schedule;
-        let balance = Balance::of(&variant);
+        let balance = Balance::under(plan, schedule);
         out.push_str(&format!(
             "{:<10} {:>9.3} {:>16} {:>16.0} {:>11}",
             format!("{schedule:?}").to_lowercase(),
@@ -525,7 +523,12 @@ pub struct Balance {
 impl Balance {
     /// The balance of `plan` under its schedule.
     pub fn of(plan: &Plan) -> Balance {
-        let per_rank = plan.bytes_per_rank();
+        Balance::under(plan, plan.schedule)
+    }
+
+    /// The balance `plan` would have under `schedule`.
+    pub fn under(plan: &Plan, schedule: Schedule) -> Balance {
+        let per_rank = plan.bytes_per_rank_under(schedule);
         let max = per_rank.iter().copied().max().unwrap_or(0);
         let mean = plan.total_bytes() as f64 / plan.world_size.max(1) as f64;
         Balance {

@@ -212,12 +212,10 @@ pub fn read_metadata_file(path: &Path) -> Result<Metadata> {
 }
 
 /// Reads and parses a `.metadata` file, adding it to `inputs` as opened.
+/// The file is read through a small window (twice: the pickle's memo scan,
+/// then the parse), never held whole.
 fn read_metadata_into(path: &Path, inputs: &mut Inputs) -> Result<Metadata> {
-    let bytes = read_capped(path, Limits::METADATA.max_input as u64, inputs)?;
-    metadata::parse_metadata(&bytes).map_err(|err| metadata_error(path, err))
-}
-
-fn read_capped(path: &Path, max: u64, inputs: &mut Inputs) -> Result<Vec<u8>> {
+    let max = Limits::METADATA.max_input as u64;
     let (file, seen) = open_input(path)?;
     let len = file
         .metadata()
@@ -231,11 +229,8 @@ fn read_capped(path: &Path, max: u64, inputs: &mut Inputs) -> Result<Vec<u8>> {
         ));
     }
     inputs.push_opened(path.to_owned(), seen);
-    let mut bytes = Vec::with_capacity(len as usize);
-    file.take(max + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::io("read", path, e))?;
-    Ok(bytes)
+    let (parsed, _) = metadata::parse_metadata_from(&mut &file, len as usize);
+    parsed.map_err(|err| metadata_error(path, err))
 }
 
 /// A `.metadata` file that cannot be used.
@@ -251,6 +246,9 @@ fn metadata_error(path: &Path, err: MetadataError) -> Error {
     const HINT: &str = "the checkpoint's .metadata is inconsistent or from an unknown PyTorch version; re-save the checkpoint";
     if let Some(refusal) = &err.pickle {
         let hint = match refusal.kind {
+            PickleErrorKind::Unreadable(_) => {
+                "the file system failed while it was read; check the storage, then run again"
+            }
             PickleErrorKind::ForbiddenGlobal(_) => {
                 "either a newer PyTorch saved a class this program does not know yet (report its name so it can be reviewed and allowed), or the file was made to run code: do not load it in Python before checking where it came from"
             }

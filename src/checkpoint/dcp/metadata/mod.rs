@@ -203,8 +203,18 @@ pub fn parse_metadata(bytes: &[u8]) -> Parsed<Metadata> {
 /// Parses the bytes of a `.metadata` file, and says what it built, also
 /// when it refused them.
 pub fn parse_metadata_counted(bytes: &[u8]) -> (Parsed<Metadata>, ReadCounters) {
-    let mut folder = Folder::new(bytes.len());
-    let (parsed, machine) = pickle::parse_folding(bytes, &Limits::METADATA, Some(&mut folder));
+    parse_metadata_from(&mut std::io::Cursor::new(bytes), bytes.len())
+}
+
+/// [`parse_metadata_counted`] of the `len` bytes `reader` holds, read
+/// through a small window rather than held whole.
+pub fn parse_metadata_from<R: std::io::Read + std::io::Seek>(
+    reader: &mut R,
+    len: usize,
+) -> (Parsed<Metadata>, ReadCounters) {
+    let mut folder = Folder::new(len);
+    let (parsed, machine) =
+        pickle::parse_folding_from(reader, len, &Limits::METADATA, Some(&mut folder));
     let result = match parsed {
         Ok(pickle) => folder.finish(&pickle),
         Err(err) if err.kind == pickle::PickleErrorKind::Refused => Err(folder.take_error()),
@@ -215,7 +225,7 @@ pub fn parse_metadata_counted(bytes: &[u8]) -> (Parsed<Metadata>, ReadCounters) 
         }),
     };
     let counters = ReadCounters {
-        input: bytes.len(),
+        input: len,
         values: machine.values,
         bytes: machine.bytes,
         folded: machine.folded,

@@ -40,6 +40,8 @@ pub enum PickleErrorKind {
     Invalid(String),
     /// The reader folding the pickle's objects refused one (it says why).
     Refused,
+    /// The input could not be read (an I/O error, as text).
+    Unreadable(String),
 }
 
 /// A refused pickle: what was wrong and where.
@@ -85,6 +87,7 @@ impl fmt::Display for PickleError {
             PickleErrorKind::MissingMemo(index) => write!(f, "memo entry {index} was never stored"),
             PickleErrorKind::Invalid(reason) => f.write_str(reason),
             PickleErrorKind::Refused => f.write_str("refused by the reader of its objects"),
+            PickleErrorKind::Unreadable(e) => write!(f, "cannot be read: {e}"),
         }
     }
 }

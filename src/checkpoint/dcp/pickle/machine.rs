@@ -1,6 +1,7 @@
 //! The opcode interpreter: reads one opcode at a time and builds values,
 //! refusing what the allowlist and the limits do not admit.
 
+use super::input::Input;
 use super::scan::{Fetched, IndexSet};
 use super::{Fold, Limits, Node, NodeId, Object, Pickle, PickleErrorKind, Value, allowed_global};
 use std::collections::{HashMap, HashSet};
@@ -12,8 +13,7 @@ pub(super) fn invalid<T>(reason: impl Into<String>) -> Step<T> {
 }
 
 pub(super) struct Machine<'a, 'f> {
-    pub(super) data: &'a [u8],
-    pub(super) pos: usize,
+    pub(super) input: Input<'a>,
     pub(super) limits: Limits,
     /// The arena built so far (its root is set at `STOP`).
     pub(super) pickle: Pickle,
@@ -271,14 +271,7 @@ impl Machine<'_, '_> {
     }
 
     fn take(&mut self, len: u64) -> Step<&[u8]> {
-        let remaining = self.data.len() - self.pos;
-        let len = usize::try_from(len).map_err(|_| PickleErrorKind::Truncated)?;
-        if len > remaining {
-            return Err(PickleErrorKind::Truncated);
-        }
-        let bytes = &self.data[self.pos..self.pos + len];
-        self.pos += len;
-        Ok(bytes)
+        self.input.take(len)
     }
 
     fn array<const N: usize>(&mut self) -> Step<[u8; N]> {
@@ -294,10 +287,9 @@ impl Machine<'_, '_> {
 
     /// A newline-terminated line (GLOBAL's operands), at most 1 KiB.
     fn line(&mut self) -> Step<String> {
-        let rest = &self.data[self.pos..];
-        let window = &rest[..rest.len().min(1024)];
-        let Some(end) = window.iter().position(|&b| b == b'\n') else {
-            return if rest.len() <= 1024 {
+        let window = self.input.peek(1025)?;
+        let Some(end) = window.iter().take(1024).position(|&b| b == b'\n') else {
+            return if window.len() <= 1024 {
                 Err(PickleErrorKind::Truncated)
             } else {
                 invalid("GLOBAL name longer than 1024 bytes")
@@ -306,7 +298,7 @@ impl Machine<'_, '_> {
         let text = std::str::from_utf8(&window[..end])
             .map_err(|_| PickleErrorKind::Invalid("GLOBAL name is not UTF-8".into()))?
             .to_owned();
-        self.pos += end + 1;
+        self.input.skip(end as u64 + 1)?;
         Ok(text)
     }
 

@@ -32,6 +32,7 @@
 
 mod allowlist;
 mod error;
+mod input;
 mod machine;
 mod scan;
 mod stack;
@@ -40,9 +41,11 @@ mod tests;
 
 pub use allowlist::{allowed_global, allowlist};
 pub use error::{PickleError, PickleErrorKind};
+use input::Input;
 use machine::Machine;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::io::{Read, Seek, SeekFrom};
 
 /// Caps on what one parse may use.
 #[derive(Clone, Copy, Debug)]
@@ -403,20 +406,40 @@ pub fn parse_folding(
     limits: &Limits,
     fold: Option<&mut dyn Fold>,
 ) -> (Result<Pickle, PickleError>, Counters) {
-    if data.len() > limits.max_input {
+    parse_folding_from(&mut std::io::Cursor::new(data), data.len(), limits, fold)
+}
+
+/// [`parse_folding`] of the `len` bytes `reader` holds from its current
+/// position, read twice (the memo scan, then the parse) through a small
+/// window, never held whole.
+pub fn parse_folding_from<R: Read + Seek>(
+    reader: &mut R,
+    len: usize,
+    limits: &Limits,
+    fold: Option<&mut dyn Fold>,
+) -> (Result<Pickle, PickleError>, Counters) {
+    let refuse = |offset, kind| {
         let err = PickleError {
-            offset: 0,
+            offset,
             opcode: None,
-            kind: PickleErrorKind::TooLarge {
-                len: data.len(),
-                max: limits.max_input,
-            },
+            kind,
         };
-        return (Err(err), Counters::default());
+        (Err(err), Counters::default())
+    };
+    if len > limits.max_input {
+        let max = limits.max_input;
+        return refuse(0, PickleErrorKind::TooLarge { len, max });
+    }
+    let start = match reader.stream_position() {
+        Ok(start) => start,
+        Err(e) => return refuse(0, PickleErrorKind::Unreadable(e.to_string())),
+    };
+    let fetched = scan::fetched_memo_entries(&mut Input::new(reader, len));
+    if let Err(e) = reader.seek(SeekFrom::Start(start)) {
+        return refuse(0, PickleErrorKind::Unreadable(e.to_string()));
     }
     let mut machine = Machine {
-        data,
-        pos: 0,
+        input: Input::new(reader, len),
         limits: *limits,
         pickle: Pickle {
             slots: Vec::new(),
@@ -425,7 +448,7 @@ pub fn parse_folding(
         },
         stack: Vec::new(),
         marks: Vec::new(),
-        fetched: scan::fetched_memo_entries(data),
+        fetched,
         memo: HashMap::new(),
         memo_nodes: HashSet::new(),
         defined: scan::IndexSet::default(),
@@ -437,15 +460,21 @@ pub fn parse_folding(
         folded: 0,
     };
     let result = loop {
-        let start = machine.pos;
-        let Some(&op) = data.get(start) else {
-            break Err(PickleError {
-                offset: start,
-                opcode: None,
-                kind: PickleErrorKind::Truncated,
-            });
+        let start = machine.input.position();
+        let op = machine
+            .input
+            .next_byte()
+            .and_then(|op| op.ok_or(PickleErrorKind::Truncated));
+        let op = match op {
+            Ok(op) => op,
+            Err(kind) => {
+                break Err(PickleError {
+                    offset: start,
+                    opcode: None,
+                    kind,
+                });
+            }
         };
-        machine.pos += 1;
         match machine.step(op) {
             Ok(Some(root)) => break Ok(root),
             Ok(None) => {}

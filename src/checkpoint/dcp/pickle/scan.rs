@@ -9,6 +9,7 @@
 //! opcode (a crafted file), a fetch it missed finds no entry and the parse
 //! is refused as a missing memo entry, never given another value.
 
+use super::input::Input;
 use std::collections::HashSet;
 
 /// Memo indices below this are kept in a bitmap (16 MiB at most); above,
@@ -72,31 +73,29 @@ impl Fetched {
     }
 }
 
-/// Lists the memo entries `data` fetches, reading opcodes up to `STOP` or
-/// to the first opcode the machine does not run (it refuses there anyway).
-pub(super) fn fetched_memo_entries(data: &[u8]) -> Fetched {
+/// Lists the memo entries the pickle fetches, reading opcodes up to `STOP`
+/// or to the first opcode the machine does not run (it refuses there
+/// anyway), or to a read error (the parse meets it too).
+pub(super) fn fetched_memo_entries(input: &mut Input) -> Fetched {
     let mut fetched = IndexSet::default();
-    let mut pos = 0;
-    while let Some(&op) = data.get(pos) {
-        pos += 1;
-        let operand = |len: usize| data.get(pos..pos + len);
-        let le = |len: usize| {
-            operand(len).map(|bytes| {
-                let mut wide = [0u8; 8];
-                wide[..len].copy_from_slice(bytes);
-                u64::from_le_bytes(wide)
-            })
-        };
+    let le = |input: &mut Input, width: u64| -> Option<u64> {
+        let bytes = input.take(width).ok()?;
+        let mut wide = [0u8; 8];
+        wide[..bytes.len()].copy_from_slice(bytes);
+        Some(u64::from_le_bytes(wide))
+    };
+    while let Ok(Some(op)) = input.next_byte() {
         // Bytes of operands after the opcode, or None to stop.
         let skip = match op {
             b'h' | b'j' => {
-                let width = if op == b'h' { 1 } else { 4 };
-                let Some(index) = le(width) else { break };
+                let Some(index) = le(input, if op == b'h' { 1 } else { 4 }) else {
+                    break;
+                };
                 fetched.insert(index);
                 if fetched.sparse.len() > MAX_SPARSE {
                     return Fetched::All;
                 }
-                Some(width as u64)
+                Some(0)
             }
             b'.' => None,
             // No operand.
@@ -135,20 +134,21 @@ pub(super) fn fetched_memo_entries(data: &[u8]) -> Fetched {
             b'J' | b'r' => Some(4),
             0x95 | b'G' => Some(8),
             // A length, then that many bytes.
-            0x8a | b'U' | 0x8c | b'C' => le(1).map(|len| 1 + len),
-            0x8b | b'T' | b'X' | b'B' => le(4).map(|len| 4 + len),
-            0x8d | 0x8e | 0x96 => le(8).and_then(|len| len.checked_add(8)),
-            // GLOBAL: two newline-terminated lines.
+            0x8a | b'U' | 0x8c | b'C' => le(input, 1),
+            0x8b | b'T' | b'X' | b'B' => le(input, 4),
+            0x8d | 0x8e | 0x96 => le(input, 8),
+            // GLOBAL: two newline-terminated lines (of at most 1 KiB).
             b'c' => {
-                let lines = data[pos..].iter().enumerate().filter(|(_, b)| **b == b'\n');
-                lines.map(|(at, _)| at as u64 + 1).nth(1)
+                let lines = input.peek(2050).unwrap_or_default();
+                let mut ends = lines.iter().enumerate().filter(|(_, b)| **b == b'\n');
+                ends.nth(1).map(|(at, _)| at as u64 + 1)
             }
             _ => None,
         };
-        let Some(skip) = skip.and_then(|n| usize::try_from(n).ok()) else {
-            break;
-        };
-        pos = pos.saturating_add(skip);
+        match skip {
+            Some(len) if input.skip(len).unwrap_or(false) => {}
+            _ => break,
+        }
     }
     Fetched::Listed(fetched)
 }
@@ -157,11 +157,16 @@ pub(super) fn fetched_memo_entries(data: &[u8]) -> Fetched {
 mod tests {
     use super::*;
 
+    fn scan(mut pickle: &[u8]) -> Fetched {
+        let len = pickle.len();
+        fetched_memo_entries(&mut Input::new(&mut pickle, len))
+    }
+
     #[test]
     fn only_fetched_entries_are_listed() {
         // PROTO 2, 'ab' MEMOIZE, 'cd' BINPUT 7, LONG_BINGET 0, BINGET 7, tuple, STOP.
         let pickle = b"\x80\x02\x8c\x02ab\x94\x8c\x02cdq\x07j\x00\x00\x00\x00h\x07\x86.";
-        let Fetched::Listed(set) = fetched_memo_entries(pickle) else {
+        let Fetched::Listed(set) = scan(pickle) else {
             panic!("listed");
         };
         assert!(set.contains(0) && set.contains(7));
@@ -172,7 +177,7 @@ mod tests {
     fn operands_that_look_like_fetches_are_skipped() {
         // A string whose bytes are BINGET 9, a GLOBAL line with 'h', then BINGET 3.
         let pickle = b"\x80\x02\x8c\x02h\x09ctorch\nSize\nh\x03.";
-        let Fetched::Listed(set) = fetched_memo_entries(pickle) else {
+        let Fetched::Listed(set) = scan(pickle) else {
             panic!("listed");
         };
         assert!(set.contains(3) && !set.contains(9));
@@ -185,6 +190,6 @@ mod tests {
             pickle.push(b'j');
             pickle.extend_from_slice(&(u32::MAX - i).to_le_bytes());
         }
-        assert!(matches!(fetched_memo_entries(&pickle), Fetched::All));
+        assert!(matches!(scan(&pickle), Fetched::All));
     }
 }
