@@ -76,6 +76,32 @@ pub struct Location {
     /// (a DCP chunk's zip entry; 0 there means the writer recorded none).
     /// Checked by `--verify`, never by the copy.
     pub crc32: Option<u32>,
+    /// `Some(len)` while a DCP chunk is not located yet: `offset` is then
+    /// where its torch.save archive of `len` bytes starts (as `.metadata`
+    /// says), not where its bytes are, and nothing may read from it until
+    /// [`dcp::locate::locate_pieces`] has found them inside. Readers locate
+    /// after the plan, each rank only the pieces it copies or verifies.
+    /// `None`: `offset` is the piece's first byte.
+    #[serde(default)]
+    pub archive_len: Option<u64>,
+}
+
+impl Location {
+    /// A location whose `offset` is the piece's first byte.
+    pub fn at(shard: usize, offset: u64) -> Location {
+        Location {
+            shard,
+            offset,
+            crc32: None,
+            archive_len: None,
+        }
+    }
+
+    /// Whether `offset` is where the piece's bytes are (not the start of an
+    /// archive still to be searched).
+    pub fn is_located(&self) -> bool {
+        self.archive_len.is_none()
+    }
 }
 
 /// One saved piece of a tensor: a dense row-major block of the full tensor.
@@ -302,15 +328,7 @@ mod tests {
     use super::*;
 
     fn piece(shard: usize, offsets: &[u64], shape: &[u64]) -> Piece {
-        Piece::new(
-            Location {
-                shard,
-                offset: 0,
-                crc32: None,
-            },
-            offsets,
-            shape,
-        )
+        Piece::new(Location::at(shard, 0), offsets, shape)
     }
 
     fn build(shape: Option<&[u64]>, pieces: Vec<Piece>) -> Result<FullTensor> {
