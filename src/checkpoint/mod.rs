@@ -10,6 +10,7 @@ pub mod format;
 pub mod hf_shards;
 pub mod identity;
 pub mod select;
+pub mod wire;
 
 use crate::checkpoint::coverage::{CoverageFault, check_coverage, region};
 use crate::error::{Error, Result};
