@@ -34,8 +34,8 @@ pub struct ReadOptions {
     /// is shared and the results exchanged.
     pub headers: hf_shards::HeaderReading,
     /// Plan from a DCP checkpoint's `.metadata` alone, without opening the
-    /// chunk archives (`--dry-run`): pieces then point at the start of
-    /// their archive, not at their data, and nothing is copied from them.
+    /// chunk files (`--dry-run`). (Pieces point at their archive either
+    /// way: a run locates each rank's after the plan.)
     pub plan_only: bool,
 }
 

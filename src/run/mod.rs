@@ -1,7 +1,8 @@
 //! The phases of a run, for any communicator:
-//! read the checkpoint → plan → [dry run: print] → [verify only: compare] →
-//! lock and prepare OUTPUT_DIR → create my files → copy and sync (with
-//! progress) → [verify] → stage report and index → renames, index last.
+//! read the checkpoint → plan → [dry run: print] → locate the DCP chunks
+//! this rank reads → [verify only: compare] → lock and prepare OUTPUT_DIR →
+//! create my files → copy and sync (with progress) → [verify] → stage
+//! report and index → renames, index last.
 //!
 //! Every phase ends in one collective ([`agree`]) where all ranks learn
 //! whether any rank failed, so a failing rank never leaves the others

@@ -1,11 +1,14 @@
 //! Reading PyTorch DCP's default on-disk format (`FileSystemWriter`) without
 //! Python: the `.metadata` pickle and the `__R_I.distcp` files.
 //!
-//! [`pickle`] builds values from a pickle without running anything;
-//! [`metadata`] turns `.metadata` into tensors, chunks and byte ranges;
-//! [`archive`] finds each chunk's bytes inside its torch.save zip and checks
-//! them against the metadata. [`read_dcp_checkpoint`] does all three and
-//! returns, for every tensor, where each piece's raw row-major bytes are.
+//! [`pickle`] reads a pickle without running anything; [`metadata`] turns
+//! `.metadata` into tensors, chunks and byte ranges; [`archive`] finds a
+//! chunk's bytes inside its torch.save zip and checks them against the
+//! metadata; [`locate`] does that for the pieces a rank reads.
+//! [`read_checkpoint`] (the run's) stops at the archives: each piece points
+//! at its archive, and each rank locates its own after the plan.
+//! [`read_dcp_checkpoint`] does all of it and returns, for every tensor,
+//! where each piece's raw row-major bytes are.
 
 pub mod archive;
 pub mod locate;
@@ -123,7 +126,8 @@ pub fn is_dcp_checkpoint(dir: &Path) -> bool {
     dir.join(METADATA_FILE).symlink_metadata().is_ok()
 }
 
-/// Reads a DCP checkpoint directory: every tensor, located and checked.
+/// Reads a DCP checkpoint directory: every tensor, every chunk located and
+/// checked (the library's reading; a run locates per rank instead).
 pub fn read_dcp_checkpoint(dir: &Path) -> Result<DcpCheckpoint> {
     read_dcp_checkpoint_with(dir, &|_| true)
 }
