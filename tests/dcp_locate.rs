@@ -180,3 +180,100 @@ fn verify_and_verify_only_locate_what_each_rank_compares() {
     assert_eq!(located.iter().sum::<u64>(), total, "{text}");
     assert!(located.iter().all(|&n| n > 0 && n < total), "{located:?}");
 }
+
+#[test]
+fn the_reader_locates_nothing_and_locating_is_done_once_per_piece() {
+    use st_consolidate_mpi::checkpoint::dcp::locate::{Wanted, locate_pieces};
+    use st_consolidate_mpi::checkpoint::dcp::read_checkpoint;
+    use st_consolidate_mpi::checkpoint::select::Selection;
+    let dir = fixture("dcp-v215-w2").join("checkpoint");
+    let mut checkpoint = read_checkpoint(&dir, &Selection::default(), false).unwrap();
+    let all = |c: &st_consolidate_mpi::checkpoint::Checkpoint| {
+        c.tensors
+            .iter()
+            .flat_map(|t| &t.pieces)
+            .map(|p| p.location)
+            .collect::<Vec<_>>()
+    };
+    assert!(all(&checkpoint).iter().all(|l| !l.is_located()));
+    let names: Vec<String> = checkpoint.tensors.iter().map(|t| t.name.clone()).collect();
+    // Every piece of the first tensor, asked for twice.
+    let first: Vec<(usize, usize)> = (0..checkpoint.tensors[0].pieces.len())
+        .map(|p| (0, p))
+        .collect();
+    let twice: Vec<(usize, usize)> = first.iter().chain(&first).copied().collect();
+    let wanted = Wanted {
+        names: &names,
+        files: &checkpoint.files,
+        pieces: &twice,
+    };
+    let files = checkpoint.files.clone();
+    let cost = locate_pieces(&mut checkpoint.tensors, &wanted).unwrap();
+    assert_eq!(cost.chunks, first.len() as u64);
+    assert!(cost.archive_bytes > 0);
+    let located = all(&checkpoint).iter().filter(|l| l.is_located()).count();
+    assert_eq!(located, first.len());
+    // Already located: nothing is read again.
+    let wanted = Wanted {
+        names: &names,
+        files: &files,
+        pieces: &first,
+    };
+    assert_eq!(
+        locate_pieces(&mut checkpoint.tensors, &wanted)
+            .unwrap()
+            .chunks,
+        0
+    );
+    // What the library's full reading finds, piece for piece.
+    let full = read_dcp_checkpoint_with(&dir, &|_| true).unwrap();
+    let expected = full.tensors.iter().find(|t| t.name == names[0]).unwrap();
+    assert_eq!(checkpoint.tensors[0].pieces, expected.pieces);
+}
+
+#[test]
+fn a_bad_archive_fails_every_rank_with_one_message_whichever_rank_copies_it() {
+    use st_consolidate_mpi::checkpoint::dcp::read_checkpoint;
+    use st_consolidate_mpi::checkpoint::select::Selection;
+    let name = "dcp-v215-w2";
+    let input = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(fixture(name).join("checkpoint")).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), input.path().join(entry.file_name())).unwrap();
+    }
+    // The last model tensor's first chunk: its archive's end (the zip's
+    // end of central directory) zeroed.
+    let checkpoint = read_checkpoint(input.path(), &Selection::default(), true).unwrap();
+    let tensor = checkpoint
+        .tensors
+        .iter()
+        .rfind(|t| !t.name.starts_with("optim.") && t.pieces[0].location.archive_len > Some(64))
+        .unwrap();
+    let location = tensor.pieces[0].location;
+    let path = &checkpoint.files[location.shard];
+    let mut bytes = fs::read(path).unwrap();
+    let end = (location.offset + location.archive_len.unwrap()) as usize;
+    bytes[end - 22..end].fill(0);
+    fs::write(path, bytes).unwrap();
+    let file = path.file_name().unwrap().to_str().unwrap().to_owned();
+    let quoted = format!("tensor '{}'", tensor.name);
+    let needles = [
+        file.as_str(),
+        quoted.as_str(),
+        "is not a torch.save zip archive",
+    ];
+    for ranks in [0, 2, 3] {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        let args = [
+            "--exclude",
+            "optim.*",
+            "--max-shard-size",
+            "8KB",
+            s(input.path()),
+            s(&out),
+        ];
+        assert_fails(ranks, &args, input.path(), &out, &needles);
+        assert!(names(&out).is_empty(), "{ranks}: {:?}", names(&out));
+    }
+}
