@@ -88,7 +88,7 @@ impl UnsupportedTensor {
 }
 
 /// Reads a DCP checkpoint into the checkpoint model every format shares:
-/// the tensors `select` keeps, located and checked; the names of non-tensor
+/// the tensors `select` keeps, their chunks tiling them; the names of non-tensor
 /// entries; and the tensors left out, with their bytes. A kept tensor of a
 /// dtype safetensors cannot hold is an error naming it.
 ///
@@ -102,7 +102,7 @@ pub fn read_checkpoint(dir: &Path, select: &Selection, plan_only: bool) -> Resul
         true => Archives::Unopened,
         false => Archives::Opened,
     };
-    let dcp = read_dcp_checkpoint_located(dir, &|name| select.keeps(name), archives)?;
+    let dcp = read_dcp_unlocated(dir, &|name| select.keeps(name), archives)?;
     if let Some(unsupported) = dcp.unsupported.first() {
         return Err(unsupported.error(dir));
     }
@@ -138,7 +138,7 @@ pub fn read_dcp_checkpoint(dir: &Path) -> Result<DcpCheckpoint> {
 /// without blocking, refused unless it is a regular file, and its identity
 /// taken from the open descriptor before anything is read from it.
 pub fn read_dcp_checkpoint_with(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<DcpCheckpoint> {
-    let mut checkpoint = read_dcp_checkpoint_located(dir, keep, Archives::Opened)?;
+    let mut checkpoint = read_dcp_unlocated(dir, keep, Archives::Opened)?;
     let names: Vec<String> = checkpoint.tensors.iter().map(|t| t.name.clone()).collect();
     let every_piece: Vec<(usize, usize)> = (checkpoint.tensors.iter().enumerate())
         .flat_map(|(t, tensor)| (0..tensor.pieces.len()).map(move |p| (t, p)))
@@ -166,7 +166,7 @@ enum Archives {
 /// [`read_dcp_checkpoint_with`] without locating: each piece points at the
 /// start of its archive, and the chunk files are opened or not as
 /// `archives` says.
-fn read_dcp_checkpoint_located(
+fn read_dcp_unlocated(
     dir: &Path,
     keep: &dyn Fn(&str) -> bool,
     archives: Archives,
