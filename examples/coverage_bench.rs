@@ -6,15 +6,7 @@ use st_consolidate_mpi::checkpoint::{Location, Piece};
 use std::time::Instant;
 
 fn piece(offsets: &[u64], shape: &[u64]) -> Piece {
-    Piece::new(
-        Location {
-            shard: 0,
-            offset: 0,
-            crc32: None,
-        },
-        offsets,
-        shape,
-    )
+    Piece::new(Location::at(0, 0), offsets, shape)
 }
 
 fn main() {

@@ -32,6 +32,8 @@ fn created_by(rank: usize, files: &[u32]) -> RankReport {
         seconds: 0.0,
         threads: 1,
         header_files_read: 0,
+        chunks_located: 0,
+        archive_bytes_read: 0,
     }
 }
 

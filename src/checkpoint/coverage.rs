@@ -146,15 +146,7 @@ mod tests {
     use crate::checkpoint::Location;
 
     fn piece(offsets: &[u64], shape: &[u64]) -> Piece {
-        Piece::new(
-            Location {
-                shard: 0,
-                offset: 0,
-                crc32: None,
-            },
-            offsets,
-            shape,
-        )
+        Piece::new(Location::at(0, 0), offsets, shape)
     }
 
     #[test]

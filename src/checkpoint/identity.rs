@@ -54,6 +54,23 @@ pub struct Seen {
 /// file, and takes its identity and content signature from that descriptor
 /// before anything else reads the file.
 pub fn open_input(path: &Path) -> Result<(File, Seen)> {
+    let (file, meta) = open_regular(path)?;
+    let identity = FileIdentity::from_metadata(&meta);
+    let signature = signature_of(&file, identity.size, path)?;
+    Ok((
+        file,
+        Seen {
+            identity,
+            signature: Some(signature),
+        },
+    ))
+}
+
+/// Opens an input as [`open_input`] does (without blocking, refused unless
+/// it is a regular file) and returns it with its metadata, taking no
+/// signature: for a second open of a file whose identity this rank already
+/// recorded (locating chunks after the plan), checked again at publish.
+pub fn open_regular(path: &Path) -> Result<(File, std::fs::Metadata)> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
@@ -80,15 +97,7 @@ pub fn open_input(path: &Path) -> Result<(File, Seen)> {
              (copy the checkpoint with `cp -rL` if it is made of links)",
         ));
     }
-    let identity = FileIdentity::from_metadata(&meta);
-    let signature = signature_of(&file, identity.size, path)?;
-    Ok((
-        file,
-        Seen {
-            identity,
-            signature: Some(signature),
-        },
-    ))
+    Ok((file, meta))
 }
 
 /// One input file of a checkpoint, and what it was when this rank opened

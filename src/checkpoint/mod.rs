@@ -10,6 +10,7 @@ pub mod format;
 pub mod hf_shards;
 pub mod identity;
 pub mod select;
+pub mod wire;
 
 use crate::checkpoint::coverage::{CoverageFault, check_coverage, region};
 use crate::error::{Error, Result};
@@ -33,8 +34,8 @@ pub struct ReadOptions {
     /// is shared and the results exchanged.
     pub headers: hf_shards::HeaderReading,
     /// Plan from a DCP checkpoint's `.metadata` alone, without opening the
-    /// chunk archives (`--dry-run`): pieces then point at the start of
-    /// their archive, not at their data, and nothing is copied from them.
+    /// chunk files (`--dry-run`). (Pieces point at their archive either
+    /// way: a run locates each rank's after the plan.)
     pub plan_only: bool,
 }
 
@@ -76,6 +77,32 @@ pub struct Location {
     /// (a DCP chunk's zip entry; 0 there means the writer recorded none).
     /// Checked by `--verify`, never by the copy.
     pub crc32: Option<u32>,
+    /// `Some(len)` while a DCP chunk is not located yet: `offset` is then
+    /// where its torch.save archive of `len` bytes starts (as `.metadata`
+    /// says), not where its bytes are, and nothing may read from it until
+    /// [`dcp::locate::locate_pieces`] has found them inside. Readers locate
+    /// after the plan, each rank only the pieces it copies or verifies.
+    /// `None`: `offset` is the piece's first byte.
+    #[serde(default)]
+    pub archive_len: Option<u64>,
+}
+
+impl Location {
+    /// A location whose `offset` is the piece's first byte.
+    pub fn at(shard: usize, offset: u64) -> Location {
+        Location {
+            shard,
+            offset,
+            crc32: None,
+            archive_len: None,
+        }
+    }
+
+    /// Whether `offset` is where the piece's bytes are (not the start of an
+    /// archive still to be searched).
+    pub fn is_located(&self) -> bool {
+        self.archive_len.is_none()
+    }
 }
 
 /// One saved piece of a tensor: a dense row-major block of the full tensor.
@@ -302,15 +329,7 @@ mod tests {
     use super::*;
 
     fn piece(shard: usize, offsets: &[u64], shape: &[u64]) -> Piece {
-        Piece::new(
-            Location {
-                shard,
-                offset: 0,
-                crc32: None,
-            },
-            offsets,
-            shape,
-        )
+        Piece::new(Location::at(shard, 0), offsets, shape)
     }
 
     fn build(shape: Option<&[u64]>, pieces: Vec<Piece>) -> Result<FullTensor> {

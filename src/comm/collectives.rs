@@ -8,7 +8,7 @@ use crate::checkpoint::hf_shards::{
     self, HeaderReading, ShardSummary, list_shard_files, read_shards,
 };
 use crate::checkpoint::identity::Inputs;
-use crate::checkpoint::{Checkpoint, ReadOptions, dcp};
+use crate::checkpoint::{Checkpoint, ReadOptions, dcp, wire};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::exec::lock::{OutputLock, host_name, read_token};
@@ -231,6 +231,31 @@ pub fn collect_mismatches(comm: &dyn Communicator, mine: &[String]) -> Result<()
     }
 }
 
+/// Collective: the element-wise sums over all ranks of `mine` (counts every
+/// rank needs, such as the stored CRC-32s each rank's verification checked).
+/// A count that cannot be decoded fails the job.
+pub fn sum_over_ranks<const N: usize>(comm: &dyn Communicator, mine: [u64; N]) -> Result<[u64; N]> {
+    let payload: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut sums = [0u64; N];
+    for (rank, bytes) in comm.all_gather(&payload)?.iter().enumerate() {
+        if bytes.len() != 8 * N {
+            return Err(Error::ranks_disagree(
+                format!(
+                    "rank {rank} sent {} bytes of counts, not {}",
+                    bytes.len(),
+                    8 * N
+                ),
+                "all ranks must run the same st-consolidate-mpi binary",
+            ));
+        }
+        for (sum, value) in sums.iter_mut().zip(bytes.chunks_exact(8)) {
+            let value: [u8; 8] = value.try_into().unwrap_or_default();
+            *sum = sum.saturating_add(u64::from_le_bytes(value));
+        }
+    }
+    Ok(sums)
+}
+
 /// Collective: rank 0 receives every rank's report (the others `None`).
 /// A report that cannot be decoded fails the job, never passes as empty.
 pub fn gather_reports(
@@ -260,7 +285,9 @@ pub fn gather_reports(
 /// same on every rank, its format, and how many input headers (shard headers, or the
 /// `.metadata` file) this rank read itself. With `--headers shared`, HF
 /// shards' headers are read a share per rank and exchanged, and a DCP
-/// `.metadata` is read by rank 0 alone and the checkpoint sent to all.
+/// `.metadata` is read by rank 0 alone and the compact model
+/// ([`wire`]: names, dtypes, shapes, each chunk's block and archive) sent
+/// to all. No DCP chunk is located here, under either mode.
 pub fn read_checkpoint(
     dir: &Path,
     options: &ReadOptions,
@@ -298,22 +325,19 @@ pub fn read_checkpoint(
     if !shared {
         return Ok((mine.unwrap_or_default(), format, 1));
     }
-    let payload = match &mine {
-        Some(checkpoint) => serde_json::to_vec(checkpoint).map_err(|e| {
+    // The compact model, without any chunk located: each rank locates its
+    // own once the plan says which (see `checkpoint::dcp::locate`).
+    // Rank 0 keeps its own, with what each input was when it opened it.
+    let payload = mine.as_ref().map(wire::encode).unwrap_or_default();
+    let parts = comm.all_gather(&payload)?;
+    let decoded = match mine {
+        Some(checkpoint) => Ok(checkpoint),
+        None => wire::decode(&parts[0]).map_err(|e| {
             Error::ranks_disagree(
-                format!("cannot encode the checkpoint read on rank 0: {e}"),
-                "file paths must be valid UTF-8 for --headers shared; use --headers all",
+                format!("the checkpoint rank 0 sent cannot be read: {e}"),
+                "all ranks must run the same st-consolidate-mpi binary",
             )
         }),
-        None => Ok(Vec::new()),
     };
-    let payload = agree(comm, payload)?;
-    let parts = comm.all_gather(&payload)?;
-    let decoded = serde_json::from_slice(&parts[0]).map_err(|e| {
-        Error::ranks_disagree(
-            format!("the checkpoint rank 0 sent cannot be read: {e}"),
-            "all ranks must run the same st-consolidate-mpi binary",
-        )
-    });
     Ok((agree(comm, decoded)?, format, usize::from(reader)))
 }

@@ -5,6 +5,7 @@ pub mod clobber;
 pub mod convert;
 pub mod copy;
 pub mod lock;
+pub mod needed;
 pub mod output;
 pub mod publish;
 pub mod resume;

@@ -120,7 +120,8 @@ pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) ->
         .collect();
     let mut assignment = assign_named(&sizes, &saved_names, &options.mapping, options.unmapped)?;
     let dtype_warning = output.warning();
-    let (tensors, dtypes, omitted) = omit_unassigned(tensors, output.dtypes, &mut assignment);
+    let (tensors, dtypes, saved_names, omitted) =
+        omit_unassigned(tensors, output.dtypes, saved_names, &mut assignment);
     let mut plan = Plan::build(
         checkpoint.files,
         tensors,
@@ -130,6 +131,7 @@ pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) ->
         options.input_fingerprint.as_deref(),
     )?;
     plan.dtype_warning = dtype_warning;
+    plan.saved_names = saved_names;
     plan.omitted = omitted;
     plan.unwrapped_key = unwrapped;
     if let Some(name) = &options.index_name {
@@ -140,26 +142,29 @@ pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) ->
 }
 
 /// Drops the tensors the assignment left out (file 0, [`Unmapped::Omit`]),
-/// with their dtypes and assignment entries; returns what remains and the
-/// names dropped.
+/// with their dtypes, saved names and assignment entries; returns what
+/// remains and the names dropped.
 fn omit_unassigned(
     tensors: Vec<FullTensor>,
     dtypes: Vec<Dtype>,
+    saved_names: Vec<String>,
     assignment: &mut Assignment,
-) -> (Vec<FullTensor>, Vec<Dtype>, Vec<String>) {
-    let mut kept = (Vec::new(), Vec::new(), Vec::new());
+) -> (Vec<FullTensor>, Vec<Dtype>, Vec<String>, Vec<String>) {
+    let mut kept = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut omitted = Vec::new();
-    for ((tensor, dtype), &file) in tensors.into_iter().zip(dtypes).zip(&assignment.file_of) {
+    let each = tensors.into_iter().zip(dtypes).zip(saved_names);
+    for (((tensor, dtype), saved), &file) in each.zip(&assignment.file_of) {
         if file == 0 {
             omitted.push(tensor.name);
         } else {
             kept.0.push(tensor);
             kept.1.push(dtype);
-            kept.2.push(file);
+            kept.2.push(saved);
+            kept.3.push(file);
         }
     }
-    assignment.file_of = kept.2;
-    (kept.0, kept.1, omitted)
+    assignment.file_of = kept.3;
+    (kept.0, kept.1, kept.2, omitted)
 }
 
 /// Everything every rank agrees on before any byte is written.
@@ -169,6 +174,9 @@ pub struct Plan {
     pub shards: Vec<PathBuf>,
     /// Full tensors, sorted by name.
     pub tensors: Vec<FullTensor>,
+    /// Each tensor's name as saved, before `--strip-prefix` or a top-level
+    /// key was taken off (messages about its input chunks use it).
+    pub saved_names: Vec<String>,
     /// Output files in index order.
     pub files: Vec<OutputFile>,
     /// Mapped names that no shard holds (left out, reported as a warning).
@@ -268,6 +276,7 @@ impl Plan {
             .collect();
         Plan {
             shards,
+            saved_names: tensors.iter().map(|t| t.name.clone()).collect(),
             tensors,
             files,
             missing: assignment.missing,
@@ -305,10 +314,11 @@ impl Plan {
     }
 
     /// A digest of everything the ranks must agree on: inputs, where every
-    /// piece's bytes are (file, offset, block, replicas), output layout and
-    /// headers, owners and schedule. Headers alone are not enough: two
-    /// node-local copies whose `.metadata` point a chunk at different
-    /// archives give the same headers and copy different bytes.
+    /// piece's bytes are (file, offset, block, replicas; for a DCP chunk
+    /// not located yet, its archive's place), output layout and headers,
+    /// owners and schedule. Headers alone are not enough: two node-local
+    /// copies whose `.metadata` point a chunk at different archives give
+    /// the same headers and copy different bytes.
     pub fn fingerprint(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         let mut hash = Sha256::new();
@@ -336,7 +346,11 @@ impl Plan {
                 hash.update((piece.replicas.len() as u64 + 1).to_le_bytes());
                 for location in copies {
                     let crc = location.crc32.map_or(u64::MAX, u64::from);
-                    numbers(&mut hash, &[location.shard as u64, location.offset, crc]);
+                    let archive = location.archive_len.unwrap_or(u64::MAX);
+                    numbers(
+                        &mut hash,
+                        &[location.shard as u64, location.offset, crc, archive],
+                    );
                 }
             }
         }

@@ -165,11 +165,7 @@ mod tests {
         for prefixes in [vec![], vec!["m.".to_string()]] {
             let mut list = tensors(&["a", "__metadata__"]);
             list[1].pieces.push(crate::checkpoint::Piece::new(
-                crate::checkpoint::Location {
-                    shard: 0,
-                    offset: 0,
-                    crc32: None,
-                },
+                crate::checkpoint::Location::at(0, 0),
                 &[0],
                 &[1],
             ));

@@ -28,6 +28,13 @@ pub struct RankReport {
     pub threads: usize,
     /// Shard headers it read.
     pub header_files_read: usize,
+    /// DCP chunks it located in their archives (those it copied or
+    /// verified; see [`crate::checkpoint::dcp::locate`]).
+    #[serde(default)]
+    pub chunks_located: u64,
+    /// Bytes of the chunk files it read to locate them.
+    #[serde(default)]
+    pub archive_bytes_read: u64,
 }
 
 /// Everything `--report FILE.json` holds.
@@ -138,6 +145,11 @@ pub struct RankSummary {
     pub gb_per_s: f64,
     /// Shard headers it read.
     pub header_files_read: usize,
+    /// DCP chunks it located in their archives: its share, about 1/N of
+    /// them on N ranks (0 for HF shards).
+    pub chunks_located: u64,
+    /// Bytes of the chunk files it read to locate them.
+    pub archive_bytes_read: u64,
 }
 
 /// Verification, if any.
@@ -206,6 +218,8 @@ impl RunReport {
                     seconds: r.seconds,
                     gb_per_s: rate(r.bytes, r.seconds),
                     header_files_read: r.header_files_read,
+                    chunks_located: r.chunks_located,
+                    archive_bytes_read: r.archive_bytes_read,
                 })
                 .collect(),
             nodes: by_node(ranks),

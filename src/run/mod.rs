@@ -1,7 +1,8 @@
 //! The phases of a run, for any communicator:
-//! read the checkpoint → plan → [dry run: print] → [verify only: compare] →
-//! lock and prepare OUTPUT_DIR → create my files → copy and sync (with
-//! progress) → [verify] → stage report and index → renames, index last.
+//! read the checkpoint → plan → [dry run: print] → locate the DCP chunks
+//! this rank reads → [verify only: compare] → lock and prepare OUTPUT_DIR →
+//! create my files → copy and sync (with progress) → [verify] → stage
+//! report and index → renames, index last.
 //!
 //! Every phase ends in one collective ([`agree`]) where all ranks learn
 //! whether any rank failed, so a failing rank never leaves the others
@@ -12,6 +13,7 @@ pub mod hf_metadata;
 mod resume;
 
 use crate::checkpoint::Checkpoint;
+use crate::checkpoint::dcp::locate::{Located, Wanted, locate_pieces};
 use crate::checkpoint::format::InputFormat;
 use crate::checkpoint::hf_shards::{SHARDED_SUBFOLDER, read_from_subfolder};
 use crate::checkpoint::identity;
@@ -19,22 +21,27 @@ use crate::checkpoint::select::check_has_tensors;
 use crate::comm::Communicator;
 use crate::comm::collectives::{
     agree, collect_mismatches, gather_reports, read_checkpoint, same_inputs_everywhere,
-    same_output_dir, same_plan_everywhere,
+    same_output_dir, same_plan_everywhere, sum_over_ranks,
 };
 use crate::error::{Error, Result, shown};
 use crate::exec::assets::{ExistingAssets, asset_names, plan_assets, ties_word_embeddings};
 use crate::exec::clobber::RunPaths;
+use crate::exec::needed::{pieces_to_copy, pieces_to_verify};
 use crate::exec::output::sync_dir;
 use crate::exec::publish::{
     Refusal, check_written_once, prepare_output_dir, retire_old_index, stage_index_and_report,
 };
-use crate::exec::verify::{compare, existing_targets, stored_crc_summary, written_targets};
+use crate::exec::verify::{
+    Target, compare, existing_targets, planned_target, stored_crc_counts, stored_crc_summary,
+    written_targets,
+};
 use crate::exec::write::{WriteTiming, copy_and_sync, create_files, default_threads};
 use crate::messages::Messages;
 use crate::plan::mapping::MappingSource;
 use crate::plan::{self, Plan, PlanOptions};
 use crate::progress::{Counters, FinishOnDrop, watch};
 use crate::report::{InputFacts, RankReport, RunReport, describe, human_bytes};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -155,6 +162,8 @@ struct Job<'a> {
     pool: rayon::ThreadPool,
     threads: usize,
     started: Instant,
+    /// What this rank's locating of DCP chunks has cost so far.
+    located: Cell<Located>,
 }
 
 impl Job<'_> {
@@ -190,6 +199,55 @@ impl Job<'_> {
     fn on_rank0<T: Send>(&self, work: impl FnOnce() -> Result<T> + Send) -> Result<Option<T>> {
         let rank0 = self.rank() == 0;
         self.agree(|| if rank0 { work().map(Some) } else { Ok(None) })
+    }
+
+    /// Locates `pieces` of the plan's tensors (those this rank reads, not
+    /// located yet) in their archives, on this rank's threads, and agrees
+    /// on the outcome: a bad archive fails every rank, with the message of
+    /// the lowest rank that found one (naming the file and the tensor).
+    fn locate(&self, plan: &mut Plan, pieces: &[(usize, usize)]) -> Result<()> {
+        let Plan {
+            tensors,
+            saved_names,
+            shards,
+            ..
+        } = plan;
+        let wanted = Wanted {
+            names: saved_names,
+            files: shards,
+            pieces,
+        };
+        let cost = self.agree(|| locate_pieces(tensors, &wanted))?;
+        let mut total = self.located.get();
+        total += cost;
+        self.located.set(total);
+        Ok(())
+    }
+
+    /// `-v`: what this rank read to locate its chunks, if it located any.
+    fn report_located(&self) {
+        let located = self.located.get();
+        if self.config.verbosity < Verbosity::Verbose || located.chunks == 0 {
+            return;
+        }
+        self.messages.detail(&format!(
+            "rank {} on {}: located {} chunk(s) in their archives, {} read",
+            self.rank(),
+            crate::exec::lock::host_name(),
+            located.chunks,
+            human_bytes(located.archive_bytes)
+        ));
+    }
+
+    /// The stored CRC-32s the ranks' verification of their `targets`
+    /// checked, summed over the ranks, as the summary says them.
+    fn crc_summary(&self, plan: &Plan, targets: &[Target]) -> Result<String> {
+        let (checked, unchecked) = stored_crc_counts(plan, targets);
+        let [checked, unchecked] = agree(
+            self.comm,
+            sum_over_ranks(self.comm, [checked as u64, unchecked as u64]),
+        )?;
+        Ok(stored_crc_summary((checked as usize, unchecked as usize)))
     }
 
     fn summary(&self, files: usize, bytes: u64) -> Summary {
@@ -237,7 +295,7 @@ pub fn run(config: &Config, comm: &dyn Communicator, messages: &dyn Messages) ->
         job.say(
             "note: planned from .metadata alone; no chunk was located in its archive (only \
              each file's first and last 64 KiB were read, for the inputs' fingerprint); a run \
-             locates and checks every chunk before it copies",
+             locates and checks, on each rank, the chunks that rank copies, before it copies",
         );
     }
     let inputs = std::mem::take(&mut checkpoint.inputs);
@@ -307,7 +365,7 @@ pub fn run(config: &Config, comm: &dyn Communicator, messages: &dyn Messages) ->
                 ..Summary::default()
             })
         }
-        Mode::VerifyOnly => verify_existing(&job, &plan),
+        Mode::VerifyOnly => verify_existing(&job, plan),
         Mode::Consolidate { verify } => {
             consolidate(&job, plan, &inputs, &facts, verify, headers_read)
         }
@@ -380,25 +438,32 @@ fn start<'a>(
         pool: agree(comm, pool)?,
         threads,
         started: Instant::now(),
+        located: Cell::new(Located::default()),
     })
 }
 
-/// `--verify-only`: compares the output already in OUTPUT_DIR with the inputs.
-fn verify_existing(job: &Job, plan: &Plan) -> Result<Summary> {
+/// `--verify-only`: compares the output already in OUTPUT_DIR with the
+/// inputs; each rank locates the chunks of the files it compares.
+fn verify_existing(job: &Job, mut plan: Plan) -> Result<Summary> {
     let (config, rank, size) = (job.config, job.rank(), job.comm.size());
+    let (targets, mut problems) =
+        job.agree(|| existing_targets(&plan, &config.output, rank, size))?;
+    let pieces = pieces_to_verify(&plan, &targets);
+    job.locate(&mut plan, &pieces)?;
+    job.report_located();
+    let plan = &plan;
     let problems = job.agree(|| {
-        let (targets, mut problems) = existing_targets(plan, &config.output, rank, size)?;
         problems.extend(compare(plan, &targets)?);
         Ok(problems)
     })?;
     agree(job.comm, collect_mismatches(job.comm, &problems))?;
+    let crcs = job.crc_summary(plan, &targets)?;
     job.say(&format!(
-        "verified {} tensors ({}) in {} against {} input files: all equal{}",
+        "verified {} tensors ({}) in {} against {} input files: all equal{crcs}",
         plan.tensors.len(),
         human_bytes(plan.total_bytes()),
         config.output.display(),
         plan.shards.len(),
-        stored_crc_summary(plan)
     ));
     Ok(job.summary(0, plan.total_bytes()))
 }
@@ -414,6 +479,13 @@ fn consolidate(
 ) -> Result<Summary> {
     let (config, comm, rank) = (job.config, job.comm, job.rank());
     let out = &config.output;
+    // Each rank locates the chunks it reads once the plan says which, and
+    // before OUTPUT_DIR is touched, so that a bad archive fails the run
+    // with nothing written. Under --resume the files kept are known only
+    // once OUTPUT_DIR is locked: their chunks are located only to verify.
+    if !config.resume {
+        locate_to_write(job, &mut plan, verify)?;
+    }
     // Rank 0 locks OUTPUT_DIR for the whole run before touching it; every
     // rank then proves it sees that same folder.
     let inputs = job.on_rank0(|| inputs.recorded())?;
@@ -469,6 +541,7 @@ fn consolidate(
     agree(comm, same_output_dir(comm, out, lock.as_ref()))?;
     if config.resume {
         resume::keep_complete_files(job, &mut plan, verify)?;
+        locate_to_write(job, &mut plan, verify)?;
     }
     let plan = &plan;
     if let Some(note) = idle_note(plan) {
@@ -488,12 +561,14 @@ fn consolidate(
     let created = job.agree(|| create_files(out, plan, rank))?;
     let timing = agree(comm, copy_with_progress(job, plan, &created))?;
     report_timing(job, plan, created.len(), &timing);
+    job.report_located();
     if verify {
-        let mismatches = job.agree(|| compare(plan, &written_targets(plan, &created)))?;
+        let targets = written_targets(plan, &created);
+        let mismatches = job.agree(|| compare(plan, &targets))?;
         agree(comm, collect_mismatches(comm, &mismatches))?;
+        let crcs = job.crc_summary(plan, &targets)?;
         job.say(&format!(
-            "verified: every written byte equals the inputs{}",
-            stored_crc_summary(plan)
+            "verified: every written byte equals the inputs{crcs}"
         ));
     }
     let mine = RankReport {
@@ -504,6 +579,8 @@ fn consolidate(
         seconds: job.started.elapsed().as_secs_f64(),
         threads: job.threads,
         header_files_read: headers_read,
+        chunks_located: job.located.get().chunks,
+        archive_bytes_read: job.located.get().archive_bytes,
     };
     let pending: Vec<_> = created.into_values().collect();
     // Publishing: everything is written and synced under temporary names
@@ -566,6 +643,25 @@ fn consolidate(
         report: finished,
         ..job.summary(plan.files.len(), plan.total_bytes())
     })
+}
+
+/// Locates the chunks this rank reads to write its share of the plan (and,
+/// with `verify`, to compare the files it writes), then holds at the test
+/// hook ([`crate::checkpoint::dcp::hold_after_read`]).
+fn locate_to_write(job: &Job, plan: &mut Plan, verify: bool) -> Result<()> {
+    let rank = job.rank();
+    let mut pieces = pieces_to_copy(plan, rank);
+    if verify {
+        let mine: Vec<Target> = plan
+            .files_to_write(rank)
+            .into_iter()
+            .map(|f| planned_target(plan, f, PathBuf::new()))
+            .collect();
+        pieces.extend(pieces_to_verify(plan, &mine));
+    }
+    job.locate(plan, &pieces)?;
+    crate::checkpoint::dcp::hold_after_read();
+    Ok(())
 }
 
 /// One line when the modulo schedule leaves ranks with nothing to write

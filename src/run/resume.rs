@@ -7,6 +7,7 @@ use crate::checkpoint::dcp::METADATA_FILE;
 use crate::checkpoint::format::InputFormat;
 use crate::comm::collectives::agree;
 use crate::error::{Error, Result};
+use crate::exec::needed::pieces_to_verify;
 use crate::exec::resume::{
     Found, decode_found, decode_kept, encode_found, encode_kept, find_kept, kept_targets,
 };
@@ -81,10 +82,15 @@ pub(super) fn keep_complete_files(job: &Job, plan: &mut Plan, verify: bool) -> R
         candidates.files[f].header = plan.header_with_fingerprint(f, None);
     }
     if !candidates.kept.is_empty() {
+        // This rank compares the kept files it owns: it locates their chunks.
+        let targets = kept_targets(out, &candidates, rank);
+        let pieces = pieces_to_verify(&candidates, &targets);
+        job.locate(&mut candidates, &pieces)?;
+        let compared = &candidates;
         let differ = job.agree(|| {
             let mut differ = BTreeSet::new();
-            for target in kept_targets(out, &candidates, rank) {
-                if !compare(&candidates, std::slice::from_ref(&target))?.is_empty() {
+            for target in targets {
+                if !compare(compared, std::slice::from_ref(&target))?.is_empty() {
                     let f = plan.files.iter().position(|f| f.name == target.name);
                     differ.extend(f);
                 }
@@ -111,6 +117,8 @@ pub(super) fn keep_complete_files(job: &Job, plan: &mut Plan, verify: bool) -> R
             }
         }
         kept.retain(|f| !differ.contains(f));
+        // What was located stays located for the copy.
+        plan.tensors = candidates.tensors;
     }
     plan.kept = kept;
     say_kept(job, plan)

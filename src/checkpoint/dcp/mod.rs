@@ -1,13 +1,17 @@
 //! Reading PyTorch DCP's default on-disk format (`FileSystemWriter`) without
 //! Python: the `.metadata` pickle and the `__R_I.distcp` files.
 //!
-//! [`pickle`] builds values from a pickle without running anything;
-//! [`metadata`] turns `.metadata` into tensors, chunks and byte ranges;
-//! [`archive`] finds each chunk's bytes inside its torch.save zip and checks
-//! them against the metadata. [`read_dcp_checkpoint`] does all three and
-//! returns, for every tensor, where each piece's raw row-major bytes are.
+//! [`pickle`] reads a pickle without running anything; [`metadata`] turns
+//! `.metadata` into tensors, chunks and byte ranges; [`archive`] finds a
+//! chunk's bytes inside its torch.save zip and checks them against the
+//! metadata; [`locate`] does that for the pieces a rank reads.
+//! [`read_checkpoint`] (the run's) stops at the archives: each piece points
+//! at its archive, and each rank locates its own after the plan.
+//! [`read_dcp_checkpoint`] does all of it and returns, for every tensor,
+//! where each piece's raw row-major bytes are.
 
 pub mod archive;
+pub mod locate;
 pub mod metadata;
 pub mod pickle;
 pub mod torch_types;
@@ -21,10 +25,9 @@ use crate::checkpoint::{
 use crate::error::{Error, Result};
 use crate::safetensors::dtype::Dtype;
 use crate::safetensors::header::byte_len;
-use archive::{ChunkRequest, locate_chunk_data};
 use metadata::{Entry, Metadata, MetadataError, TensorMeta, TorchDtype};
 use pickle::{Limits, PickleErrorKind};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
@@ -85,13 +88,21 @@ impl UnsupportedTensor {
 }
 
 /// Reads a DCP checkpoint into the checkpoint model every format shares:
-/// the tensors `select` keeps, located and checked; the names of non-tensor
+/// the tensors `select` keeps, their chunks tiling them; the names of non-tensor
 /// entries; and the tensors left out, with their bytes. A kept tensor of a
 /// dtype safetensors cannot hold is an error naming it.
-/// With `plan_only`, the chunk archives are not opened (see
-/// [`crate::checkpoint::ReadOptions::plan_only`]).
+///
+/// No chunk is located here: every piece points at its archive
+/// ([`Location::archive_len`]), and each rank locates the pieces it copies
+/// once the plan says which ([`locate::locate_pieces`]). The chunk files
+/// are opened (regular files only; identity and content signature taken)
+/// unless `plan_only` (see [`crate::checkpoint::ReadOptions::plan_only`]).
 pub fn read_checkpoint(dir: &Path, select: &Selection, plan_only: bool) -> Result<Checkpoint> {
-    let dcp = read_dcp_checkpoint_located(dir, &|name| select.keeps(name), !plan_only)?;
+    let archives = match plan_only {
+        true => Archives::Unopened,
+        false => Archives::Opened,
+    };
+    let dcp = read_dcp_unlocated(dir, &|name| select.keeps(name), archives)?;
     if let Some(unsupported) = dcp.unsupported.first() {
         return Err(unsupported.error(dir));
     }
@@ -115,7 +126,8 @@ pub fn is_dcp_checkpoint(dir: &Path) -> bool {
     dir.join(METADATA_FILE).symlink_metadata().is_ok()
 }
 
-/// Reads a DCP checkpoint directory: every tensor, located and checked.
+/// Reads a DCP checkpoint directory: every tensor, every chunk located and
+/// checked (the library's reading; a run locates per rank instead).
 pub fn read_dcp_checkpoint(dir: &Path) -> Result<DcpCheckpoint> {
     read_dcp_checkpoint_with(dir, &|_| true)
 }
@@ -126,16 +138,38 @@ pub fn read_dcp_checkpoint(dir: &Path) -> Result<DcpCheckpoint> {
 /// without blocking, refused unless it is a regular file, and its identity
 /// taken from the open descriptor before anything is read from it.
 pub fn read_dcp_checkpoint_with(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<DcpCheckpoint> {
-    read_dcp_checkpoint_located(dir, keep, true)
+    let mut checkpoint = read_dcp_unlocated(dir, keep, Archives::Opened)?;
+    let names: Vec<String> = checkpoint.tensors.iter().map(|t| t.name.clone()).collect();
+    let every_piece: Vec<(usize, usize)> = (checkpoint.tensors.iter().enumerate())
+        .flat_map(|(t, tensor)| (0..tensor.pieces.len()).map(move |p| (t, p)))
+        .collect();
+    let wanted = locate::Wanted {
+        names: &names,
+        files: &checkpoint.files,
+        pieces: &every_piece,
+    };
+    locate::locate_pieces(&mut checkpoint.tensors, &wanted)?;
+    Ok(checkpoint)
 }
 
-/// [`read_dcp_checkpoint_with`]; without `locate`, from `.metadata` alone:
-/// no chunk archive is opened or read, and each piece points at the start
-/// of its archive (for a plan that copies nothing).
-fn read_dcp_checkpoint_located(
+/// How far a read goes into the chunk files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Archives {
+    /// From `.metadata` alone: no chunk file is opened (`--dry-run`).
+    Unopened,
+    /// Every chunk file a kept tensor uses is opened once, refused unless
+    /// it is a regular file, and its identity and signature recorded; no
+    /// chunk is located.
+    Opened,
+}
+
+/// [`read_dcp_checkpoint_with`] without locating: each piece points at the
+/// start of its archive, and the chunk files are opened or not as
+/// `archives` says.
+fn read_dcp_unlocated(
     dir: &Path,
     keep: &dyn Fn(&str) -> bool,
-    locate: bool,
+    archives: Archives,
 ) -> Result<DcpCheckpoint> {
     let metadata_path = dir.join(METADATA_FILE);
     let mut files = OpenFiles::default();
@@ -183,23 +217,24 @@ fn read_dcp_checkpoint_located(
                 continue;
             }
         };
-        let located = locate_tensor(dir, &metadata, tensor, dtype, &mut files, locate)?;
-        checkpoint.tensors.push(located);
+        let pieces = tensor_pieces(dir, &metadata, tensor, dtype, &mut files, archives)?;
+        checkpoint.tensors.push(pieces);
     }
     checkpoint.files = files.paths;
     checkpoint.inputs = files.inputs;
-    hold_after_read();
     Ok(checkpoint)
 }
 
 /// Test hook: the environment variable naming a FIFO that the reader opens
 /// and reads to its end once it has read everything it reads from the
 /// inputs, so that a test can change an input at exactly that moment (after
-/// the chunks are located, before anything is copied). Unset in real runs;
-/// read nowhere else.
+/// this rank located its chunks, before anything is copied). Unset in real
+/// runs; read nowhere else.
 pub const HOLD_AFTER_READ_VAR: &str = "ST_CONSOLIDATE_TEST_HOLD_AFTER_READ";
 
-fn hold_after_read() {
+/// The [`HOLD_AFTER_READ_VAR`] test hook: the run calls it once this rank
+/// has located the chunks it copies.
+pub fn hold_after_read() {
     if let Some(path) = std::env::var_os(HOLD_AFTER_READ_VAR) {
         // A test hook: whatever happens to the FIFO, the run goes on.
         let _ = File::open(path).and_then(|mut fifo| fifo.read_to_end(&mut Vec::new()));
@@ -270,11 +305,11 @@ fn metadata_error(path: &Path, err: MetadataError) -> Error {
 }
 
 /// `.distcp` files named so far, each with its index in `paths`; those
-/// opened, with the open file and its length; and every input as opened.
+/// opened; and every input as opened.
 #[derive(Default)]
 struct OpenFiles {
     index: HashMap<String, usize>,
-    open: HashMap<usize, (File, u64)>,
+    opened: HashSet<usize>,
     paths: Vec<PathBuf>,
     inputs: Inputs,
 }
@@ -290,36 +325,16 @@ impl OpenFiles {
         self.paths.len() - 1
     }
 
-    /// The file's index, the file and its length; `tensor` is named if it
-    /// cannot be opened.
-    fn get(&mut self, dir: &Path, relative: &str, tensor: &str) -> Result<(usize, &File, u64)> {
+    /// The file's index, opened (and its identity and signature recorded)
+    /// the first time it is named; `tensor` is named if it cannot be.
+    fn get(&mut self, dir: &Path, relative: &str, tensor: &str) -> Result<usize> {
         let index = self.index_of(dir, relative);
-        if !self.open.contains_key(&index) {
+        if self.opened.insert(index) {
             let path = self.paths[index].clone();
-            let (file, seen) = open_input(&path).map_err(|err| match err {
-                Error::Io {
-                    action,
-                    path,
-                    source,
-                } => Error::Copy {
-                    tensor: tensor.to_owned(),
-                    action,
-                    path,
-                    source,
-                },
-                other => other,
-            })?;
-            let len = file.metadata().map_err(|e| Error::Copy {
-                tensor: tensor.to_owned(),
-                action: "inspect",
-                path: path.clone(),
-                source: e,
-            })?;
+            let (_, seen) = open_input(&path).map_err(|err| locate::naming_tensor(err, tensor))?;
             self.inputs.push_opened(path, seen);
-            self.open.insert(index, (file, len.len()));
         }
-        let (file, len) = &self.open[&index];
-        Ok((index, file, *len))
+        Ok(index)
     }
 }
 
@@ -332,13 +347,17 @@ const CHUNK_HINTS: PieceHints = PieceHints {
     missing: "the checkpoint's .metadata is inconsistent (chunks missing); re-save the checkpoint",
 };
 
-fn locate_tensor(
+/// One kept tensor's pieces from `.metadata`, each pointing at its
+/// archive, tiling the tensor (checked here, on whichever rank reads
+/// `.metadata`). Opens each chunk file on first use unless `archives` is
+/// [`Archives::Unopened`].
+fn tensor_pieces(
     dir: &Path,
     metadata: &Metadata,
     tensor: &TensorMeta,
     dtype: Dtype,
     files: &mut OpenFiles,
-    locate: bool,
+    archives: Archives,
 ) -> Result<FullTensor> {
     let metadata_path = dir.join(METADATA_FILE);
     let in_metadata = |reason: String| Error::BadTensor {
@@ -362,11 +381,10 @@ fn locate_tensor(
                 "chunk {chunk_region} is stored in {relative_path:?}, outside the checkpoint directory"
             )));
         }
-        let path = dir.join(relative_path);
         let transforms = &metadata.transforms[info.transforms as usize];
         if !transforms.is_empty() {
             return Err(Error::BadTensor {
-                path,
+                path: dir.join(relative_path),
                 tensor: tensor.name.clone(),
                 reason: format!(
                     "chunk {chunk_region} was written through stream transforms {transforms:?} (compression), which this program does not undo"
@@ -374,33 +392,15 @@ fn locate_tensor(
                 hint: "re-save the checkpoint without FileSystemWriter extensions such as ZStandard (the default writes plain archives)",
             });
         }
-        if !locate {
-            let location = Location {
-                shard: files.index_of(dir, relative_path),
-                offset: info.offset,
-                crc32: None,
-            };
-            pieces.push(Piece::new(location, chunk.offsets, chunk.sizes));
-            continue;
-        }
-        let (shard, file, file_len) = files.get(dir, relative_path, &tensor.name)?;
-        let request = ChunkRequest {
-            dtype,
-            sizes: chunk.sizes,
-            offset: info.offset,
-            length: info.length,
+        let shard = match archives {
+            Archives::Unopened => files.index_of(dir, relative_path),
+            Archives::Opened => files.get(dir, relative_path, &tensor.name)?,
         };
-        let data =
-            locate_chunk_data(file, file_len, &request).map_err(|refusal| Error::BadTensor {
-                path: path.clone(),
-                tensor: tensor.name.clone(),
-                reason: format!("chunk {chunk_region}: {}", refusal.reason),
-                hint: refusal.hint,
-            })?;
         let location = Location {
             shard,
-            offset: data.offset,
-            crc32: Some(data.crc32),
+            offset: info.offset,
+            crc32: None,
+            archive_len: Some(info.length),
         };
         pieces.push(Piece::new(location, chunk.offsets, chunk.sizes));
     }

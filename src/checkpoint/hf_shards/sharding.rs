@@ -99,11 +99,7 @@ pub fn index_pieces(
     let mut grouped: BTreeMap<&str, (Dtype, usize, Vec<Piece>)> = BTreeMap::new();
     for (shard_index, (shard, info)) in shards.iter().zip(infos).enumerate() {
         for tensor in &shard.header.tensors {
-            let location = Location {
-                shard: shard_index,
-                offset: shard.header.data_start + tensor.begin,
-                crc32: None,
-            };
+            let location = Location::at(shard_index, shard.header.data_start + tensor.begin);
             let piece = Piece::new(location, &info[&tensor.name], &tensor.shape);
             let (dtype, first, pieces) =
                 grouped

@@ -60,7 +60,7 @@ pub fn copy_item(
             continue;
         }
         let tensor = &plan.tensors[entry.tensor];
-        let job = TensorCopy::new(tensor);
+        let job = TensorCopy::new(tensor, &local_source(entry, tensor, lo..hi))?;
         // Where this tensor's byte 0 lands in the output file.
         let out_base = file.data_start() + entry.bytes.start;
         let local = lo - entry.bytes.start..hi - entry.bytes.start;
@@ -88,6 +88,20 @@ pub fn copy_item(
     Ok(())
 }
 
+/// The source bytes of `tensor` (relative to its start) that fill the
+/// output bytes `out` of its `entry` (`--dtype` changes the element size,
+/// never the element count).
+pub(crate) fn local_source(
+    entry: &crate::plan::OutputEntry,
+    tensor: &FullTensor,
+    out: Range<u64>,
+) -> Range<u64> {
+    let (to, from) = (entry.dtype.size(), tensor.dtype.size());
+    let first = (out.start - entry.bytes.start) / to;
+    let last = (out.end - entry.bytes.start).div_ceil(to);
+    first * from..last * from
+}
+
 /// One tensor's pieces, ready to be copied or gathered.
 struct TensorCopy<'a> {
     tensor: &'a FullTensor,
@@ -95,18 +109,27 @@ struct TensorCopy<'a> {
 }
 
 impl<'a> TensorCopy<'a> {
-    /// Computes the runs of every non-empty piece of `tensor`.
-    fn new(tensor: &'a FullTensor) -> Self {
-        let pieces = tensor
+    /// Computes the runs of every non-empty piece of `tensor`. The pieces
+    /// with bytes in `source` (the tensor's source bytes to copy) must be
+    /// located: the others may still point at their archive, since only
+    /// the ranks that copy a chunk locate it.
+    fn new(tensor: &'a FullTensor, source: &Range<u64>) -> Result<Self> {
+        let pieces: Vec<(Location, Runs)> = tensor
             .pieces
             .iter()
             .map(|p| {
                 let runs = Runs::new(&tensor.shape, &p.offsets, &p.shape, tensor.dtype.size());
                 (p.location, runs)
             })
-            .filter(|(_, runs)| runs.count() > 0)
+            .filter(|(_, runs)| !runs.runs_in(source).is_empty())
             .collect();
-        TensorCopy { tensor, pieces }
+        if pieces.iter().any(|(location, _)| !location.is_located()) {
+            return Err(Error::internal(format!(
+                "'{}': a chunk was copied before it was located in its archive",
+                tensor.name
+            )));
+        }
+        Ok(TensorCopy { tensor, pieces })
     }
 
     /// Whether every run is long enough to copy in the kernel.

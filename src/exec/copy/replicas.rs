@@ -12,7 +12,14 @@ pub fn check_replicas(plan: &Plan, file: usize) -> Result<()> {
     let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     for entry in &plan.files[file].entries {
         let tensor = &plan.tensors[entry.tensor];
-        for piece in &tensor.pieces {
+        for piece in tensor.pieces.iter().filter(|p| !p.replicas.is_empty()) {
+            let copies = std::iter::once(&piece.location).chain(&piece.replicas);
+            if copies.clone().any(|l| !l.is_located()) {
+                return Err(Error::internal(format!(
+                    "'{}': a replicated chunk was compared before it was located",
+                    tensor.name
+                )));
+            }
             let len = crate::safetensors::header::byte_len(&piece.shape, tensor.dtype).unwrap_or(0);
             for replica in &piece.replicas {
                 let mut done = 0;

@@ -60,6 +60,7 @@ fn compare_tensor(
 ) -> Result<Option<String>> {
     let tensor = &plan.tensors[t];
     let size = dtype.size();
+    check_located(tensor)?;
     let file = File::open(&target.path).map_err(|e| Error::io("open", &target.path, e))?;
     let pieces: Vec<(&Piece, PieceRows)> = tensor
         .pieces
@@ -121,6 +122,24 @@ fn compare_tensor(
     Ok(None)
 }
 
+/// Fails unless every copy of every piece of `tensor` is located: a DCP
+/// chunk still pointing at its archive must never be read as its bytes
+/// (the run locates what each rank reads before it reads it).
+pub fn check_located(tensor: &FullTensor) -> Result<()> {
+    match tensor
+        .pieces
+        .iter()
+        .flat_map(copies)
+        .any(|l| !l.is_located())
+    {
+        true => Err(Error::internal(format!(
+            "'{}': a chunk was read before it was located in its archive",
+            tensor.name
+        ))),
+        false => Ok(()),
+    }
+}
+
 /// A piece's stored copies: the piece's own location, then its replicas'.
 fn copies(piece: &Piece) -> impl Iterator<Item = &Location> {
     std::iter::once(&piece.location).chain(&piece.replicas)
@@ -167,11 +186,16 @@ impl StoredCrc {
 }
 
 /// Piece copies `--verify` checks against a stored CRC-32, and those that
-/// carry none (a DCP writer with CRC-32 off), over the whole plan; empty
-/// pieces hold nothing to check and count in neither.
-pub fn stored_crc_counts(plan: &Plan) -> (usize, usize) {
+/// carry none (a DCP writer with CRC-32 off), over the tensors of
+/// `targets` (this rank's share: the ranks' counts add up to the job's);
+/// empty pieces hold nothing to check and count in neither.
+pub fn stored_crc_counts(plan: &Plan, targets: &[Target]) -> (usize, usize) {
     let mut counts = (0, 0);
-    for tensor in &plan.tensors {
+    let tensors: std::collections::BTreeSet<usize> = targets
+        .iter()
+        .flat_map(|target| target.tensors.iter().map(|&(t, _, _)| t))
+        .collect();
+    for tensor in tensors.into_iter().filter_map(|t| plan.tensors.get(t)) {
         for piece in &tensor.pieces {
             if element_count(&piece.shape) == Some(0) {
                 continue;
@@ -188,10 +212,11 @@ pub fn stored_crc_counts(plan: &Plan) -> (usize, usize) {
     counts
 }
 
-/// What the verification summary adds about stored CRC-32s: nothing for
+/// What the verification summary adds about stored CRC-32s (`counts`, as
+/// [`stored_crc_counts`] gives them, summed over the ranks): nothing for
 /// inputs that carry none (HF shards).
-pub fn stored_crc_summary(plan: &Plan) -> String {
-    match stored_crc_counts(plan) {
+pub fn stored_crc_summary(counts: (usize, usize)) -> String {
+    match counts {
         (0, 0) => String::new(),
         (checked, 0) => format!("; {checked} DCP chunk(s) match the CRC-32 stored with them"),
         (checked, skipped) => format!(

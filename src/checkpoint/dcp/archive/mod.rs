@@ -68,6 +68,9 @@ pub struct ChunkData {
     /// The CRC-32 its zip entry stores for those bytes; 0 when the writer
     /// recorded none (`torch.serialization.set_crc32_options(False)`).
     pub crc32: u32,
+    /// Bytes of the file read to locate and check it (both ends of the
+    /// archive, and whatever the zip reader asked for between them).
+    pub bytes_read: u64,
 }
 
 /// Finds the chunk's data in `file` (of `file_len` bytes) and checks it is
@@ -120,9 +123,11 @@ pub fn locate_chunk_data(
     }
     // list_entries checked that every entry's data lies inside the window,
     // and the window inside the file.
+    let (offset, crc32) = (chunk.offset + data.data_start, data.crc32);
     Ok(ChunkData {
-        offset: chunk.offset + data.data_start,
-        crc32: data.crc32,
+        offset,
+        crc32,
+        bytes_read: zip.into_inner().bytes_read,
     })
 }
 
@@ -354,6 +359,8 @@ struct Window<'f> {
     head: Vec<u8>,
     /// The last `tail.len()` bytes of the window.
     tail: Vec<u8>,
+    /// Bytes read from the file so far (the ends, then any middle reads).
+    bytes_read: u64,
 }
 
 /// How much of each end of an archive is read up front.
@@ -372,6 +379,7 @@ impl<'f> Window<'f> {
             start,
             len,
             pos: 0,
+            bytes_read: head_len + tail_len,
             head,
             tail,
         })
@@ -402,7 +410,9 @@ impl Read for Window<'_> {
         } else {
             let until_tail = usize::try_from(tail_start - self.pos).unwrap_or(usize::MAX);
             let n = want.min(until_tail);
-            self.file.read_at(&mut buf[..n], self.start + self.pos)?
+            let n = self.file.read_at(&mut buf[..n], self.start + self.pos)?;
+            self.bytes_read += n as u64;
+            n
         };
         self.pos += read as u64;
         Ok(read)
