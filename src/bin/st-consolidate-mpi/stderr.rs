@@ -13,15 +13,23 @@ use std::time::Duration;
 /// lines in mpirun's forwarding.
 pub struct Stderr;
 
+/// `text` and its newline in one write (`eprintln!` writes them apart).
+pub fn write_line(text: &str) {
+    use std::io::Write;
+    let line = format!("{text}\n");
+    // Nowhere to report a failure to write to stderr.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
 impl Messages for Stderr {
     fn info(&self, text: &str) {
-        eprintln!("{text}");
+        write_line(text);
     }
     fn warning(&self, text: &str) {
-        eprintln!("{text}");
+        write_line(text);
     }
     fn detail(&self, text: &str) {
-        eprintln!("{text}");
+        write_line(text);
     }
     fn progress(&self, total: u64) -> Box<dyn ProgressView + '_> {
         if !std::io::stderr().is_terminal() {
@@ -61,6 +69,6 @@ struct Lines {
 
 impl ProgressView for Lines {
     fn update(&self, done: u64, elapsed: Duration) {
-        eprintln!("{}", line(done, self.total, elapsed));
+        write_line(&line(done, self.total, elapsed));
     }
 }

@@ -84,55 +84,70 @@ pub fn locate_pieces(tensors: &mut [FullTensor], wanted: &Wanted) -> Result<Loca
         let (file, meta) = open_regular(path).map_err(|err| naming_tensor(err, name))?;
         open.insert(shard, (file, meta.len()));
     }
-    let tensors_read: &[FullTensor] = tensors;
-    let results: Vec<Result<(Location, u64)>> = todo
-        .par_iter()
-        .map(|&(t, p, c)| {
-            let tensor = &tensors_read[t];
-            let piece = &tensor.pieces[p];
-            let location = copy_of(tensor, p, c);
-            let (file, file_len) = &open[&location.shard];
-            let request = ChunkRequest {
-                dtype: tensor.dtype,
-                sizes: &piece.shape,
-                offset: location.offset,
-                length: location.archive_len.unwrap_or(0),
-            };
-            let data = locate_chunk_data(file, *file_len, &request).map_err(|refusal| {
-                Error::BadTensor {
-                    path: wanted.files[location.shard].clone(),
-                    tensor: wanted.names.get(t).cloned().unwrap_or_default(),
-                    reason: format!(
-                        "chunk {}: {}",
-                        region(&piece.offsets, &piece.shape),
-                        refusal.reason
-                    ),
-                    hint: refusal.hint,
-                }
-            })?;
-            let located = Location {
-                shard: location.shard,
-                offset: data.offset,
-                crc32: Some(data.crc32),
-                archive_len: None,
-            };
-            Ok((located, data.bytes_read))
-        })
-        .collect();
+    // In batches, so that what is held between the parallel reads and the
+    // updates stays small whatever the count (an error is large).
     let mut cost = Located::default();
-    for (&(t, p, c), result) in todo.iter().zip(results) {
-        let (located, bytes) = result?;
-        let piece = &mut tensors[t].pieces[p];
-        match c {
-            0 => piece.location = located,
-            _ => piece.replicas[c - 1] = located,
+    for batch in todo.chunks(BATCH) {
+        let tensors_read: &[FullTensor] = tensors;
+        let results: Vec<Result<(Location, u64)>> = batch
+            .par_iter()
+            .map(|&(t, p, c)| locate_one(tensors_read, wanted, &open, (t, p, c)))
+            .collect();
+        for (&(t, p, c), result) in batch.iter().zip(results) {
+            let (located, bytes) = result?;
+            let piece = &mut tensors[t].pieces[p];
+            match c {
+                0 => piece.location = located,
+                _ => piece.replicas[c - 1] = located,
+            }
+            cost += Located {
+                chunks: 1,
+                archive_bytes: bytes,
+            };
         }
-        cost += Located {
-            chunks: 1,
-            archive_bytes: bytes,
-        };
     }
     Ok(cost)
+}
+
+/// Chunks located per parallel batch.
+const BATCH: usize = 1 << 14;
+
+/// Locates copy `c` of piece `p` of tensor `t`: where its bytes are, and
+/// how many bytes of its file were read to find and check them.
+fn locate_one(
+    tensors: &[FullTensor],
+    wanted: &Wanted,
+    open: &HashMap<usize, (File, u64)>,
+    (t, p, c): (usize, usize, usize),
+) -> Result<(Location, u64)> {
+    let tensor = &tensors[t];
+    let piece = &tensor.pieces[p];
+    let location = copy_of(tensor, p, c);
+    let (file, file_len) = &open[&location.shard];
+    let request = ChunkRequest {
+        dtype: tensor.dtype,
+        sizes: &piece.shape,
+        offset: location.offset,
+        length: location.archive_len.unwrap_or(0),
+    };
+    let data =
+        locate_chunk_data(file, *file_len, &request).map_err(|refusal| Error::BadTensor {
+            path: wanted.files[location.shard].clone(),
+            tensor: wanted.names.get(t).cloned().unwrap_or_default(),
+            reason: format!(
+                "chunk {}: {}",
+                region(&piece.offsets, &piece.shape),
+                refusal.reason
+            ),
+            hint: refusal.hint,
+        })?;
+    let located = Location {
+        shard: location.shard,
+        offset: data.offset,
+        crc32: Some(data.crc32),
+        archive_len: None,
+    };
+    Ok((located, data.bytes_read))
 }
 
 /// Copy `c` of piece `p` of `tensor`: 0 is the piece's own location, then
