@@ -5,7 +5,8 @@
 //! of the program talks to this small trait instead. [`SingleProcess`] runs
 //! everything in one process (unit tests, `--dry-run` previews);
 //! [`mpi_world::MpiWorld`] (feature `mpi`) is the command's; the Python extension
-//! implements it over torch.distributed.
+//! implements it over torch.distributed; [`threads::ThreadWorld`] runs N
+//! ranks as threads of one process, for tests of the protocols.
 //!
 //! Every collective can fail (torch.distributed raises on a timeout or a
 //! lost peer), and says so with [`crate::Error::Communicator`] rather than
@@ -14,6 +15,7 @@
 pub mod collectives;
 #[cfg(feature = "mpi")]
 pub mod mpi_world;
+pub mod threads;
 
 use crate::Result;
 
