@@ -177,6 +177,10 @@ fn consolidate<'py>(
     })?;
     let comm = PyCommunicator::new(communicator)?;
     let logger = PyLogger::new(logger);
+    // As the command does: each output file this rank owns stays open for
+    // the run. Raised at the call, not at import, so that importing the
+    // package changes nothing in the process.
+    st_consolidate_mpi::launch::raise_open_file_limit();
     match py.detach(|| run_detached(&config, &comm, &logger)) {
         Ok(summary) => summary_dict(py, &summary, &config.output.display().to_string()),
         Err(failure) => Err(raise(py, failure)),
