@@ -94,18 +94,34 @@ impl World {
 /// feature), and checks that the world is as large as the launcher's job.
 pub fn start() -> Result<World> {
     raise_open_file_limit();
-    // MPI finalizes when the world drops, after the run.
     #[cfg(feature = "mpi")]
     let world = World {
-        mpi: match under_launcher() {
-            true => crate::comm::mpi_world::MpiWorld::init(),
-            false => None,
-        },
+        mpi: mpi_world(under_launcher())?,
     };
     #[cfg(not(feature = "mpi"))]
     let world = World {};
     check_world(world.comm(), launcher_tasks())?;
     Ok(world)
+}
+
+/// MPI's world if `launched` (a launcher started this process), `None`
+/// otherwise; an error if MPI was already initialized in this process.
+#[cfg(feature = "mpi")]
+pub fn mpi_world(launched: bool) -> Result<Option<crate::comm::mpi_world::MpiWorld>> {
+    mpi_if_launched(launched, crate::comm::mpi_world::MpiWorld::init)
+}
+
+/// MPI's world if a launcher started this process, from `init`; `None`
+/// (one process, MPI never initialized) without a launcher. `init` gives
+/// `None` when MPI was initialized before: running on as one process would
+/// have every task write every file (and be blamed on the srun plug-in),
+/// so that is an error of its own.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+fn mpi_if_launched<W>(launched: bool, init: impl FnOnce() -> Option<W>) -> Result<Option<W>> {
+    if !launched {
+        return Ok(None);
+    }
+    init().map(Some).ok_or(Error::MpiAlreadyInitialized)
 }
 
 #[cfg(test)]
@@ -124,5 +140,29 @@ mod tests {
         );
         assert!(check_world(&SingleProcess, Some(("PMI_SIZE", 1))).is_ok());
         assert!(check_world(&SingleProcess, None).is_ok());
+    }
+
+    #[test]
+    fn mpi_starts_only_under_a_launcher() {
+        let never = || -> Option<u8> { panic!("MPI must not be initialized without a launcher") };
+        assert_eq!(mpi_if_launched(false, never).unwrap(), None);
+        assert_eq!(mpi_if_launched(true, || Some(7u8)).unwrap(), Some(7));
+    }
+
+    #[test]
+    fn mpi_initialized_by_someone_else_is_said_plainly() {
+        let err = mpi_if_launched(true, || None::<u8>).unwrap_err();
+        assert!(matches!(err, Error::MpiAlreadyInitialized), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "MPI was already initialized in this process (by mpi4py or another library)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("hint: "), "{text}");
+        // Not the wrong-plug-in diagnosis, which would send the user to
+        // srun's options.
+        assert!(!text.contains("--mpi=pmix"), "{text}");
     }
 }

@@ -453,11 +453,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// A start-up failure, said once: every task is "rank 0" of its own world
-/// when the world is wrong, so the launcher's rank 0 speaks.
+/// A start-up failure. When the world is wrong every task is "rank 0" of
+/// its own world, so the launcher's rank 0 alone speaks; any other failure
+/// is this process's own, said with its launcher rank.
 fn start_failed(err: &Error) -> ExitCode {
-    if launcher_rank() == 0 {
-        eprintln!("st-consolidate-mpi: error: {err}");
+    match err {
+        Error::WrongWorld { .. } if launcher_rank() != 0 => {}
+        Error::WrongWorld { .. } => eprintln!("st-consolidate-mpi: error: {err}"),
+        _ if launch::under_launcher() => {
+            eprintln!("st-consolidate-mpi: rank {}: error: {err}", launcher_rank())
+        }
+        _ => eprintln!("st-consolidate-mpi: error: {err}"),
     }
     ExitCode::FAILURE
 }
