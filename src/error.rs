@@ -218,6 +218,12 @@ pub enum Error {
     )]
     MpiAlreadyInitialized,
 
+    /// The front end asked the run to stop ([`crate::exec::cancel::Cancel`]).
+    #[error(
+        "the consolidation was stopped before it finished (Ctrl-C, or the Python interpreter exiting): nothing was published and its temporary files were removed\n  hint: run it again to consolidate"
+    )]
+    Cancelled,
+
     /// A collective failed in the communicator itself (torch.distributed
     /// raised: a timeout, a peer that went away).
     #[error(

@@ -486,3 +486,34 @@ fn rank_0_collects_every_ranks_mismatches_and_reports() {
         assert_eq!(bytes, [0, 10, 20]);
     }
 }
+
+#[test]
+fn a_cancelled_rank_fails_every_rank() {
+    let input = fixtures().join("torch-dcp-w2");
+    let mapping = input.join("mapping.json");
+    let out = tempfile::tempdir().unwrap();
+    let outcomes = run_threaded(2, |rank| {
+        let config = config(
+            &input,
+            Some(&mapping),
+            out.path(),
+            Schedule::Modulo,
+            HeaderReading::All,
+        );
+        if rank == 1 {
+            config.cancel.cancel();
+        }
+        config
+    });
+    assert!(
+        matches!(outcomes[0], Err(Error::PeerFailed(1))),
+        "{:?}",
+        outcomes[0].as_ref().err()
+    );
+    assert!(
+        matches!(outcomes[1], Err(Error::Cancelled)),
+        "{:?}",
+        outcomes[1].as_ref().err()
+    );
+    assert_eq!(final_named(out.path()), Vec::<String>::new());
+}

@@ -8,6 +8,7 @@
 
 mod comm;
 mod config;
+mod signals;
 mod sink;
 
 use comm::PyCommunicator;
@@ -52,6 +53,7 @@ fn kind_of(err: &Error) -> Kind {
         | Error::Usage { .. }
         | Error::BadCheckpoint { .. }
         | Error::BadIndex { .. } => Kind::Input,
+        Error::Cancelled => Kind::Interrupted,
         Error::PeerFailed(_) => Kind::Peer,
         _ => Kind::Other,
     }
@@ -81,13 +83,8 @@ fn run_detached(
         Ok(summary) => return Ok(summary),
         Err(err) => err,
     };
-    let kind = if comm.interrupted() {
-        Kind::Interrupted
-    } else {
-        kind_of(&err)
-    };
     let mine = Failure {
-        kind,
+        kind: kind_of(&err),
         message: err.to_string(),
     };
     // A broken communicator would only fail (or time out) again.
@@ -181,7 +178,28 @@ fn consolidate<'py>(
     // the run. Raised at the call, not at import, so that importing the
     // package changes nothing in the process.
     st_consolidate_mpi::launch::raise_open_file_limit();
-    match py.detach(|| run_detached(&config, &comm, &logger)) {
+    let watch = signals::on_main_thread(py)?;
+    let (outcome, raised) = py.detach(|| {
+        signals::run_watching_signals(
+            watch,
+            &config.cancel,
+            || run_detached(&config, &comm, &logger),
+            |e| {
+                Err(Failure {
+                    kind: Kind::Other,
+                    message: format!(
+                        "cannot start the consolidation's thread: {e}\n  hint: the process is out of threads or memory; call it from another thread or with fewer threads running"
+                    ),
+                })
+            },
+        )
+    });
+    // The exception a signal handler raised (KeyboardInterrupt), once the
+    // run has stopped and cleaned up.
+    if let Some(raised) = raised {
+        return Err(raised);
+    }
+    match outcome {
         Ok(summary) => summary_dict(py, &summary, &config.output.display().to_string()),
         Err(failure) => Err(raise(py, failure)),
     }

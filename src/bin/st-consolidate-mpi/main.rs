@@ -289,6 +289,8 @@ impl Cli {
             command_line: std::env::args_os()
                 .map(|arg| arg.to_string_lossy().into_owned())
                 .collect(),
+            // The command stops on a signal's default action instead.
+            cancel: Default::default(),
         }
     }
 }
