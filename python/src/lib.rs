@@ -8,6 +8,7 @@
 
 mod comm;
 mod config;
+mod exit;
 mod signals;
 mod sink;
 
@@ -178,6 +179,16 @@ fn consolidate<'py>(
     // the run. Raised at the call, not at import, so that importing the
     // package changes nothing in the process.
     st_consolidate_mpi::launch::raise_open_file_limit();
+    // Held until the call has the GIL again (see `exit`).
+    let Some(_running) = exit::Running::enter(&config.cancel) else {
+        return Err(raise(
+            py,
+            Failure {
+                kind: Kind::Other,
+                message: "the Python interpreter is exiting: no consolidation starts now\n  hint: join the thread that consolidates before the interpreter exits".into(),
+            },
+        ));
+    };
     let watch = signals::on_main_thread(py)?;
     let (outcome, raised) = py.detach(|| {
         signals::run_watching_signals(
@@ -201,6 +212,15 @@ fn consolidate<'py>(
     }
     match outcome {
         Ok(summary) => summary_dict(py, &summary, &config.output.display().to_string()),
+        // Stopped because the interpreter exits, on a thread that is not
+        // interrupted: no KeyboardInterrupt there.
+        Err(failure) if failure.kind == Kind::Interrupted && exit::exiting() => Err(raise(
+            py,
+            Failure {
+                kind: Kind::Other,
+                ..failure
+            },
+        )),
         Err(failure) => Err(raise(py, failure)),
     }
 }
@@ -208,6 +228,7 @@ fn consolidate<'py>(
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(consolidate, m)?)?;
+    m.add_function(wrap_pyfunction!(exit::stop_for_exit, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,0 +1,48 @@
+"""An interpreter that exits while a daemon thread consolidates does not
+crash: the running consolidation is stopped and waited for while the
+interpreter is still whole, removes its temporary files and lock, and
+publishes nothing. In a child process of its own, on a checkpoint that
+takes seconds to consolidate (conftest.write_column_shards)."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import NEVER, TEMP_SUFFIX, left_in
+
+EXIT = """
+import os, sys, threading, time
+import st_consolidate
+
+def consolidate():
+    st_consolidate.consolidate_safetensors_files(sys.argv[1], sys.argv[2], {"w": 1})
+
+def copying(out):
+    return os.path.isdir(out) and any(n.endswith(%r) for n in os.listdir(out))
+
+threading.Thread(target=consolidate, daemon=True).start()
+if sys.argv[3] == "copying":
+    while not copying(sys.argv[2]):
+        time.sleep(0.002)
+print("main module returns", flush=True)
+""" % TEMP_SUFFIX
+
+
+# "at once": the thread may still be reading the checkpoint, or not have
+# entered the call yet, when the interpreter exits.
+@pytest.mark.parametrize("when", ["copying", "at once"])
+def test_exiting_while_a_daemon_thread_consolidates_does_not_crash(slow_checkpoint, tmp, when):
+    out = tmp / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT, str(slow_checkpoint), str(out), when],
+        capture_output=True,
+        text=True,
+        timeout=NEVER,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["main module returns"], proc.stdout
+    for crash in ("Fatal Python error", "Aborted", "Segmentation fault", "panicked", "core dumped"):
+        assert crash not in proc.stderr, proc.stderr
+    # Stopped, not cut off at process exit: nothing final-named, and no
+    # temporary file or lock left behind.
+    assert left_in(out) == [], proc.stderr
