@@ -517,3 +517,54 @@ fn a_cancelled_rank_fails_every_rank() {
     );
     assert_eq!(final_named(out.path()), Vec::<String>::new());
 }
+
+#[test]
+fn ranks_that_read_different_bytes_under_the_same_headers_are_refused_naming_the_rank() {
+    let good = fixtures().join("torch-dcp-w2");
+    let mapping = good.join("mapping.json");
+    // Rank 1's copy: same files, same headers, one data byte changed (as
+    // a node-local copy still being written, or a stale one, would be).
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&good).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, copy.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let changed = copy
+        .path()
+        .join("shard-00001-model-00002-of-00002.safetensors");
+    let mut bytes = std::fs::read(&changed).unwrap();
+    *bytes.last_mut().unwrap() ^= 0xff;
+    std::fs::write(&changed, bytes).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let outcomes = run_threaded(2, |rank| {
+        let input = if rank == 1 {
+            copy.path()
+        } else {
+            good.as_path()
+        };
+        config(
+            input,
+            Some(&mapping),
+            out.path(),
+            Schedule::Modulo,
+            HeaderReading::All,
+        )
+    });
+    for (rank, outcome) in outcomes.into_iter().enumerate() {
+        let text = outcome
+            .err()
+            .unwrap_or_else(|| panic!("rank {rank} succeeded"))
+            .to_string();
+        // The plan records the inputs' fingerprint (their first and last
+        // 64 KiB), so the plans already differ; the byte-level comparison
+        // after it would name the file.
+        assert!(
+            text.contains("rank 1 built a different plan from rank 0")
+                || text.contains("does not hold the same bytes on every rank")
+                    && text.contains("rank 1 on ")
+                || text == "rank 0 failed",
+            "rank {rank}: {text}"
+        );
+    }
+    assert_eq!(final_named(out.path()), Vec::<String>::new());
+}
