@@ -3,8 +3,10 @@
 //! Thin on purpose: keyword arguments become the library's [`Config`], the
 //! communicator and the message sink are Python objects, and the outcome
 //! becomes a dict or an exception. The GIL is released for the whole run
-//! and taken again only by the communicator and the logger, and no panic
-//! crosses into Python.
+//! and taken again only by the communicator, the logger and (on the main
+//! thread) the signal watcher; no panic crosses into Python. `signals`
+//! stops a run on Ctrl-C, `exit` the runs still going when the interpreter
+//! exits.
 
 mod comm;
 mod config;
