@@ -152,8 +152,10 @@ def write_column_shards(folder, rows=4_000_000, columns=64):
     return {"w": 1}
 
 
-# The library's temporary names: "." + final name + this suffix.
-TEMP_SUFFIX = ".st-consolidate.tmp"
+# The temporary name of the one output file of write_column_shards's
+# checkpoint: "." + its final name + the library's suffix. (Other files get
+# temporary names earlier: the OUTPUT_DIR lock's token is staged too.)
+COPYING_INTO = ".model-00001-of-00001.safetensors.st-consolidate.tmp"
 
 # A safety net, not an assertion on speed: a child that never gets there
 # fails the test instead of hanging it.
@@ -164,7 +166,7 @@ def copying(out):
     """Whether a consolidation into `out` is copying: its output file
     exists under its temporary name (created and sized just before the
     copy)."""
-    return out.is_dir() and any(n.endswith(TEMP_SUFFIX) for n in os.listdir(out))
+    return (out / COPYING_INTO).exists()
 
 
 def wait_until_copying(proc, out):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import NEVER, TEMP_SUFFIX, left_in
+from conftest import COPYING_INTO, NEVER, left_in
 
 EXIT = """
 import os, sys, threading, time
@@ -18,14 +18,14 @@ def consolidate():
     st_consolidate.consolidate_safetensors_files(sys.argv[1], sys.argv[2], {"w": 1})
 
 def copying(out):
-    return os.path.isdir(out) and any(n.endswith(%r) for n in os.listdir(out))
+    return os.path.exists(os.path.join(out, %r))
 
 threading.Thread(target=consolidate, daemon=True).start()
 if sys.argv[3] == "copying":
     while not copying(sys.argv[2]):
         time.sleep(0.002)
 print("main module returns", flush=True)
-""" % TEMP_SUFFIX
+""" % COPYING_INTO
 
 
 # "at once": the thread may still be reading the checkpoint, or not have
