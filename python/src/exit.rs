@@ -8,8 +8,8 @@
 //! `st_consolidate`; exit callbacks run before finalization starts, with
 //! the interpreter whole) cancels them all and waits, with the GIL
 //! released, until each call has returned to Python: its run removed its
-//! temporary files and published nothing. Calls started after that are
-//! refused. Process-wide by nature, as the interpreter's exit is.
+//! temporary files and published nothing. Calls started after that on
+//! other threads are refused. Process-wide by nature, as the interpreter's exit is.
 
 use pyo3::prelude::*;
 use st_consolidate_mpi::exec::cancel::Cancel;
@@ -41,11 +41,13 @@ fn calls() -> MutexGuard<'static, Calls> {
 pub struct Running(u64);
 
 impl Running {
-    /// Registers a call whose run `cancel` stops; `None` once the
-    /// interpreter is exiting.
-    pub fn enter(cancel: &Cancel) -> Option<Running> {
+    /// Registers a call whose run `cancel` stops; `None` for a call on
+    /// another thread than the main one once the interpreter is exiting.
+    /// The main thread may still call (from an exit callback that runs
+    /// after this module's, to save at exit): finalization waits for it.
+    pub fn enter(cancel: &Cancel, on_main_thread: bool) -> Option<Running> {
         let mut calls = calls();
-        if calls.exiting {
+        if calls.exiting && !on_main_thread {
             return None;
         }
         let id = calls.next_id;

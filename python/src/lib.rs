@@ -181,8 +181,9 @@ fn consolidate<'py>(
     // the run. Raised at the call, not at import, so that importing the
     // package changes nothing in the process.
     st_consolidate_mpi::launch::raise_open_file_limit();
+    let watch = signals::on_main_thread(py)?;
     // Held until the call has the GIL again (see `exit`).
-    let Some(_running) = exit::Running::enter(&config.cancel) else {
+    let Some(_running) = exit::Running::enter(&config.cancel, watch) else {
         return Err(raise(
             py,
             Failure {
@@ -191,7 +192,6 @@ fn consolidate<'py>(
             },
         ));
     };
-    let watch = signals::on_main_thread(py)?;
     let (outcome, raised) = py.detach(|| {
         signals::run_watching_signals(
             watch,
@@ -216,13 +216,15 @@ fn consolidate<'py>(
         Ok(summary) => summary_dict(py, &summary, &config.output.display().to_string()),
         // Stopped because the interpreter exits, on a thread that is not
         // interrupted: no KeyboardInterrupt there.
-        Err(failure) if failure.kind == Kind::Interrupted && exit::exiting() => Err(raise(
-            py,
-            Failure {
-                kind: Kind::Other,
-                ..failure
-            },
-        )),
+        Err(failure) if failure.kind == Kind::Interrupted && !watch && exit::exiting() => {
+            Err(raise(
+                py,
+                Failure {
+                    kind: Kind::Other,
+                    ..failure
+                },
+            ))
+        }
         Err(failure) => Err(raise(py, failure)),
     }
 }

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import COPYING_INTO, NEVER, left_in
+from conftest import COPYING_INTO, FIXTURES, NEVER, left_in, read_outputs
 
 EXIT = """
 import os, sys, threading, time
@@ -46,3 +46,34 @@ def test_exiting_while_a_daemon_thread_consolidates_does_not_crash(slow_checkpoi
     # Stopped, not cut off at process exit: nothing final-named, and no
     # temporary file or lock left behind.
     assert left_in(out) == [], proc.stderr
+
+
+SAVE_AT_EXIT = """
+import atexit, json, sys
+
+def save():
+    import st_consolidate
+    mapping = json.load(open(sys.argv[3]))
+    st_consolidate.consolidate_safetensors_files(sys.argv[1], sys.argv[2], mapping)
+    print("consolidated at exit", flush=True)
+
+atexit.register(save)
+# Imported after: its exit callback runs first (callbacks run last in,
+# first out), before save().
+import st_consolidate
+"""
+
+
+def test_the_main_thread_still_consolidates_from_an_exit_callback(tmp):
+    fixture = FIXTURES / "torch-dcp-w2"
+    out = tmp / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", SAVE_AT_EXIT, str(fixture), str(out), str(fixture / "mapping.json")],
+        capture_output=True,
+        text=True,
+        timeout=NEVER,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["consolidated at exit"], (proc.stdout, proc.stderr)
+    tensors, index = read_outputs(out)
+    assert tensors and index is not None
