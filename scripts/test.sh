@@ -20,7 +20,7 @@ cat "$setup_log" >>"$log"
 cargo test --release --workspace 2>&1 | tee -a "$log"
 echo "== the library without MPI (--no-default-features: what the Python extension builds)"
 cargo clippy --release --lib --tests --no-default-features -- -D warnings
-cargo test --release --no-default-features --lib --test run_api 2>&1 | tee -a "$log"
+cargo test --release --no-default-features --lib --test run_api --test threads_comm 2>&1 | tee -a "$log"
 echo "== demo"
 scripts/demo.sh >"$log.demo" 2>&1 || { cat "$log.demo"; exit 1; }
 

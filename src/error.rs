@@ -210,6 +210,20 @@ pub enum Error {
         reason: String,
     },
 
+    /// MPI was initialized before this library could initialize it, so
+    /// MPI's world cannot be this job's: running on as one process would
+    /// have every task write every file.
+    #[error(
+        "MPI was already initialized in this process (by mpi4py or another library), so st-consolidate-mpi cannot start the job's MPI world; running on as one process would have every task consolidate alone\n  hint: run st-consolidate-mpi as a process of its own under the launcher (not from a program that has called MPI_Init); from Python, call st_consolidate's functions with a torch.distributed process group instead of mpi4py"
+    )]
+    MpiAlreadyInitialized,
+
+    /// The front end asked the run to stop ([`crate::exec::cancel::Cancel`]).
+    #[error(
+        "the consolidation was stopped before it finished (Ctrl-C, or the Python interpreter exiting): nothing was published and its temporary files were removed\n  hint: run it again to consolidate"
+    )]
+    Cancelled,
+
     /// A collective failed in the communicator itself (torch.distributed
     /// raised: a timeout, a peer that went away).
     #[error(

@@ -7,13 +7,15 @@
 //! what) → [`report`] → [`exec`] (copy, verify, publish) → [`comm`] (the MPI
 //! seam and the collectives built on it) → [`progress`] → [`run`] (the
 //! phase sequence), which tells a front end's [`messages`] sink what
-//! happens and returns the finished report.
+//! happens and returns the finished report. [`launch`] is the start-up of
+//! a front end that is a process of its own (the command).
 #![warn(missing_docs)]
 
 pub mod checkpoint;
 pub mod comm;
 pub mod error;
 pub mod exec;
+pub mod launch;
 pub mod messages;
 pub mod plan;
 pub mod progress;

@@ -221,3 +221,37 @@ fn help_explains_every_option() {
     let run = consolidate(0, &["--mapping", "a", "--hf-index", "b", "in", "out"]);
     assert_eq!(run.status.code(), Some(2));
 }
+
+/// A Hydra launcher's variables (PMI_RANK, PMI_SIZE) over an OpenMPI
+/// build: MPI starts a singleton world, as under a mismatched srun plug-in.
+/// The launcher's rank 0 alone says so, naming the variable; no rank
+/// writes anything.
+#[test]
+fn a_world_smaller_than_the_launchers_job_is_refused_once() {
+    let input = torch_fixture();
+    let out = tempfile::tempdir().unwrap();
+    let target = out.path().join("out");
+    let as_rank = |rank: &str| {
+        std::process::Command::new(BIN)
+            .args([s(&input), s(&target)])
+            .env("PMI_RANK", rank)
+            .env("PMI_SIZE", "4")
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .output()
+            .unwrap()
+    };
+    let rank0 = as_rank("0");
+    assert_eq!(rank0.status.code(), Some(1), "{}", stderr(&rank0));
+    let text = stderr(&rank0);
+    assert!(
+        text.contains(
+            "MPI reports a world of 1 rank(s), but the launcher started 4 tasks (PMI_SIZE=4)"
+        ) && text.contains("--mpi=pmix"),
+        "{text}"
+    );
+    let rank1 = as_rank("1");
+    assert_eq!(rank1.status.code(), Some(1));
+    assert_eq!(stderr(&rank1), "", "only the launcher's rank 0 speaks");
+    assert!(!target.exists(), "nothing written");
+}

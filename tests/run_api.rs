@@ -122,3 +122,40 @@ fn a_failing_collective_is_an_error_and_nothing_is_published() {
         .collect();
     assert!(published.is_empty(), "{published:?}");
 }
+
+/// A sink that cancels the run when the copy is announced, as the Python
+/// extension does on Ctrl-C.
+struct CancelsAtCopy(st_consolidate_mpi::exec::cancel::Cancel);
+
+impl Messages for CancelsAtCopy {
+    fn info(&self, text: &str) {
+        if text.starts_with("consolidating ") {
+            self.0.cancel();
+        }
+    }
+    fn warning(&self, _: &str) {}
+    fn detail(&self, _: &str) {}
+    fn progress(&self, _: u64) -> Box<dyn ProgressView + '_> {
+        Box::new(st_consolidate_mpi::messages::Silent)
+    }
+}
+
+#[test]
+fn a_cancelled_run_fails_and_leaves_the_output_folder_empty() {
+    let out = tempfile::tempdir().unwrap();
+    let config = Config::new(fixture(), out.path());
+    let err = run(
+        &config,
+        &SingleProcess,
+        &CancelsAtCopy(config.cancel.clone()),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err}");
+    assert!(err.to_string().contains("nothing was published"), "{err}");
+    // No output, no temporary file, no lock.
+    let left: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -5,6 +5,7 @@
 
 mod common;
 use common::*;
+use st_consolidate_mpi::exec::cancel::Cancel;
 use st_consolidate_mpi::exec::output::temp_name;
 use st_consolidate_mpi::exec::publish::check_written_once;
 use st_consolidate_mpi::exec::verify::{compare, written_targets};
@@ -42,7 +43,15 @@ fn verify_reads_each_created_file_with_its_own_layout() {
     let plan = fixture_plan();
     let out = tempfile::tempdir().unwrap();
     let mut created = create_files(out.path(), &plan, 0).unwrap();
-    copy_and_sync(out.path(), &plan, 0, &created, &AtomicU64::new(0)).unwrap();
+    copy_and_sync(
+        out.path(),
+        &plan,
+        0,
+        &created,
+        &AtomicU64::new(0),
+        &Cancel::default(),
+    )
+    .unwrap();
     // A planned file that was not created (as one kept by --resume is not):
     // the targets are the created files, not the planned ones zipped
     // against the created ones' paths.
@@ -58,7 +67,15 @@ fn verify_reads_each_created_file_with_its_own_layout() {
 /// report of them.
 fn written(plan: &Plan, dir: &Path) -> Vec<RankReport> {
     let created = create_files(dir, plan, 0).unwrap();
-    copy_and_sync(dir, plan, 0, &created, &AtomicU64::new(0)).unwrap();
+    copy_and_sync(
+        dir,
+        plan,
+        0,
+        &created,
+        &AtomicU64::new(0),
+        &Cancel::default(),
+    )
+    .unwrap();
     let indices: Vec<u32> = created.keys().map(|&f| plan.files[f].index).collect();
     // Leave the temporaries in place, as they are until the renames.
     created.into_values().for_each(std::mem::forget);
@@ -125,5 +142,25 @@ fn check_written_once_checks_the_files_on_disk() {
             err.contains(needle) && err.contains(temp_name(name).to_string_lossy().as_ref()),
             "{needle:?} in {err}"
         );
+    }
+}
+
+#[test]
+fn a_cancelled_copy_stops_before_writing_a_byte() {
+    use st_consolidate_mpi::safetensors::dtype::Dtype;
+    // Without a cast (runs copied as they are) and with one (gathered and
+    // converted window by window): both look at the flag first.
+    for dtype in [None, Some(Dtype::F64)] {
+        let plan = plan_for(&torch_fixture(), dtype);
+        let out = tempfile::tempdir().unwrap();
+        let created = create_files(out.path(), &plan, 0).unwrap();
+        let (copied, cancel) = (AtomicU64::new(0), Cancel::default());
+        cancel.cancel();
+        let err = copy_and_sync(out.path(), &plan, 0, &created, &copied, &cancel).unwrap_err();
+        assert!(
+            matches!(err, st_consolidate_mpi::Error::Cancelled),
+            "{dtype:?}: {err}"
+        );
+        assert_eq!(copied.into_inner(), 0, "{dtype:?}");
     }
 }

@@ -5,16 +5,15 @@
 //! The run calls these from its main thread with the GIL released; each
 //! call re-attaches for the duration of one collective only. A Python
 //! exception (torch raises on a timeout or a lost peer) becomes
-//! [`Error::Communicator`]. Every collective also checks for a pending
-//! signal (Ctrl-C) first, and joins the collective as failed rather than
-//! leaving it: the peers learn of the interruption and everyone stops.
+//! [`Error::Communicator`]. Ctrl-C is not seen here (the run's thread is
+//! not Python's main thread): the call's signal watcher cancels the run,
+//! which then fails at its next check and tells the peers at the next
+//! collective like any other failure.
 
-use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use st_consolidate_mpi::comm::Communicator;
 use st_consolidate_mpi::{Error, Result};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A communicator reached through Python, or `None` for a job of one.
 pub struct PyCommunicator {
@@ -22,9 +21,6 @@ pub struct PyCommunicator {
     rank: usize,
     size: usize,
     ranks_on_node: usize,
-    /// Set when a collective saw Ctrl-C, so that the call raises
-    /// `KeyboardInterrupt` once the run has cleaned up.
-    interrupted: AtomicBool,
 }
 
 impl PyCommunicator {
@@ -44,42 +40,21 @@ impl PyCommunicator {
             rank,
             size,
             ranks_on_node,
-            interrupted: AtomicBool::new(false),
         })
     }
 
-    /// Whether a collective saw Ctrl-C.
-    pub fn interrupted(&self) -> bool {
-        self.interrupted.load(Ordering::Relaxed)
-    }
-
     /// Runs one collective with the interpreter attached; `call` gets the
-    /// communicator object (`None` for one process) and whether a signal is
-    /// pending. A pending signal still joins the collective (as a failure
-    /// where the protocol allows it) and then fails this rank.
+    /// communicator object (`None` for one process).
     fn collective<T>(
         &self,
-        call: impl for<'py> FnOnce(Python<'py>, Option<&Bound<'py, PyAny>>, bool) -> PyResult<T>,
+        call: impl for<'py> FnOnce(Python<'py>, Option<&Bound<'py, PyAny>>) -> PyResult<T>,
     ) -> Result<T> {
         let outcome = Python::try_attach(|py| {
-            let interrupted = match py.check_signals() {
-                Ok(()) => false,
-                Err(e) if e.is_instance_of::<PyKeyboardInterrupt>(py) => true,
-                Err(e) => return Err(e),
-            };
             let object = self.object.as_ref().map(|o| o.bind(py));
-            let value = call(py, object, interrupted)?;
-            Ok((value, interrupted))
+            call(py, object)
         });
         match outcome {
-            Some(Ok((_, true))) => {
-                self.interrupted.store(true, Ordering::Relaxed);
-                Err(self.error(
-                    "interrupted (KeyboardInterrupt)".into(),
-                    "nothing was published; call again to consolidate",
-                ))
-            }
-            Some(Ok((value, false))) => Ok(value),
+            Some(Ok(value)) => Ok(value),
             Some(Err(e)) => Err(self.error(
                 e.to_string(),
                 "check the process group: a rank may have died or timed out",
@@ -122,16 +97,14 @@ impl Communicator for PyCommunicator {
     }
 
     fn lowest_failed(&self, failed: bool) -> Result<Option<usize>> {
-        self.collective(|_, object, interrupted| match object {
-            None => Ok((failed || interrupted).then_some(0)),
-            Some(o) => o
-                .call_method1("lowest_failed", (failed || interrupted,))?
-                .extract(),
+        self.collective(|_, object| match object {
+            None => Ok(failed.then_some(0)),
+            Some(o) => o.call_method1("lowest_failed", (failed,))?.extract(),
         })
     }
 
     fn gather(&self, bytes: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
-        self.collective(|py, object, _| match object {
+        self.collective(|py, object| match object {
             None => Ok(Some(vec![bytes.to_vec()])),
             Some(o) => {
                 let parts = o.call_method1("gather", (PyBytes::new(py, bytes),))?;
@@ -145,7 +118,7 @@ impl Communicator for PyCommunicator {
     }
 
     fn all_gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.collective(|py, object, _| match object {
+        self.collective(|py, object| match object {
             None => Ok(vec![bytes.to_vec()]),
             Some(o) => byte_list(&o.call_method1("all_gather", (PyBytes::new(py, bytes),))?),
         })
@@ -154,7 +127,7 @@ impl Communicator for PyCommunicator {
     fn sum_polled(&self, values: [u64; 2]) -> Result<[u64; 2]> {
         // The copy threads never need the GIL, so a blocking all-reduce
         // does not stall them.
-        self.collective(|_, object, _| match object {
+        self.collective(|_, object| match object {
             None => Ok(values),
             Some(o) => o.call_method1("sum", (values.to_vec(),))?.extract(),
         })

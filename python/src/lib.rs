@@ -3,11 +3,15 @@
 //! Thin on purpose: keyword arguments become the library's [`Config`], the
 //! communicator and the message sink are Python objects, and the outcome
 //! becomes a dict or an exception. The GIL is released for the whole run
-//! and taken again only by the communicator and the logger, and no panic
-//! crosses into Python.
+//! and taken again only by the communicator, the logger and (on the main
+//! thread) the signal watcher; no panic crosses into Python. `signals`
+//! stops a run on Ctrl-C, `exit` the runs still going when the interpreter
+//! exits.
 
 mod comm;
 mod config;
+mod exit;
+mod signals;
 mod sink;
 
 use comm::PyCommunicator;
@@ -52,6 +56,7 @@ fn kind_of(err: &Error) -> Kind {
         | Error::Usage { .. }
         | Error::BadCheckpoint { .. }
         | Error::BadIndex { .. } => Kind::Input,
+        Error::Cancelled => Kind::Interrupted,
         Error::PeerFailed(_) => Kind::Peer,
         _ => Kind::Other,
     }
@@ -81,13 +86,8 @@ fn run_detached(
         Ok(summary) => return Ok(summary),
         Err(err) => err,
     };
-    let kind = if comm.interrupted() {
-        Kind::Interrupted
-    } else {
-        kind_of(&err)
-    };
     let mine = Failure {
-        kind,
+        kind: kind_of(&err),
         message: err.to_string(),
     };
     // A broken communicator would only fail (or time out) again.
@@ -177,8 +177,54 @@ fn consolidate<'py>(
     })?;
     let comm = PyCommunicator::new(communicator)?;
     let logger = PyLogger::new(logger);
-    match py.detach(|| run_detached(&config, &comm, &logger)) {
+    // As the command does: each output file this rank owns stays open for
+    // the run. Raised at the call, not at import, so that importing the
+    // package changes nothing in the process.
+    st_consolidate_mpi::launch::raise_open_file_limit();
+    let watch = signals::on_main_thread(py)?;
+    // Held until the call has the GIL again (see `exit`).
+    let Some(_running) = exit::Running::enter(&config.cancel, watch) else {
+        return Err(raise(
+            py,
+            Failure {
+                kind: Kind::Other,
+                message: "the Python interpreter is exiting: no consolidation starts now\n  hint: join the thread that consolidates before the interpreter exits".into(),
+            },
+        ));
+    };
+    let (outcome, raised) = py.detach(|| {
+        signals::run_watching_signals(
+            watch,
+            &config.cancel,
+            || run_detached(&config, &comm, &logger),
+            |e| {
+                Err(Failure {
+                    kind: Kind::Other,
+                    message: format!(
+                        "cannot start the consolidation's thread: {e}\n  hint: the process is out of threads or memory; call it from another thread or with fewer threads running"
+                    ),
+                })
+            },
+        )
+    });
+    // The exception a signal handler raised (KeyboardInterrupt), once the
+    // run has stopped and cleaned up.
+    if let Some(raised) = raised {
+        return Err(raised);
+    }
+    match outcome {
         Ok(summary) => summary_dict(py, &summary, &config.output.display().to_string()),
+        // Stopped because the interpreter exits, on a thread that is not
+        // interrupted: no KeyboardInterrupt there.
+        Err(failure) if failure.kind == Kind::Interrupted && !watch && exit::exiting() => {
+            Err(raise(
+                py,
+                Failure {
+                    kind: Kind::Other,
+                    ..failure
+                },
+            ))
+        }
         Err(failure) => Err(raise(py, failure)),
     }
 }
@@ -186,6 +232,7 @@ fn consolidate<'py>(
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(consolidate, m)?)?;
+    m.add_function(wrap_pyfunction!(exit::stop_for_exit, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 PyTorch's and NeMo's ``consolidate_safetensors_files[_on_every_rank]``.
 Arguments are adapted here; the library does the work."""
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -10,8 +11,13 @@ import os
 from . import _dist
 from ._errors import InputError
 from ._native import consolidate as _run
+from ._native import stop_for_exit as _stop_for_exit
 
 logger = logging.getLogger("st_consolidate")
+
+# Consolidations still running on other threads when the interpreter exits
+# are stopped and waited for while it is still whole (see python/src/exit.rs).
+atexit.register(_stop_for_exit)
 
 # NeMo's resolve_dtype_cast aliases, as it normalises them (lowercase,
 # "torch." prefix, "_" and "-" dropped), to the library's --dtype names.

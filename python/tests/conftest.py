@@ -128,3 +128,65 @@ def run_torchrun(script, nproc, *args, timeout=120):
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+def write_column_shards(folder, rows=4_000_000, columns=64):
+    """A checkpoint that is slow to consolidate for its size (256 MB take
+    seconds): one uint8 tensor of rows x columns saved by `columns` ranks,
+    each holding one column, so that every run of output bytes is a single
+    byte gathered from another file. Returns the mapping."""
+    from safetensors.torch import save_file
+
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for rank in range(columns):
+        column = torch.full((rows, 1), rank, dtype=torch.uint8)
+        info = {"w": {"saved_offsets": [0, rank]}}
+        save_file(
+            {"w": column},
+            str(folder / f"shard-{rank + 1:05d}-model-00001-of-00001.safetensors"),
+            metadata={"format": "pt", "DCP_VERSION": "1.0", "DCP_SHARDING_INFO": json.dumps(info)},
+        )
+    return {"w": 1}
+
+
+# The temporary name of the one output file of write_column_shards's
+# checkpoint: "." + its final name + the library's suffix. (Other files get
+# temporary names earlier: the OUTPUT_DIR lock's token is staged too.)
+COPYING_INTO = ".model-00001-of-00001.safetensors.st-consolidate.tmp"
+
+# A safety net, not an assertion on speed: a child that never gets there
+# fails the test instead of hanging it.
+NEVER = 120
+
+
+def copying(out):
+    """Whether a consolidation into `out` is copying: its output file
+    exists under its temporary name (created and sized just before the
+    copy)."""
+    return (out / COPYING_INTO).exists()
+
+
+def wait_until_copying(proc, out):
+    """Waits until child `proc`'s consolidation into `out` copies."""
+    import time
+
+    deadline = time.monotonic() + NEVER
+    while not copying(out):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the copy never began"
+        time.sleep(0.002)
+
+
+def left_in(out):
+    """Every name in `out`, hidden ones too ([] if it does not exist)."""
+    return sorted(os.listdir(out)) if out.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def slow_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("columns") / "in"
+    write_column_shards(folder)
+    return folder

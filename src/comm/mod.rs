@@ -5,7 +5,8 @@
 //! of the program talks to this small trait instead. [`SingleProcess`] runs
 //! everything in one process (unit tests, `--dry-run` previews);
 //! [`mpi_world::MpiWorld`] (feature `mpi`) is the command's; the Python extension
-//! implements it over torch.distributed.
+//! implements it over torch.distributed; [`threads::ThreadWorld`] runs N
+//! ranks as threads of one process, for tests of the protocols.
 //!
 //! Every collective can fail (torch.distributed raises on a timeout or a
 //! lost peer), and says so with [`crate::Error::Communicator`] rather than
@@ -14,6 +15,7 @@
 pub mod collectives;
 #[cfg(feature = "mpi")]
 pub mod mpi_world;
+pub mod threads;
 
 use crate::Result;
 
@@ -41,32 +43,6 @@ pub trait Communicator {
     fn sum_polled(&self, values: [u64; 2]) -> Result<[u64; 2]>;
 }
 
-/// The number of tasks the launcher says it started, and the variable that
-/// says so: srun's `SLURM_STEP_NUM_TASKS` (not `SLURM_NTASKS`, which a batch
-/// script also sees while running a single process), OpenMPI's
-/// `OMPI_COMM_WORLD_SIZE` or Hydra's `PMI_SIZE`.
-pub fn launcher_tasks() -> Option<(&'static str, usize)> {
-    ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
-        .into_iter()
-        .find_map(|var| Some((var, std::env::var(var).ok()?.parse().ok()?)))
-}
-
-/// Fails before anything is done if MPI's world is smaller than the job the
-/// launcher started (a mismatched PMI plugin gives N singletons of size 1).
-pub fn check_world(
-    comm: &dyn Communicator,
-    launcher: Option<(&'static str, usize)>,
-) -> crate::Result<()> {
-    match launcher {
-        Some((var, tasks)) if tasks > comm.size() => Err(crate::Error::WrongWorld {
-            var,
-            tasks,
-            size: comm.size(),
-        }),
-        _ => Ok(()),
-    }
-}
-
 /// A job of one rank, without MPI.
 #[derive(Debug, Default)]
 pub struct SingleProcess;
@@ -92,24 +68,5 @@ impl Communicator for SingleProcess {
     }
     fn all_gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         Ok(vec![bytes.to_vec()])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn singleton_worlds_under_a_bigger_job_are_refused() {
-        let err = check_world(&SingleProcess, Some(("SLURM_STEP_NUM_TASKS", 4))).unwrap_err();
-        let text = err.to_string();
-        assert!(
-            text.contains("SLURM_STEP_NUM_TASKS=4")
-                && text.contains("--mpi=pmix")
-                && text.contains("--mpi=pmi2"),
-            "{text}"
-        );
-        assert!(check_world(&SingleProcess, Some(("PMI_SIZE", 1))).is_ok());
-        assert!(check_world(&SingleProcess, None).is_ok());
     }
 }

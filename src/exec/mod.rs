@@ -1,6 +1,7 @@
 //! Carrying out a plan: copying bytes, output files, verification.
 
 pub mod assets;
+pub mod cancel;
 pub mod clobber;
 pub mod convert;
 pub mod copy;

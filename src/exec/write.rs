@@ -3,6 +3,7 @@
 //! and how many copy threads a rank uses.
 
 use crate::error::{Error, Result};
+use crate::exec::cancel::Cancel;
 use crate::exec::copy::{check_replicas, copy_item};
 use crate::exec::output::{PendingFile, temp_name};
 use crate::plan::Plan;
@@ -46,6 +47,7 @@ pub fn copy_and_sync(
     rank: usize,
     created: &BTreeMap<usize, PendingFile>,
     copied: &AtomicU64,
+    cancel: &Cancel,
 ) -> Result<WriteTiming> {
     let started = Instant::now();
     let items = plan.work_items(rank);
@@ -72,7 +74,7 @@ pub fn copy_and_sync(
     };
     items.par_iter().try_for_each(|item| {
         let (file, path) = target(item.file);
-        copy_item(plan, item, file, path, copied)
+        copy_item(plan, item, file, path, copied, cancel)
     })?;
     let copy_done = Instant::now();
     // Its own files (even those with no data: their header is written) and
@@ -84,6 +86,8 @@ pub fn copy_and_sync(
         .collect();
     written.sort_unstable();
     written.par_iter().try_for_each(|&f| {
+        // A cancelled run removes these files: no need to wait for them.
+        cancel.check()?;
         let (file, path) = target(f);
         file.sync_all().map_err(|e| Error::io("sync", path, e))
     })?;

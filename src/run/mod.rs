@@ -77,6 +77,8 @@ pub struct Config {
     pub report: Option<PathBuf>,
     /// The command line, for the report.
     pub command_line: Vec<String>,
+    /// Set by the front end to stop the run (Ctrl-C in the Python package).
+    pub cancel: crate::exec::cancel::Cancel,
 }
 
 impl Config {
@@ -98,6 +100,7 @@ impl Config {
             progress_secs: 10.0,
             report: None,
             command_line: Vec::new(),
+            cancel: crate::exec::cancel::Cancel::default(),
         }
     }
 }
@@ -190,9 +193,14 @@ impl Job<'_> {
         }
     }
 
-    /// Runs `work` on this rank's threads and agrees on the outcome.
+    /// Runs `work` on this rank's threads and agrees on the outcome. A
+    /// cancelled run fails here, at the end of the phase it was in.
     fn agree<T: Send>(&self, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        agree(self.comm, self.pool.install(work))
+        let outcome = self
+            .pool
+            .install(work)
+            .and_then(|value| self.config.cancel.check().map(|()| value));
+        agree(self.comm, outcome)
     }
 
     /// Runs `work` on rank 0 only and agrees on the outcome.
@@ -698,7 +706,16 @@ fn copy_with_progress(
     std::thread::scope(|scope| {
         let worker = scope.spawn(|| {
             let _finish = FinishOnDrop(&counters);
-            pool.install(|| copy_and_sync(&config.output, plan, rank, created, &counters.copied))
+            pool.install(|| {
+                copy_and_sync(
+                    &config.output,
+                    plan,
+                    rank,
+                    created,
+                    &counters.copied,
+                    &config.cancel,
+                )
+            })
         });
         let progress = if config.progress_secs > 0.0 && config.verbosity > Verbosity::Quiet {
             let interval = Duration::from_secs_f64(config.progress_secs);

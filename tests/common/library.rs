@@ -3,6 +3,7 @@
 
 use sha2::{Digest, Sha256};
 use st_consolidate_mpi::checkpoint::hf_shards::{checkpoint_from, list_shard_files, read_shards};
+use st_consolidate_mpi::exec::cancel::Cancel;
 use st_consolidate_mpi::exec::copy::copy_item;
 use st_consolidate_mpi::plan::mapping::MappingSource;
 use st_consolidate_mpi::plan::{self, Plan, PlanOptions};
@@ -49,7 +50,14 @@ pub fn write_outputs(plan: &Plan, dir: &Path) -> st_consolidate_mpi::Result<Vec<
         .collect();
     let copied = AtomicU64::new(0);
     for item in plan.work_items(0) {
-        copy_item(plan, &item, &files[item.file], &paths[item.file], &copied)?;
+        copy_item(
+            plan,
+            &item,
+            &files[item.file],
+            &paths[item.file],
+            &copied,
+            &Cancel::default(),
+        )?;
     }
     Ok(paths)
 }

@@ -8,8 +8,7 @@ use st_consolidate_mpi::checkpoint::ReadOptions;
 use st_consolidate_mpi::checkpoint::format::InputFormat;
 use st_consolidate_mpi::checkpoint::hf_shards::HeaderReading;
 use st_consolidate_mpi::checkpoint::select::Selection;
-use st_consolidate_mpi::comm::mpi_world::MpiWorld;
-use st_consolidate_mpi::comm::{Communicator, SingleProcess, check_world, launcher_tasks};
+use st_consolidate_mpi::launch::{self, launcher_rank};
 use st_consolidate_mpi::plan::PlanOptions;
 use st_consolidate_mpi::plan::Schedule;
 use st_consolidate_mpi::plan::dtypes::DtypeMapSource;
@@ -290,6 +289,8 @@ impl Cli {
             command_line: std::env::args_os()
                 .map(|arg| arg.to_string_lossy().into_owned())
                 .collect(),
+            // The command stops on a signal's default action instead.
+            cancel: Default::default(),
         }
     }
 }
@@ -385,18 +386,6 @@ impl ExportDtype {
     }
 }
 
-/// A rank holds one descriptor per output file it owns for the whole run;
-/// thousands of small files must not hit a soft limit of 1024 while the
-/// hard limit allows more.
-fn raise_open_file_limit() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut limit = getrlimit(Resource::Nofile);
-    if limit.current < limit.maximum {
-        limit.current = limit.maximum;
-        let _ = setrlimit(Resource::Nofile, limit);
-    }
-}
-
 /// More copy threads per rank than any node has cores for: each is a real
 /// thread with its own stack, and tens of thousands of them exhaust the
 /// process's memory maps or thread limit instead of copying faster.
@@ -416,32 +405,6 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
             "'{text}' is neither 0 (no progress) nor a number of seconds from {MIN_PROGRESS_SECS} to 86400 (a day)"
         )),
     }
-}
-
-/// Rank variables set by mpirun/mpiexec (OpenMPI, MPICH/Hydra, PMIx) and srun.
-const LAUNCHER_RANK_VARS: [&str; 4] = [
-    "OMPI_COMM_WORLD_RANK",
-    "PMI_RANK",
-    "PMIX_RANK",
-    "SLURM_PROCID",
-];
-
-/// The launcher's rank for this process, read before MPI starts, so that a
-/// bad command line is reported once rather than once per rank.
-fn launcher_rank() -> usize {
-    LAUNCHER_RANK_VARS
-        .iter()
-        .find_map(|var| std::env::var(var).ok()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Whether a launcher started this process. Without one, MPI is not
-/// initialized at all: a singleton MPI_Init costs a fraction of a second
-/// and brings nothing to a job of one.
-fn under_launcher() -> bool {
-    LAUNCHER_RANK_VARS
-        .iter()
-        .any(|var| std::env::var_os(var).is_some())
 }
 
 /// What a finished run prints: the plan of a dry run on stdout, the
@@ -468,31 +431,19 @@ fn main() -> ExitCode {
         }
     };
     let config = cli.config();
-    raise_open_file_limit();
     // MPI finalizes when `world` drops at the end of main.
-    let world = if under_launcher() {
-        MpiWorld::init()
-    } else {
-        None
+    let world = match launch::start() {
+        Ok(world) => world,
+        Err(err) => return start_failed(&err),
     };
-    let comm: &dyn Communicator = match &world {
-        Some(world) => world,
-        None => &SingleProcess,
-    };
-    match check_world(comm, launcher_tasks()).and_then(|()| run(&config, comm, &stderr::Stderr)) {
+    let comm = world.comm();
+    match run(&config, comm, &stderr::Stderr) {
         Ok(summary) => {
             show(&config, &summary);
             ExitCode::SUCCESS
         }
         // The failing rank prints its own message.
         Err(Error::PeerFailed(_)) => ExitCode::FAILURE,
-        // Every task is "rank 0" of its own world: the launcher's rank 0 speaks.
-        Err(err @ Error::WrongWorld { .. }) => {
-            if launcher_rank() == 0 {
-                eprintln!("st-consolidate-mpi: error: {err}");
-            }
-            ExitCode::FAILURE
-        }
         Err(err) => {
             if comm.size() > 1 {
                 eprintln!("st-consolidate-mpi: rank {}: error: {err}", comm.rank());
@@ -502,4 +453,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A start-up failure. When the world is wrong every task is "rank 0" of
+/// its own world, so the launcher's rank 0 alone speaks; any other failure
+/// is this process's own, said with its launcher rank.
+fn start_failed(err: &Error) -> ExitCode {
+    match err {
+        Error::WrongWorld { .. } if launcher_rank() != 0 => {}
+        Error::WrongWorld { .. } => eprintln!("st-consolidate-mpi: error: {err}"),
+        _ if launch::under_launcher() => {
+            eprintln!("st-consolidate-mpi: rank {}: error: {err}", launcher_rank())
+        }
+        _ => eprintln!("st-consolidate-mpi: error: {err}"),
+    }
+    ExitCode::FAILURE
 }

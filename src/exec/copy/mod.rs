@@ -21,6 +21,7 @@ mod replicas;
 
 use crate::checkpoint::{FullTensor, Location};
 use crate::error::{Error, Result};
+use crate::exec::cancel::{CANCEL_SLICE, Cancel};
 use crate::exec::convert::convert;
 use crate::exec::runs::Runs;
 use crate::plan::{Plan, WorkItem};
@@ -48,6 +49,7 @@ pub fn copy_item(
     out: &File,
     out_path: &Path,
     copied: &AtomicU64,
+    cancel: &Cancel,
 ) -> Result<()> {
     let file = &plan.files[item.file];
     let mut inputs = OpenInputs::new(&plan.shards);
@@ -59,6 +61,7 @@ pub fn copy_item(
         if lo >= hi {
             continue;
         }
+        cancel.check()?;
         let tensor = &plan.tensors[entry.tensor];
         let job = TensorCopy::new(tensor, &local_source(entry, tensor, lo..hi))?;
         // Where this tensor's byte 0 lands in the output file.
@@ -71,6 +74,7 @@ pub fn copy_item(
                 &mut copier,
                 (out, out_path),
                 out_base,
+                cancel,
             )?;
             copied.fetch_add(local.end - local.start, Ordering::Relaxed);
         } else {
@@ -82,6 +86,7 @@ pub fn copy_item(
                 out_path,
                 out_base,
                 copied,
+                cancel,
             )?;
         }
     }
@@ -149,7 +154,7 @@ impl<'a> TensorCopy<'a> {
     }
 
     /// Copies the tensor's bytes `range` (relative to the tensor's start) run
-    /// by run, file to file.
+    /// by run, file to file, in slices of at most [`CANCEL_SLICE`] bytes.
     fn copy_direct(
         &self,
         range: Range<u64>,
@@ -157,6 +162,7 @@ impl<'a> TensorCopy<'a> {
         copier: &mut RangeCopier,
         (out, out_path): (&File, &Path),
         out_base: u64,
+        cancel: &Cancel,
     ) -> Result<()> {
         for (location, runs) in &self.pieces {
             let paths = inputs.paths;
@@ -167,18 +173,24 @@ impl<'a> TensorCopy<'a> {
                 let hi = (dst + runs.run_len()).min(range.end);
                 let src = location.offset + runs.src(n) + (lo - dst);
                 let dst = out_base + lo;
-                copier
-                    .copy(location.shard, input, src, out, dst, hi - lo)
-                    .map_err(|(side, e)| match side {
-                        Side::Read => self.fail("read", &paths[location.shard], e),
-                        Side::Write => self.fail("write", out_path, e),
-                        Side::Either => Error::CopyBetween {
-                            tensor: self.tensor.name.clone(),
-                            from: paths[location.shard].clone(),
-                            to: out_path.to_owned(),
-                            source: e,
-                        },
-                    })?;
+                let mut done = 0;
+                while done < hi - lo {
+                    cancel.check()?;
+                    let len = (hi - lo - done).min(CANCEL_SLICE);
+                    copier
+                        .copy(location.shard, input, src + done, out, dst + done, len)
+                        .map_err(|(side, e)| match side {
+                            Side::Read => self.fail("read", &paths[location.shard], e),
+                            Side::Write => self.fail("write", out_path, e),
+                            Side::Either => Error::CopyBetween {
+                                tensor: self.tensor.name.clone(),
+                                from: paths[location.shard].clone(),
+                                to: out_path.to_owned(),
+                                source: e,
+                            },
+                        })?;
+                    done += len;
+                }
             }
         }
         Ok(())
@@ -197,11 +209,13 @@ impl<'a> TensorCopy<'a> {
         out_path: &Path,
         out_base: u64,
         copied: &AtomicU64,
+        cancel: &Cancel,
     ) -> Result<()> {
         let size = to.size();
         let mut buffers = Buffers::default();
         let (mut element, end) = (range.start / size, range.end / size);
         while element < end {
+            cancel.check()?;
             let stop = (element + self.window_elements(to)).min(end);
             let window = self.gather_as(to, element..stop, inputs, &mut buffers)?;
             out.write_all_at(window, out_base + element * size)
