@@ -464,6 +464,8 @@ fn rank_0_collects_every_ranks_mismatches_and_reports() {
             seconds: 0.0,
             threads: 1,
             header_files_read: 0,
+            chunks_located: rank as u64,
+            archive_bytes_read: rank as u64 * 100,
         };
         let reports = gather_reports(comm, &report).unwrap();
         (mismatches, reports)

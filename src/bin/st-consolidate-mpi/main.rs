@@ -416,7 +416,7 @@ fn show(config: &Config, summary: &Summary) {
     if let Some(report) = &summary.report
         && config.verbosity > Verbosity::Quiet
     {
-        eprintln!("{}", report.human(&config.output.display().to_string()));
+        stderr::write_line(&report.human(&config.output.display().to_string()));
     }
 }
 
@@ -446,9 +446,12 @@ fn main() -> ExitCode {
         Err(Error::PeerFailed(_)) => ExitCode::FAILURE,
         Err(err) => {
             if comm.size() > 1 {
-                eprintln!("st-consolidate-mpi: rank {}: error: {err}", comm.rank());
+                stderr::write_line(&format!(
+                    "st-consolidate-mpi: rank {}: error: {err}",
+                    comm.rank()
+                ));
             } else {
-                eprintln!("st-consolidate-mpi: error: {err}");
+                stderr::write_line(&format!("st-consolidate-mpi: error: {err}"));
             }
             ExitCode::FAILURE
         }
@@ -461,11 +464,14 @@ fn main() -> ExitCode {
 fn start_failed(err: &Error) -> ExitCode {
     match err {
         Error::WrongWorld { .. } if launcher_rank() != 0 => {}
-        Error::WrongWorld { .. } => eprintln!("st-consolidate-mpi: error: {err}"),
-        _ if launch::under_launcher() => {
-            eprintln!("st-consolidate-mpi: rank {}: error: {err}", launcher_rank())
+        Error::WrongWorld { .. } => {
+            stderr::write_line(&format!("st-consolidate-mpi: error: {err}"))
         }
-        _ => eprintln!("st-consolidate-mpi: error: {err}"),
+        _ if launch::under_launcher() => stderr::write_line(&format!(
+            "st-consolidate-mpi: rank {}: error: {err}",
+            launcher_rank()
+        )),
+        _ => stderr::write_line(&format!("st-consolidate-mpi: error: {err}")),
     }
     ExitCode::FAILURE
 }
