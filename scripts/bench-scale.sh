@@ -7,9 +7,10 @@
 #   - Python's `pickle.load` of the same .metadata: wall time and peak RSS
 #     (it imports torch to unpickle, as every Python converter must; the
 #     import alone is timed too);
-#   - `mpirun -n 2 --headers shared`, a full run: each rank's peak RSS,
-#     and the output checked against the manifest (every tensor's shape
-#     and bytes).
+#   - `mpirun -n 2 --headers shared` and `--headers all`, full runs into
+#     files of at most 100 KB: each rank's peak RSS, and each rank's chunks
+#     located and archive bytes read (from --report); the output checked
+#     against the manifest (every tensor's shape and bytes).
 # Prints a markdown table for BENCHMARKS.md.
 #
 #   scripts/bench-scale.sh [SIZES...]     (default: 20k 80k 582k)
@@ -44,8 +45,8 @@ tensors_for() {
 # peak RSS in MB from a /usr/bin/time -f "%e %M" file: "secs MB"
 secs_mb() { awk '{printf "%.2f %.0f", $1, $2 / 1024}' "$1"; }
 
-echo "| chunks | .metadata MB | dry-run --ranks 512 s | dry-run peak RSS MB | pickle.load s | pickle.load peak RSS MB | of which import torch s / MB | dry-run / pickle.load | shared 2 ranks: rank 0 MB | rank 1 MB | output |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| chunks | .metadata MB | dry-run --ranks 512 s | dry-run peak RSS MB | pickle.load s | pickle.load peak RSS MB | of which import torch s / MB | dry-run / pickle.load | shared 2 ranks: rank 0 MB | rank 1 MB | chunks located (archive bytes read), rank 0 / rank 1 | all 2 ranks: rank 0 MB | rank 1 MB | chunks located (archive bytes read), rank 0 / rank 1 | output |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for size in "${sizes[@]}"; do
     tensors=$(tensors_for "$size")
     dir=$root/$size
@@ -63,14 +64,28 @@ for size in "${sizes[@]}"; do
     read -r imp_s imp_mb <<<"$(secs_mb "$work/import")"
     read -r dry_s dry_mb <<<"$(secs_mb "$work/dry")"
     read -r py_s py_mb <<<"$(secs_mb "$work/py")"
-    rm -rf "$work/out"
-    mpirun -n 2 sh -c '/usr/bin/time -f "%e %M" -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' "$work/rank" \
-        "$bin" -q --headers shared "$ckpt" "$work/out"
-    read -r _ rank0_mb <<<"$(secs_mb "$work/rank.0")"
-    read -r _ rank1_mb <<<"$(secs_mb "$work/rank.1")"
-    check=$("$venv/bin/python" scripts/check_manifest.py "$work/out" "$dir/manifest.json" | tail -n 1)
+    # Full 2-rank runs under both header modes, into files of at most
+    # 100 KB (4 to 93 of them), so that each rank writes about half the
+    # files and locates about half the chunks: each rank's peak RSS, and
+    # from --report each rank's chunks located and archive bytes read.
+    mem="" checks=""
+    for headers in shared all; do
+        rm -rf "$work/out" "$work/report.json"
+        mpirun -n 2 sh -c '/usr/bin/time -f "%e %M" -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' "$work/rank" \
+            "$bin" -q --headers "$headers" --max-shard-size 100KB --report "$work/report.json" "$ckpt" "$work/out"
+        read -r _ rank0_mb <<<"$(secs_mb "$work/rank.0")"
+        read -r _ rank1_mb <<<"$(secs_mb "$work/rank.1")"
+        located=$("$venv/bin/python" -c '
+import json, sys
+ranks = json.load(open(sys.argv[1]))["ranks"]
+shown = ["{:,} ({:.0f} MB)".format(r["chunks_located"], r["archive_bytes_read"] / 1e6) for r in ranks]
+print(" / ".join(shown))
+' "$work/report.json")
+        mem="$mem | $rank0_mb | $rank1_mb | $located"
+        checks="${checks:+$checks; }$headers: $("$venv/bin/python" scripts/check_manifest.py "$work/out" "$dir/manifest.json" | tail -n 1)"
+    done
     ratio=$(awk -v a="$dry_s" -v b="$py_s" 'BEGIN{printf "%.2f", a / b}')
-    echo "| $((tensors * 512)) | $meta_mb | $dry_s | $dry_mb | $py_s | $py_mb | $imp_s / $imp_mb | $ratio | $rank0_mb | $rank1_mb | $check |"
+    echo "| $((tensors * 512)) | $meta_mb | $dry_s | $dry_mb | $py_s | $py_mb | $imp_s / $imp_mb | $ratio$mem | $checks |"
 done
 echo
 echo "checkpoints kept in $root for the next run; remove them with: rm -rf $root"
