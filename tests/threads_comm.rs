@@ -65,6 +65,25 @@ fn config(
     config
 }
 
+/// The configuration most failure tests use: the modulo schedule, every
+/// rank reading every header.
+fn modulo(input: &Path, mapping: &Path, output: &Path) -> Config {
+    config(
+        input,
+        Some(mapping),
+        output,
+        Schedule::Modulo,
+        HeaderReading::All,
+    )
+}
+
+/// The error a rank that had to fail returned.
+fn failure(rank: usize, outcome: st_consolidate_mpi::Result<Summary>) -> Error {
+    outcome
+        .err()
+        .unwrap_or_else(|| panic!("rank {rank} succeeded"))
+}
+
 /// Runs one rank's `config` on each of `size` threaded ranks.
 fn run_threaded(
     size: usize,
@@ -171,18 +190,10 @@ fn an_input_error_on_one_rank_fails_every_rank_naming_it() {
         } else {
             good.as_path()
         };
-        config(
-            input,
-            Some(&mapping),
-            out.path(),
-            Schedule::Modulo,
-            HeaderReading::All,
-        )
+        modulo(input, &mapping, out.path())
     });
     for (rank, outcome) in outcomes.into_iter().enumerate() {
-        let err = outcome
-            .err()
-            .unwrap_or_else(|| panic!("rank {rank} succeeded"));
+        let err = failure(rank, outcome);
         if rank == 2 {
             assert!(err.to_string().contains(&victim), "{err}");
         } else {
@@ -200,13 +211,7 @@ fn ranks_that_planned_differently_are_refused_before_anything_is_written() {
     let out = tempfile::tempdir().unwrap();
     // Rank 1 leaves a tensor out: its plan differs from rank 0's.
     let outcomes = run_threaded(2, |rank| {
-        let mut config = config(
-            &input,
-            Some(&mapping),
-            out.path(),
-            Schedule::Modulo,
-            HeaderReading::All,
-        );
+        let mut config = modulo(&input, &mapping, out.path());
         if rank == 1 {
             config.read.select.exclude.push("model.norm.weight".into());
             config.plan.unmapped = st_consolidate_mpi::plan::mapping::Unmapped::Omit;
@@ -214,9 +219,7 @@ fn ranks_that_planned_differently_are_refused_before_anything_is_written() {
         config
     });
     for (rank, outcome) in outcomes.into_iter().enumerate() {
-        let err = outcome
-            .err()
-            .unwrap_or_else(|| panic!("rank {rank} succeeded"));
+        let err = failure(rank, outcome);
         let text = err.to_string();
         assert!(
             text.contains("rank 1 built a different plan from rank 0") || text == "rank 0 failed",
@@ -238,19 +241,10 @@ fn ranks_that_see_different_output_folders_are_refused() {
         } else {
             out.path()
         };
-        config(
-            &input,
-            Some(&mapping),
-            dir,
-            Schedule::Modulo,
-            HeaderReading::All,
-        )
+        modulo(&input, &mapping, dir)
     });
     for (rank, outcome) in outcomes.into_iter().enumerate() {
-        let text = outcome
-            .err()
-            .unwrap_or_else(|| panic!("rank {rank} succeeded"))
-            .to_string();
+        let text = failure(rank, outcome).to_string();
         assert!(
             text.contains("is not the same folder on every rank") && text.contains("rank 1 on ")
                 || text == "rank 0 failed",
@@ -495,13 +489,7 @@ fn a_cancelled_rank_fails_every_rank() {
     let mapping = input.join("mapping.json");
     let out = tempfile::tempdir().unwrap();
     let outcomes = run_threaded(2, |rank| {
-        let config = config(
-            &input,
-            Some(&mapping),
-            out.path(),
-            Schedule::Modulo,
-            HeaderReading::All,
-        );
+        let config = modulo(&input, &mapping, out.path());
         if rank == 1 {
             config.cancel.cancel();
         }
@@ -544,19 +532,10 @@ fn ranks_that_read_different_bytes_under_the_same_headers_are_refused_naming_the
         } else {
             good.as_path()
         };
-        config(
-            input,
-            Some(&mapping),
-            out.path(),
-            Schedule::Modulo,
-            HeaderReading::All,
-        )
+        modulo(input, &mapping, out.path())
     });
     for (rank, outcome) in outcomes.into_iter().enumerate() {
-        let text = outcome
-            .err()
-            .unwrap_or_else(|| panic!("rank {rank} succeeded"))
-            .to_string();
+        let text = failure(rank, outcome).to_string();
         // The plan records the inputs' fingerprint (their first and last
         // 64 KiB), so the plans already differ; the byte-level comparison
         // after it would name the file.
