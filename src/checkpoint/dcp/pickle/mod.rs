@@ -24,9 +24,10 @@
 //! A reader that knows what the pickle holds passes a [`Fold`]: each object
 //! is handed to it as soon as it is complete (at `BUILD`, or at `REDUCE` for
 //! objects built from their arguments), and the reader may take it into a
-//! model of its own. The object then becomes a small [`Node::Folded`] and
-//! the parts it was built from are retired ([`Node::Spent`], their memory
-//! freed), so no value tree of the whole file is ever kept, and a part
+//! model of its own. The object then becomes the model's id: a
+//! [`Value::Folded`], its slot freed, or a [`Node::Folded`] when a kept
+//! memo entry names it; the parts it was built from are retired
+//! ([`Node::Spent`], their slots freed), so no value tree of the whole file is ever kept, and a part
 //! shared through the memo by two objects is refused instead of being
 //! expanded twice. [`Counters`] record what a parse built.
 
@@ -204,8 +205,8 @@ pub struct Counters {
 pub trait Fold {
     /// Called with each object as soon as it is complete; `below` is the
     /// value under it on the stack, if any in the current MARK frame (in a
-    /// dict being filled, the object's key). `Ok(Some(n))` takes it: the node becomes `Folded(n)` and every node
-    /// the folder pushed on `spent` is retired. `Ok(None)` leaves it as an
+    /// dict being filled, the object's key). `Ok(Some(n))` takes it: the object becomes `Folded(n)` (see the module
+    /// documentation) and every node the folder pushed on `spent` is retired. `Ok(None)` leaves it as an
     /// [`Object`]. `Err` stops the parse (the folder keeps the reason).
     fn fold(
         &mut self,
