@@ -4,6 +4,8 @@
 //! telling the user what to do, because the person reading it is usually an
 //! operator looking at a Slurm log, not the author of the checkpoint.
 
+use crate::exec::cancel::StopReason;
+use crate::failure::FailureKind;
 use rustix::io::Errno;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -218,11 +220,13 @@ pub enum Error {
     )]
     MpiAlreadyInitialized,
 
-    /// The front end asked the run to stop ([`crate::exec::cancel::Cancel`]).
+    /// The front end asked the run to stop ([`crate::exec::cancel::Cancel`])
+    /// before its point of no return.
     #[error(
-        "the consolidation was stopped before it finished (Ctrl-C, or the Python interpreter exiting): nothing was published and its temporary files were removed\n  hint: run it again to consolidate"
+        "the consolidation was stopped before it finished ({}): nothing was published, the earlier output (if any) is as it was, and the temporary files were removed\n  hint: run it again to consolidate",
+        match .0 { StopReason::Interrupted => "interrupted: Ctrl-C or SIGINT", StopReason::Exiting => "the Python interpreter is exiting" }
     )]
-    Cancelled,
+    Cancelled(StopReason),
 
     /// A collective failed in the communicator itself (torch.distributed
     /// raised: a timeout, a peer that went away).
@@ -240,9 +244,18 @@ pub enum Error {
         hint: String,
     },
 
-    /// Another rank failed; it reports its own error, so this one stays quiet.
-    #[error("rank {0} failed")]
-    PeerFailed(usize),
+    /// Another rank failed ([`crate::failure`]): its rank, what happened to
+    /// it, and its message. The command prints only the failing rank's own
+    /// error; the Python extension raises this one on the other ranks.
+    #[error("rank {rank} {}: {message}", kind.what_happened())]
+    PeerFailed {
+        /// The rank that failed.
+        rank: usize,
+        /// What happened to it.
+        kind: FailureKind,
+        /// Its message.
+        message: String,
+    },
 }
 
 impl Error {

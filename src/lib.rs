@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod comm;
 pub mod error;
 pub mod exec;
+pub mod failure;
 pub mod launch;
 pub mod messages;
 pub mod plan;

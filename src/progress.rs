@@ -145,6 +145,9 @@ mod tests {
         fn all_gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
             Ok(vec![bytes.to_vec(), Vec::new()])
         }
+        fn broadcast(&self, _root: usize, bytes: &[u8]) -> Result<Vec<u8>> {
+            Ok(bytes.to_vec())
+        }
         fn sum_polled(&self, [bytes, copying]: [u64; 2]) -> Result<[u64; 2]> {
             let mut rounds = self.rounds.lock().unwrap();
             let peer_copying = u64::from(rounds.len() < self.peer_busy_rounds);

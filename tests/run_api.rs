@@ -90,6 +90,9 @@ impl Communicator for BrokenGather {
     fn all_gather(&self, _: &[u8]) -> st_consolidate_mpi::Result<Vec<Vec<u8>>> {
         Err(broken())
     }
+    fn broadcast(&self, _: usize, _: &[u8]) -> st_consolidate_mpi::Result<Vec<u8>> {
+        Err(broken())
+    }
     fn sum_polled(&self, values: [u64; 2]) -> st_consolidate_mpi::Result<[u64; 2]> {
         Ok(values)
     }
@@ -150,7 +153,7 @@ fn a_cancelled_run_fails_and_leaves_the_output_folder_empty() {
         &CancelsAtCopy(config.cancel.clone()),
     )
     .unwrap_err();
-    assert!(matches!(err, Error::Cancelled), "{err}");
+    assert!(matches!(err, Error::Cancelled(_)), "{err}");
     assert!(err.to_string().contains("nothing was published"), "{err}");
     // No output, no temporary file, no lock.
     let left: Vec<_> = std::fs::read_dir(out.path())

@@ -12,6 +12,8 @@ use st_consolidate_mpi::comm::collectives::{
 };
 use st_consolidate_mpi::comm::threads::{ThreadRank, run_ranks};
 use st_consolidate_mpi::comm::{Communicator, SingleProcess};
+use st_consolidate_mpi::exec::cancel::StopReason;
+use st_consolidate_mpi::failure::FailureKind;
 use st_consolidate_mpi::messages::Silent;
 use st_consolidate_mpi::plan::Schedule;
 use st_consolidate_mpi::plan::mapping::MappingSource;
@@ -197,19 +199,34 @@ fn an_input_error_on_one_rank_fails_every_rank_naming_it() {
         if rank == 2 {
             assert!(err.to_string().contains(&victim), "{err}");
         } else {
-            assert!(matches!(err, Error::PeerFailed(2)), "rank {rank}: {err}");
-            assert_eq!(err.to_string(), "rank 2 failed");
+            // Every other rank learns rank 2's own message and kind.
+            assert!(
+                matches!(
+                    err,
+                    Error::PeerFailed {
+                        rank: 2,
+                        kind: FailureKind::Input,
+                        ..
+                    }
+                ),
+                "rank {rank}: {err}"
+            );
+            assert!(
+                err.to_string().starts_with("rank 2 refused its input: ")
+                    && err.to_string().contains(&victim),
+                "{err}"
+            );
         }
     }
     assert_eq!(final_named(out.path()), Vec::<String>::new());
 }
 
 #[test]
-fn ranks_that_planned_differently_are_refused_before_anything_is_written() {
+fn ranks_given_different_options_are_refused_before_anything_is_read() {
     let input = fixtures().join("torch-dcp-w2");
     let mapping = input.join("mapping.json");
     let out = tempfile::tempdir().unwrap();
-    // Rank 1 leaves a tensor out: its plan differs from rank 0's.
+    // Rank 1 leaves a tensor out: it was given other options than rank 0.
     let outcomes = run_threaded(2, |rank| {
         let mut config = modulo(&input, &mapping, out.path());
         if rank == 1 {
@@ -222,7 +239,9 @@ fn ranks_that_planned_differently_are_refused_before_anything_is_written() {
         let err = failure(rank, outcome);
         let text = err.to_string();
         assert!(
-            text.contains("rank 1 built a different plan from rank 0") || text == "rank 0 failed",
+            text.contains("the ranks were given different options: include/exclude is")
+                && text.contains("rank 1: Selection")
+                && text.contains("model.norm.weight"),
             "rank {rank}: {text}"
         );
     }
@@ -301,6 +320,10 @@ impl Communicator for LeavesAt<'_> {
     fn all_gather(&self, bytes: &[u8]) -> st_consolidate_mpi::Result<Vec<Vec<u8>>> {
         self.step()?;
         self.inner.all_gather(bytes)
+    }
+    fn broadcast(&self, root: usize, bytes: &[u8]) -> st_consolidate_mpi::Result<Vec<u8>> {
+        self.step()?;
+        self.inner.broadcast(root, bytes)
     }
     fn sum_polled(&self, values: [u64; 2]) -> st_consolidate_mpi::Result<[u64; 2]> {
         if self.seen.get() > self.at {
@@ -404,8 +427,14 @@ fn agree_returns_the_lowest_failing_ranks_own_error_and_peer_failed_elsewhere() 
         .map(|o| o.unwrap().unwrap_err())
         .collect();
     assert!(texts[1].contains("broke on rank 1"), "{texts:?}");
+    // Every other rank, rank 3 included (it failed too, but later in rank
+    // order), learns rank 1's kind and message.
     for rank in [0, 2, 3] {
-        assert_eq!(texts[rank], "rank 1 failed", "{texts:?}");
+        assert_eq!(
+            texts[rank],
+            format!("rank 1 hit a bug: {}", texts[1]),
+            "{texts:?}"
+        );
     }
     let all_fine = run_ranks(3, |comm| agree(comm, Ok(comm.rank())).unwrap());
     let all_fine: Vec<usize> = all_fine.into_iter().map(|o| o.unwrap()).collect();
@@ -496,12 +525,19 @@ fn a_cancelled_rank_fails_every_rank() {
         config
     });
     assert!(
-        matches!(outcomes[0], Err(Error::PeerFailed(1))),
+        matches!(
+            outcomes[0],
+            Err(Error::PeerFailed {
+                rank: 1,
+                kind: FailureKind::Interrupted,
+                ..
+            })
+        ),
         "{:?}",
         outcomes[0].as_ref().err()
     );
     assert!(
-        matches!(outcomes[1], Err(Error::Cancelled)),
+        matches!(outcomes[1], Err(Error::Cancelled(StopReason::Interrupted))),
         "{:?}",
         outcomes[1].as_ref().err()
     );

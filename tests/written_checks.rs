@@ -158,7 +158,7 @@ fn a_cancelled_copy_stops_before_writing_a_byte() {
         cancel.cancel();
         let err = copy_and_sync(out.path(), &plan, 0, &created, &copied, &cancel).unwrap_err();
         assert!(
-            matches!(err, st_consolidate_mpi::Error::Cancelled),
+            matches!(err, st_consolidate_mpi::Error::Cancelled(_)),
             "{dtype:?}: {err}"
         );
         assert_eq!(copied.into_inner(), 0, "{dtype:?}");

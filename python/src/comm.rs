@@ -124,6 +124,16 @@ impl Communicator for PyCommunicator {
         })
     }
 
+    fn broadcast(&self, root: usize, bytes: &[u8]) -> Result<Vec<u8>> {
+        self.collective(|py, object| match object {
+            None => Ok(bytes.to_vec()),
+            Some(o) => {
+                let sent = o.call_method1("broadcast", (PyBytes::new(py, bytes), root))?;
+                Ok(sent.cast_into::<PyBytes>()?.as_bytes().to_vec())
+            }
+        })
+    }
+
     fn sum_polled(&self, values: [u64; 2]) -> Result<[u64; 2]> {
         // The copy threads never need the GIL, so a blocking all-reduce
         // does not stall them.

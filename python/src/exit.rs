@@ -12,7 +12,7 @@
 //! other threads are refused. Process-wide by nature, as the interpreter's exit is.
 
 use pyo3::prelude::*;
-use st_consolidate_mpi::exec::cancel::Cancel;
+use st_consolidate_mpi::exec::cancel::{Cancel, StopReason};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 /// The calls in progress, and whether the interpreter is exiting.
@@ -64,12 +64,6 @@ impl Drop for Running {
     }
 }
 
-/// Whether the interpreter has started exiting (a cancelled run then
-/// raises a `ConsolidationError`, not `KeyboardInterrupt`).
-pub fn exiting() -> bool {
-    calls().exiting
-}
-
 /// The `atexit` callback: stops every running consolidation and waits
 /// until each call has returned, refusing new ones. It waits as long as
 /// runs take to stop: the copy stops within one slice, but a run waiting
@@ -81,7 +75,7 @@ pub fn stop_for_exit(py: Python<'_>) {
         let mut registry = calls();
         registry.exiting = true;
         for (_, cancel) in &registry.running {
-            cancel.cancel();
+            cancel.stop(StopReason::Exiting);
         }
     }
     // Released: the runs' threads take the GIL to end their calls.

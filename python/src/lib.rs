@@ -19,97 +19,11 @@ use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use sink::PyLogger;
-use st_consolidate_mpi::comm::Communicator;
-use st_consolidate_mpi::run::{Config, Summary, run};
-use st_consolidate_mpi::{Error, Result};
-use std::panic::{AssertUnwindSafe, catch_unwind};
-
-/// How a failure is raised in Python.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-enum Kind {
-    /// The inputs or the arguments are unusable: `InputError` (a
-    /// `ValueError` and a `RuntimeError`).
-    Input,
-    /// Anything else: `ConsolidationError` (a `RuntimeError`).
-    Other,
-    /// Ctrl-C: `KeyboardInterrupt`, after the run cleaned up.
-    Interrupted,
-    /// Another rank failed and says why.
-    Peer,
-}
-
-/// A failure as every rank raises it.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Failure {
-    kind: Kind,
-    message: String,
-}
-
-fn kind_of(err: &Error) -> Kind {
-    match err {
-        Error::BadFile { .. }
-        | Error::BadTensor { .. }
-        | Error::NotDcpShard { .. }
-        | Error::Inconsistent { .. }
-        | Error::Mapping { .. }
-        | Error::Unmapped { .. }
-        | Error::Usage { .. }
-        | Error::BadCheckpoint { .. }
-        | Error::BadIndex { .. } => Kind::Input,
-        Error::Cancelled => Kind::Interrupted,
-        Error::PeerFailed(_) => Kind::Peer,
-        _ => Kind::Other,
-    }
-}
-
-/// Runs the library on this rank with the GIL released. A panic becomes
-/// an internal error; a failure anywhere becomes the same [`Failure`] on
-/// every rank (the lowest failing rank's), exchanged in one more
-/// collective that every rank reaches, since every phase ends in `agree`.
-fn run_detached(
-    config: &Config,
-    comm: &PyCommunicator,
-    logger: &PyLogger,
-) -> Result<Summary, Failure> {
-    let outcome =
-        catch_unwind(AssertUnwindSafe(|| run(config, comm, logger))).unwrap_or_else(|panic| {
-            let text = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            Err(Error::internal(format!(
-                "a panic in the consolidation: {text}"
-            )))
-        });
-    let err = match outcome {
-        Ok(summary) => return Ok(summary),
-        Err(err) => err,
-    };
-    let mine = Failure {
-        kind: kind_of(&err),
-        message: err.to_string(),
-    };
-    // A broken communicator would only fail (or time out) again.
-    if comm.size() == 1 || matches!(err, Error::Communicator { .. }) {
-        return Err(mine);
-    }
-    let payload = serde_json::to_vec(&mine).unwrap_or_default();
-    let Ok(all) = comm.all_gather(&payload) else {
-        return Err(mine);
-    };
-    let first = all.iter().enumerate().find_map(|(rank, bytes)| {
-        let failure: Failure = serde_json::from_slice(bytes).ok()?;
-        (failure.kind != Kind::Peer).then_some((rank, failure))
-    });
-    match first {
-        Some((rank, failure)) => Err(Failure {
-            kind: failure.kind,
-            message: format!("rank {rank} failed: {}", failure.message),
-        }),
-        None => Err(mine),
-    }
-}
+use st_consolidate_mpi::Error;
+use st_consolidate_mpi::exec::cancel::StopReason;
+use st_consolidate_mpi::failure::FailureKind;
+use st_consolidate_mpi::messages::Messages;
+use st_consolidate_mpi::run::{Summary, run};
 
 /// The summary as a dict: files, bytes, seconds, skipped, plan (dry run),
 /// report (the run report's JSON, rank 0) and human (its closing line).
@@ -134,11 +48,17 @@ fn summary_dict<'py>(
     Ok(dict)
 }
 
-/// Raises `failure` as `st_consolidate`'s exception for its kind.
-fn raise(py: Python<'_>, failure: Failure) -> PyErr {
-    let class = match failure.kind {
-        Kind::Interrupted => return PyKeyboardInterrupt::new_err(failure.message),
-        Kind::Input => "InputError",
+/// Raises `err` as `st_consolidate`'s exception for its kind: the
+/// library's failure protocol has already given every rank the failing
+/// rank's kind and message; here kinds only become classes. The rank that
+/// was interrupted raises `KeyboardInterrupt`; a peer's interrupt, like
+/// any failure of a peer, is a `ConsolidationError` naming that rank.
+fn raise(py: Python<'_>, err: &Error) -> PyErr {
+    let class = match (err, err.kind()) {
+        (Error::Cancelled(_), FailureKind::Interrupted) => {
+            return PyKeyboardInterrupt::new_err(err.to_string());
+        }
+        (_, FailureKind::Input) => "InputError",
         _ => "ConsolidationError",
     };
     match py
@@ -149,7 +69,7 @@ fn raise(py: Python<'_>, failure: Failure) -> PyErr {
             class
                 .cast_into()
                 .unwrap_or_else(|_| py.get_type::<pyo3::exceptions::PyRuntimeError>()),
-            failure.message,
+            err.to_string(),
         ),
         Err(e) => e,
     }
@@ -166,15 +86,7 @@ fn consolidate<'py>(
     communicator: Option<&Bound<'py, PyAny>>,
     logger: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let config = config::from_options(input_dir, output_dir, options).map_err(|e| {
-        raise(
-            py,
-            Failure {
-                kind: kind_of(&e),
-                message: e.to_string(),
-            },
-        )
-    })?;
+    let config = config::from_options(input_dir, output_dir, options).map_err(|e| raise(py, &e))?;
     let comm = PyCommunicator::new(communicator)?;
     let logger = PyLogger::new(logger);
     // As the command does: each output file this rank owns stays open for
@@ -184,48 +96,37 @@ fn consolidate<'py>(
     let watch = signals::on_main_thread(py)?;
     // Held until the call has the GIL again (see `exit`).
     let Some(_running) = exit::Running::enter(&config.cancel, watch) else {
-        return Err(raise(
-            py,
-            Failure {
-                kind: Kind::Other,
-                message: "the Python interpreter is exiting: no consolidation starts now\n  hint: join the thread that consolidates before the interpreter exits".into(),
-            },
-        ));
+        return Err(raise(py, &Error::Cancelled(StopReason::Exiting)));
     };
     let (outcome, raised) = py.detach(|| {
         signals::run_watching_signals(
             watch,
             &config.cancel,
-            || run_detached(&config, &comm, &logger),
+            || run(&config, &comm, &logger),
             |e| {
-                Err(Failure {
-                    kind: Kind::Other,
-                    message: format!(
-                        "cannot start the consolidation's thread: {e}\n  hint: the process is out of threads or memory; call it from another thread or with fewer threads running"
-                    ),
-                })
+                Err(Error::internal(format!(
+                    "cannot start the consolidation's thread: {e} (the process is out of threads or memory; call it from another thread or with fewer threads running)"
+                )))
             },
         )
     });
-    // The exception a signal handler raised (KeyboardInterrupt), once the
-    // run has stopped and cleaned up.
-    if let Some(raised) = raised {
-        return Err(raised);
-    }
-    match outcome {
-        Ok(summary) => summary_dict(py, &summary, &config.output.display().to_string()),
-        // Stopped because the interpreter exits, on a thread that is not
-        // interrupted: no KeyboardInterrupt there.
-        Err(failure) if failure.kind == Kind::Interrupted && !watch && exit::exiting() => {
-            Err(raise(
-                py,
-                Failure {
-                    kind: Kind::Other,
-                    ..failure
-                },
-            ))
+    match (outcome, raised) {
+        (Ok(summary), raised) => {
+            let dict = summary_dict(py, &summary, &config.output.display().to_string())?;
+            if let Some(note) = summary.late_cancel_note(&config.output) {
+                logger.warning(&note);
+            }
+            // The interrupt the signal watcher took while the publish
+            // completed: delivered again, as if it arrived now.
+            if raised.is_some() {
+                py.import("_thread")?.call_method0("interrupt_main")?;
+            }
+            Ok(dict)
         }
-        Err(failure) => Err(raise(py, failure)),
+        // The exception a signal handler raised (KeyboardInterrupt), once the
+        // run has stopped and cleaned up.
+        (Err(_), Some(raised)) => Err(raised),
+        (Err(err), None) => Err(raise(py, &err)),
     }
 }
 

@@ -84,3 +84,10 @@ class TorchCommunicator:
         t = self._torch.tensor(list(values), dtype=self._torch.int64)
         self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self._group)
         return [int(v) for v in t.tolist()]
+
+    def broadcast(self, payload, root):
+        # One payload per rank, whatever the group's size (all_gather_object
+        # would pad every rank's part to the largest and hold them all).
+        parts = [bytes(payload) if self.rank == root else None]
+        self._dist.broadcast_object_list(parts, group=self._group, group_src=root)
+        return parts[0]

@@ -12,18 +12,29 @@ use crate::checkpoint::{Checkpoint, ReadOptions, dcp, wire};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::exec::lock::{OutputLock, host_name, read_token};
+use crate::failure::Failure;
 use crate::plan::Plan;
 use crate::report::RankReport;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Turns this rank's result into the job's: if any rank failed, every rank
-/// returns an error, but only the lowest failing rank returns its own.
+/// Turns this rank's result into the job's ([`crate::failure`]): if any
+/// rank failed, every rank returns an error. The lowest failing rank
+/// returns its own and sends its [`Failure`] (rank, kind, message) to the
+/// others, which return it as [`Error::PeerFailed`].
 pub fn agree<T>(comm: &dyn Communicator, result: Result<T>) -> Result<T> {
-    match comm.lowest_failed(result.is_err())? {
-        Some(failed) if failed != comm.rank() => Err(Error::PeerFailed(failed)),
-        _ => result,
+    let Some(failed) = comm.lowest_failed(result.is_err())? else {
+        return result;
+    };
+    let mine = match &result {
+        Err(err) if failed == comm.rank() => Failure::of(failed, err).encode(),
+        _ => Vec::new(),
+    };
+    let told = comm.broadcast(failed, &mine)?;
+    if failed == comm.rank() {
+        return result;
     }
+    Err(Failure::decode(&told)?.into_peer_error())
 }
 
 /// Collective: every rank checks that all ranks built the same plan. Ranks
@@ -329,10 +340,11 @@ pub fn read_checkpoint(
     // own once the plan says which (see `checkpoint::dcp::locate`).
     // Rank 0 keeps its own, with what each input was when it opened it.
     let payload = mine.as_ref().map(wire::encode).unwrap_or_default();
-    let parts = comm.all_gather(&payload)?;
+    let sent = comm.broadcast(0, &payload)?;
+    drop(payload);
     let decoded = match mine {
         Some(checkpoint) => Ok(checkpoint),
-        None => wire::decode(&parts[0]).map_err(|e| {
+        None => wire::decode(&sent).map_err(|e| {
             Error::ranks_disagree(
                 format!("the checkpoint rank 0 sent cannot be read: {e}"),
                 "all ranks must run the same st-consolidate-mpi binary",

@@ -36,6 +36,11 @@ pub trait Communicator {
     /// Collective: every rank receives every rank's bytes, in rank order.
     /// Payloads of any size arrive whole.
     fn all_gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>>;
+    /// Collective: every rank receives `root`'s bytes (the others' `bytes`
+    /// are ignored; pass an empty slice). For one rank's data going to all
+    /// (the shared headers, a failure): each rank holds one payload, never
+    /// one per rank as with [`Communicator::all_gather`].
+    fn broadcast(&self, root: usize, bytes: &[u8]) -> Result<Vec<u8>>;
     /// Collective: element-wise sums over all ranks. It waits for them, but
     /// by polling a non-blocking all-reduce on a communicator of its own (so
     /// it never mixes with the other collectives and never parks in MPI
@@ -68,5 +73,8 @@ impl Communicator for SingleProcess {
     }
     fn all_gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         Ok(vec![bytes.to_vec()])
+    }
+    fn broadcast(&self, _root: usize, bytes: &[u8]) -> Result<Vec<u8>> {
+        Ok(bytes.to_vec())
     }
 }

@@ -99,6 +99,25 @@ impl Communicator for MpiWorld {
         Ok(parts)
     }
 
+    fn broadcast(&self, root: usize, bytes: &[u8]) -> Result<Vec<u8>> {
+        let is_root = root == self.rank();
+        let root = self
+            .world
+            .process_at_rank(mpi::Rank::try_from(root).unwrap_or(0));
+        let mut len = if is_root { bytes.len() as u64 } else { 0 };
+        root.broadcast_into(&mut len);
+        let mut buffer = if is_root {
+            bytes.to_vec()
+        } else {
+            vec![0u8; usize::try_from(len).unwrap_or(0)]
+        };
+        // In slices an MPI count can hold.
+        for slice in buffer.chunks_mut(mpi::Count::MAX as usize) {
+            root.broadcast_into(slice);
+        }
+        Ok(buffer)
+    }
+
     fn gather(&self, bytes: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
         let root = self.world.process_at_rank(0);
         let lengths = self.lengths(bytes);

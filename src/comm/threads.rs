@@ -15,6 +15,7 @@
 
 use super::Communicator;
 use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -65,6 +66,7 @@ impl ThreadWorld {
             .map(|rank| ThreadRank {
                 rank,
                 shared: Arc::clone(&self.shared),
+                received: AtomicU64::new(0),
             })
             .collect()
     }
@@ -94,6 +96,26 @@ pub fn run_ranks<T: Send>(
 pub struct ThreadRank {
     rank: usize,
     shared: Arc<Shared>,
+    /// Payload bytes this rank has received from the main lane's
+    /// collectives (copied out of the exchange), for tests of what a
+    /// protocol costs each rank.
+    received: AtomicU64,
+}
+
+impl ThreadRank {
+    /// Payload bytes this rank has received so far from `gather`,
+    /// `all_gather` and `broadcast` (what it holds afterwards, not what
+    /// the exchange shares).
+    pub fn bytes_received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    fn received(&self, parts: impl IntoIterator<Item = Vec<u8>>) -> Vec<Vec<u8>> {
+        let parts: Vec<Vec<u8>> = parts.into_iter().collect();
+        let bytes: usize = parts.iter().map(Vec::len).sum();
+        self.received.fetch_add(bytes as u64, Ordering::Relaxed);
+        parts
+    }
 }
 
 /// Which exchange a collective goes through.
@@ -271,12 +293,25 @@ impl Communicator for ThreadRank {
 
     fn gather(&self, bytes: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
         let parts = self.exchange(Lane::Main, "gather", bytes)?;
-        Ok((self.rank == 0).then(|| parts.iter().map(|(_, b)| b.clone()).collect()))
+        Ok((self.rank == 0).then(|| self.received(parts.iter().map(|(_, b)| b.clone()))))
     }
 
     fn all_gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         let parts = self.exchange(Lane::Main, "all_gather", bytes)?;
-        Ok(parts.iter().map(|(_, b)| b.clone()).collect())
+        Ok(self.received(parts.iter().map(|(_, b)| b.clone())))
+    }
+
+    fn broadcast(&self, root: usize, bytes: &[u8]) -> Result<Vec<u8>> {
+        // Only the root's payload goes through the exchange.
+        let mine = if self.rank == root { bytes } else { &[] };
+        let parts = self.exchange(Lane::Main, "broadcast", mine)?;
+        let sent = parts.get(root).map(|(_, b)| b.clone()).ok_or_else(|| {
+            self.error(format!(
+                "broadcast from rank {root} in a job of {}",
+                parts.len()
+            ))
+        })?;
+        Ok(self.received([sent]).swap_remove(0))
     }
 
     fn sum_polled(&self, values: [u64; 2]) -> Result<[u64; 2]> {

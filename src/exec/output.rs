@@ -121,6 +121,89 @@ impl PendingFile {
     }
 }
 
+/// A folder of this rank's own for building its files in before they go
+/// to OUTPUT_DIR (staging: node-local scratch, as NeMo's `use_staging`
+/// builds in a `mkdtemp` folder). Created new, never reused; removed with
+/// whatever is left in it when dropped, on success and failure alike.
+#[derive(Debug)]
+pub struct StagingFolder {
+    path: PathBuf,
+}
+
+impl StagingFolder {
+    /// Creates a new folder under `root` (which must exist), named after
+    /// this host, process and rank so that no two ranks share one.
+    pub fn create(root: &Path, rank: usize) -> Result<StagingFolder> {
+        let host = crate::exec::lock::host_name();
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!(
+            "st-consolidate-staging-{host}-{}-rank{rank}-{started:x}",
+            std::process::id()
+        );
+        let path = root.join(name);
+        std::fs::create_dir(&path).map_err(|e| Error::io("create the staging folder", &path, e))?;
+        Ok(StagingFolder { path })
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for StagingFolder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Moves staged files into `dir`, each under its temporary name there,
+/// copied and synced (the staging folder is usually on another
+/// filesystem, so a rename would not do); the staged copies are removed.
+/// Looks at `cancel` between slices of [`crate::exec::cancel::CANCEL_SLICE`] bytes.
+pub fn move_into(
+    staged: std::collections::BTreeMap<usize, PendingFile>,
+    dir: &Path,
+    cancel: &crate::exec::cancel::Cancel,
+) -> Result<std::collections::BTreeMap<usize, PendingFile>> {
+    use std::io::{Read, Seek};
+    let mut moved = std::collections::BTreeMap::new();
+    for (f, from) in staged {
+        let name = from
+            .final_path
+            .file_name()
+            .map(OsStr::to_os_string)
+            .unwrap_or_default();
+        let len = from
+            .file
+            .metadata()
+            .map_err(|e| Error::io("inspect", &from.temp_path, e))?
+            .len();
+        let to = PendingFile::create(dir, &name, len)?;
+        let mut reader = &from.file;
+        reader
+            .rewind()
+            .map_err(|e| Error::io("read", &from.temp_path, e))?;
+        let mut writer = &to.file;
+        loop {
+            cancel.check()?;
+            let copied = std::io::copy(
+                &mut reader.take(crate::exec::cancel::CANCEL_SLICE),
+                &mut writer,
+            )
+            .map_err(|e| Error::io("copy the staged file into", &to.temp_path, e))?;
+            if copied == 0 {
+                break;
+            }
+        }
+        to.sync()?;
+        moved.insert(f, to);
+    }
+    Ok(moved)
+}
+
 /// Writes `bytes` to `dir/name` atomically: temporary file, sync, rename,
 /// directory sync.
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {

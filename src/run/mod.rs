@@ -5,12 +5,26 @@
 //! report and index → renames, index last.
 //!
 //! Every phase ends in one collective ([`agree`]) where all ranks learn
-//! whether any rank failed, so a failing rank never leaves the others
-//! waiting, and only the lowest failing rank reports its error. The work of
-//! each phase lives with its owner; this module only sequences them.
+//! whether any rank failed and, if one did, its failure ([`crate::failure`]),
+//! so a failing rank never leaves the others waiting. A phase looks at the
+//! run's [`Cancel`](crate::exec::cancel::Cancel) before its work, and a
+//! panic in its work is caught there and becomes that rank's failure.
+//!
+//! **The point of no return** ([`point_of_no_return`]) is the agreement
+//! after the index is staged, just before the first change a reader of
+//! OUTPUT_DIR can see (the old index retired). Before it, a stop or a
+//! failure on any rank leaves OUTPUT_DIR exactly as it was, with its
+//! previous output and index, and no temporary file. After it, the cancel
+//! flag is no longer looked at: the renames complete and the run reports
+//! success, with [`Summary::late_cancel`] saying that a stop arrived
+//! meanwhile (the front end delivers it afterwards). The first collective
+//! of a run checks that every rank was given the same options
+//! ([`same_options`]). The work of each phase lives with its owner; this
+//! module only sequences them.
 
 pub mod hf_metadata;
 mod resume;
+pub mod same_options;
 
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::dcp::locate::{Located, Wanted, locate_pieces};
@@ -25,9 +39,10 @@ use crate::comm::collectives::{
 };
 use crate::error::{Error, Result, shown};
 use crate::exec::assets::{ExistingAssets, asset_names, plan_assets, ties_word_embeddings};
+use crate::exec::cancel::StopReason;
 use crate::exec::clobber::RunPaths;
 use crate::exec::needed::{pieces_to_copy, pieces_to_verify};
-use crate::exec::output::sync_dir;
+use crate::exec::output::{StagingFolder, move_into, sync_dir};
 use crate::exec::publish::{
     Refusal, check_written_once, prepare_output_dir, retire_old_index, stage_index_and_report,
 };
@@ -36,6 +51,7 @@ use crate::exec::verify::{
     written_targets,
 };
 use crate::exec::write::{WriteTiming, copy_and_sync, create_files, default_threads};
+use crate::failure::catch_panic;
 use crate::messages::Messages;
 use crate::plan::mapping::MappingSource;
 use crate::plan::{self, Plan, PlanOptions};
@@ -79,6 +95,10 @@ pub struct Config {
     pub command_line: Vec<String>,
     /// Set by the front end to stop the run (Ctrl-C in the Python package).
     pub cancel: crate::exec::cancel::Cancel,
+    /// Build each rank's files in a folder of its own under this one
+    /// (node-local scratch), then move them into OUTPUT_DIR and publish as
+    /// usual (the drop-ins' `use_staging`).
+    pub staging: Option<PathBuf>,
 }
 
 impl Config {
@@ -101,6 +121,7 @@ impl Config {
             report: None,
             command_line: Vec::new(),
             cancel: crate::exec::cancel::Cancel::default(),
+            staging: None,
         }
     }
 }
@@ -154,6 +175,24 @@ pub struct Summary {
     /// The run report, on rank 0 of a consolidation (what `--report`
     /// writes; its [`RunReport::human`] is the closing summary).
     pub report: Option<RunReport>,
+    /// A stop that arrived after the point of no return: the run completed
+    /// and published anyway; the front end delivers the stop now, saying so.
+    pub late_cancel: Option<StopReason>,
+}
+
+impl Summary {
+    /// What a front end says when a stop arrived after the point of no
+    /// return, before it delivers the stop: the output is published.
+    pub fn late_cancel_note(&self, output: &Path) -> Option<String> {
+        let what = match self.late_cancel? {
+            StopReason::Interrupted => "an interrupt (Ctrl-C)",
+            StopReason::Exiting => "the interpreter's exit",
+        };
+        Some(format!(
+            "{what} arrived after the point of no return: the consolidation completed and {} holds the complete new output; the stop takes effect now",
+            output.display()
+        ))
+    }
 }
 
 /// One rank's view of the job: its configuration, communicator, message
@@ -167,6 +206,10 @@ struct Job<'a> {
     started: Instant,
     /// What this rank's locating of DCP chunks has cost so far.
     located: Cell<Located>,
+    /// Phases run so far (for messages and the test hook).
+    phases: Cell<usize>,
+    /// The test hook's phase to panic in on this rank ([`PANIC_HOOK_VAR`]).
+    panic_at: Option<usize>,
 }
 
 impl Job<'_> {
@@ -193,13 +236,38 @@ impl Job<'_> {
         }
     }
 
-    /// Runs `work` on this rank's threads and agrees on the outcome. A
-    /// cancelled run fails here, at the end of the phase it was in.
+    /// A phase before the point of no return: a stopped run fails here,
+    /// before `work`; otherwise `work` runs on this rank's threads (a panic
+    /// in it becomes this rank's failure) and the ranks agree on the outcome.
     fn agree<T: Send>(&self, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        let outcome = self
-            .pool
-            .install(work)
-            .and_then(|value| self.config.cancel.check().map(|()| value));
+        self.phase(true, work)
+    }
+
+    /// A phase after the point of no return: the cancel flag is not looked
+    /// at, so that a publish once begun completes.
+    fn agree_committed<T: Send>(&self, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        self.phase(false, work)
+    }
+
+    fn phase<T: Send>(
+        &self,
+        stoppable: bool,
+        work: impl FnOnce() -> Result<T> + Send,
+    ) -> Result<T> {
+        let phase = self.phases.get() + 1;
+        self.phases.set(phase);
+        let stopped = match stoppable {
+            true => self.config.cancel.check(),
+            false => Ok(()),
+        };
+        let outcome = stopped.and_then(|()| {
+            catch_panic(self.rank(), &format!("in phase {phase} of the run"), || {
+                if self.panic_at == Some(phase) {
+                    panic!("injected by the test hook {PANIC_HOOK_VAR} at phase {phase}");
+                }
+                self.pool.install(work)
+            })
+        });
         agree(self.comm, outcome)
     }
 
@@ -207,6 +275,15 @@ impl Job<'_> {
     fn on_rank0<T: Send>(&self, work: impl FnOnce() -> Result<T> + Send) -> Result<Option<T>> {
         let rank0 = self.rank() == 0;
         self.agree(|| if rank0 { work().map(Some) } else { Ok(None) })
+    }
+
+    /// [`Job::on_rank0`] after the point of no return.
+    fn on_rank0_committed<T: Send>(
+        &self,
+        work: impl FnOnce() -> Result<T> + Send,
+    ) -> Result<Option<T>> {
+        let rank0 = self.rank() == 0;
+        self.agree_committed(|| if rank0 { work().map(Some) } else { Ok(None) })
     }
 
     /// Locates `pieces` of the plan's tensors (those this rank reads, not
@@ -269,9 +346,42 @@ impl Job<'_> {
     }
 }
 
+/// The test hook that makes a phase panic, to show that a panic fails
+/// every rank without a hang: `PHASE` (this process) or `RANK:PHASE`
+/// (one rank of a threaded job), phases counted from 1.
+pub const PANIC_HOOK_VAR: &str = "ST_CONSOLIDATE_TEST_PANIC_AT_PHASE";
+
+fn panic_hook(rank: usize) -> Option<usize> {
+    let value = std::env::var(PANIC_HOOK_VAR).ok()?;
+    match value.split_once(':') {
+        Some((r, phase)) => (r.parse().ok() == Some(rank)).then(|| phase.parse().ok())?,
+        None => value.parse().ok(),
+    }
+}
+
 /// Runs a consolidation on this rank, telling `messages` what happens.
-/// Every rank must call it.
+/// Every rank must call it, with the same options.
 pub fn run(config: &Config, comm: &dyn Communicator, messages: &dyn Messages) -> Result<Summary> {
+    // The first collective of every run: ranks given different options
+    // would otherwise call different collectives and wait on each other.
+    agree(comm, same_options::check(comm, config))?;
+    // Phases catch their own panics; this catches one between them, so
+    // that none reaches a front end (the ranks may then wait on this one
+    // until the communicator's timeout).
+    let summary = catch_panic(comm.rank(), "running", || {
+        run_agreed(config, comm, messages)
+    })?;
+    Ok(Summary {
+        late_cancel: config.cancel.reason(),
+        ..summary
+    })
+}
+
+fn run_agreed(
+    config: &Config,
+    comm: &dyn Communicator,
+    messages: &dyn Messages,
+) -> Result<Summary> {
     let detected = match config.hf_metadata {
         true => hf_metadata::apply(config),
         false => None,
@@ -447,6 +557,8 @@ fn start<'a>(
         threads,
         started: Instant::now(),
         located: Cell::new(Located::default()),
+        phases: Cell::new(0),
+        panic_at: panic_hook(comm.rank()),
     })
 }
 
@@ -487,6 +599,15 @@ fn consolidate(
 ) -> Result<Summary> {
     let (config, comm, rank) = (job.config, job.comm, job.rank());
     let out = &config.output;
+    if config.staging.is_some() && plan.schedule == crate::plan::Schedule::Balanced {
+        return agree(
+            comm,
+            Err(Error::usage(
+                "staging builds each rank's files in a folder of its own, but --schedule balanced has several ranks write into one file",
+                "use the modulo schedule with staging",
+            )),
+        );
+    }
     // Each rank locates the chunks it reads once the plan says which, and
     // before OUTPUT_DIR is touched, so that a bad archive fails the run
     // with nothing written. Under --resume the files kept are known only
@@ -564,10 +685,18 @@ fn consolidate(
         comm.size(),
         job.threads
     ));
+    // With staging, each rank builds its files in a folder of its own
+    // (removed when this returns, whatever happens), then moves them into
+    // OUTPUT_DIR under their temporary names; the publish is the same.
+    let staging = match &config.staging {
+        Some(root) => Some(job.agree(|| StagingFolder::create(root, rank))?),
+        None => None,
+    };
+    let build_dir = staging.as_ref().map_or(out.as_path(), StagingFolder::path);
     // Owners create and size their files before anyone writes to them
     // (under the balanced schedule, other ranks write into them too).
-    let created = job.agree(|| create_files(out, plan, rank))?;
-    let timing = agree(comm, copy_with_progress(job, plan, &created))?;
+    let created = job.agree(|| create_files(build_dir, plan, rank))?;
+    let timing = agree(comm, copy_with_progress(job, build_dir, plan, &created))?;
     report_timing(job, plan, created.len(), &timing);
     job.report_located();
     if verify {
@@ -579,6 +708,11 @@ fn consolidate(
             "verified: every written byte equals the inputs{crcs}"
         ));
     }
+    let created = match &staging {
+        Some(_) => job.agree(|| move_into(created, out, &config.cancel))?,
+        None => created,
+    };
+    drop(staging);
     let mine = RankReport {
         rank,
         host: crate::exec::lock::host_name(),
@@ -626,9 +760,10 @@ fn consolidate(
         Some((staged, assets)) => (Some(staged), assets),
         None => (None, vec![]),
     };
+    point_of_no_return(job)?;
     // An old index goes before any model file is replaced, so that a crash
     // part-way never leaves an index describing a mix of old and new files.
-    job.on_rank0(|| retire_old_index(out, plan))?;
+    job.on_rank0_committed(|| retire_old_index(out, plan))?;
     // Every folder a file was renamed in is synced: OUTPUT_DIR, and the
     // subfolders assets went into.
     let mut folders = std::collections::BTreeSet::from([out.clone()]);
@@ -642,7 +777,7 @@ fn consolidate(
         })
         .and_then(|()| folders.iter().try_for_each(|dir| sync_dir(dir)));
     agree(comm, committed)?;
-    let finished = job.on_rank0(|| match staged {
+    let finished = job.on_rank0_committed(|| match staged {
         Some(staged) => staged.commit(out, plan),
         None => unreachable_on_rank0(),
     })?;
@@ -651,6 +786,17 @@ fn consolidate(
         report: finished,
         ..job.summary(plan.files.len(), plan.total_bytes())
     })
+}
+
+/// The point of no return: the last phase that looks at the cancel flag.
+/// Every rank has written, synced and (rank 0) staged the index and the
+/// report under temporary names; nothing a reader of OUTPUT_DIR sees has
+/// changed yet. Once every rank has agreed here, the publish (old index
+/// retired, renames, index last) runs to its end: a stop that arrives
+/// later is reported as [`Summary::late_cancel`], after the output is in
+/// place, never as a failure over published output.
+fn point_of_no_return(job: &Job) -> Result<()> {
+    job.agree(|| Ok(()))
 }
 
 /// Locates the chunks this rank reads to write its share of the plan (and,
@@ -698,6 +844,7 @@ fn unreachable_on_rank0<T>() -> Result<T> {
 /// thread joins the job-wide progress rounds.
 fn copy_with_progress(
     job: &Job,
+    dir: &Path,
     plan: &Plan,
     created: &std::collections::BTreeMap<usize, crate::exec::output::PendingFile>,
 ) -> Result<WriteTiming> {
@@ -707,14 +854,7 @@ fn copy_with_progress(
         let worker = scope.spawn(|| {
             let _finish = FinishOnDrop(&counters);
             pool.install(|| {
-                copy_and_sync(
-                    &config.output,
-                    plan,
-                    rank,
-                    created,
-                    &counters.copied,
-                    &config.cancel,
-                )
+                copy_and_sync(dir, plan, rank, created, &counters.copied, &config.cancel)
             })
         });
         let progress = if config.progress_secs > 0.0 && config.verbosity > Verbosity::Quiet {

@@ -31,10 +31,7 @@ pub(super) fn input_fingerprint(
     let metadata = (format == InputFormat::Dcp).then(|| input.join(METADATA_FILE));
     let mine =
         job.on_rank0(|| fingerprint::input_fingerprint(input, files, metadata.as_deref()))?;
-    let shared = job
-        .comm
-        .all_gather(mine.unwrap_or_default().as_bytes())?
-        .swap_remove(0);
+    let shared = job.comm.broadcast(0, mine.unwrap_or_default().as_bytes())?;
     String::from_utf8(shared).map_err(|_| {
         Error::ranks_disagree(
             "rank 0 sent an unreadable input fingerprint",
@@ -55,12 +52,12 @@ pub(super) fn keep_complete_files(job: &Job, plan: &mut Plan, verify: bool) -> R
     for line in found.iter().flat_map(|found| &found.rewritten) {
         job.say(&format!("resume: {line}"));
     }
-    let shared = comm.all_gather(&found.as_ref().map(encode_found).unwrap_or_default())?;
+    let shared = comm.broadcast(0, &found.as_ref().map(encode_found).unwrap_or_default())?;
     let Found {
         complete,
         unfingerprinted,
         ..
-    } = agree(comm, decode_found(&shared[0]))?;
+    } = agree(comm, decode_found(&shared))?;
     let mut kept = complete;
     if !verify {
         for &f in &unfingerprinted {

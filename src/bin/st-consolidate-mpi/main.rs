@@ -291,6 +291,7 @@ impl Cli {
                 .collect(),
             // The command stops on a signal's default action instead.
             cancel: Default::default(),
+            staging: None,
         }
     }
 }
@@ -443,7 +444,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         // The failing rank prints its own message.
-        Err(Error::PeerFailed(_)) => ExitCode::FAILURE,
+        Err(Error::PeerFailed { .. }) => ExitCode::FAILURE,
         Err(err) => {
             if comm.size() > 1 {
                 stderr::write_line(&format!(
