@@ -17,6 +17,7 @@ pub mod error;
 pub mod exec;
 pub mod launch;
 pub mod messages;
+pub mod options;
 pub mod plan;
 pub mod progress;
 pub mod report;
