@@ -18,6 +18,7 @@ pub mod exec;
 pub mod failure;
 pub mod launch;
 pub mod messages;
+pub mod options;
 pub mod plan;
 pub mod progress;
 pub mod report;

@@ -255,3 +255,149 @@ fn a_world_smaller_than_the_launchers_job_is_refused_once() {
     assert_eq!(stderr(&rank1), "", "only the launcher's rank 0 speaks");
     assert!(!target.exists(), "nothing written");
 }
+
+/// The option rules both front ends share, as tests/option_cases.json
+/// lists them (python/tests/test_options.py checks the Python side of
+/// each case against the same file).
+fn shared_refusals() -> Vec<serde_json::Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/option_cases.json");
+    let cases: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    cases["refused"].as_array().unwrap().clone()
+}
+
+fn strings(value: &serde_json::Value) -> Vec<&str> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect()
+}
+
+/// Every shared case: exit 2 (a usage error, as clap's), the library's
+/// reason and hint in the command's spelling, once, and OUTPUT_DIR not
+/// even created. The message is exactly the library's
+/// `Options::into_config` error: the binary adds no rule of its own.
+#[test]
+fn the_command_refuses_the_shared_cases_with_the_librarys_words() {
+    let fixture = torch_fixture();
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("out");
+    for case in shared_refusals() {
+        let mut args = strings(&case["args"]);
+        let expected = strings(&case["command"]);
+        args.extend([s(&fixture), s(&target)]);
+        let run = consolidate(0, &args);
+        let text = stderr(&run);
+        assert_eq!(run.status.code(), Some(2), "{args:?}: {text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{args:?}: {text}");
+        assert_eq!(
+            lines[0],
+            format!("st-consolidate-mpi: error: {}", expected[0])
+        );
+        assert!(
+            lines[1].starts_with(&format!("  hint: {}", expected[1])),
+            "{args:?}: {text}"
+        );
+        assert!(!target.exists(), "{args:?} created OUTPUT_DIR");
+    }
+    // Under mpirun, the launcher's rank 0 alone says it.
+    let run = consolidate(2, &["--threads", "0", s(&fixture), s(&target)]);
+    assert!(!run.status.success());
+    assert_eq!(
+        stderr(&run).matches("--threads 0 is not accepted").count(),
+        1
+    );
+    assert!(!target.exists());
+}
+
+/// `--dtype` takes NeMo's and PyTorch's names (normalised as NeMo's
+/// resolve_dtype_cast does), with the same result as the command's own.
+#[test]
+fn nemo_and_torch_dtype_names_work_from_the_command() {
+    let fixture = torch_fixture();
+    let work = tempfile::tempdir().unwrap();
+    let convert = |name: &str| {
+        let out = work.path().join(name);
+        consolidate_ok(0, &["-q", "--dtype", name, s(&fixture), s(&out)]);
+        snapshot(&out)
+            .into_iter()
+            .map(|(p, b)| (p.file_name().unwrap().to_owned(), b))
+            .collect::<Vec<_>>()
+    };
+    let bf16 = convert("bf16");
+    let header = st_consolidate_mpi::safetensors::header::read_header(
+        &work.path().join("bf16/model-00001-of-00001.safetensors"),
+    )
+    .unwrap();
+    assert!(
+        header
+            .tensors
+            .iter()
+            .any(|t| t.dtype == st_consolidate_mpi::safetensors::dtype::Dtype::BF16),
+        "nothing converted to BF16"
+    );
+    for alias in ["bfloat16", "torch.bfloat16", "BF16", "bf_16"] {
+        assert!(
+            convert(alias) == bf16,
+            "--dtype {alias} differs from --dtype bf16"
+        );
+    }
+    let f32 = convert("f32");
+    for alias in ["fp32", "float32", "torch.float32", "float"] {
+        assert!(
+            convert(alias) == f32,
+            "--dtype {alias} differs from --dtype f32"
+        );
+    }
+    assert!(f32 != bf16);
+}
+
+/// Any positive thread count works (above 1024 taken as 1024, on one rank
+/// and under mpirun; a count too large for 64 bits too), as
+/// `ThreadPoolExecutor(max_workers=N)` takes any positive N. 65535 per
+/// rank used to be accepted and hang, then refused.
+#[test]
+fn any_positive_thread_count_works_capped() {
+    let fixture = torch_fixture();
+    let mapping = fixture.join("mapping.json");
+    for (ranks, threads) in [(0, "65535"), (2, "100000"), (0, "99999999999999999999999")] {
+        let out = tempfile::tempdir().unwrap();
+        let args = ["-q", "--threads", threads, "--mapping", s(&mapping)];
+        consolidate_ok(ranks, &[&args[..], &[s(&fixture), s(out.path())]].concat());
+        assert_matches_manifest(out.path(), &fixture.join("manifest.json"));
+    }
+}
+
+/// `--unmapped omit` (the drop-ins' rule, PyTorch's behaviour) is the
+/// command's too: one choice table for both front ends.
+#[test]
+fn unmapped_tensors_can_be_left_out_from_the_command() {
+    let input = torch_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = dir.path().join("mapping.json");
+    std::fs::write(&mapping, r#"{"lm_head.weight": 1, "model.norm.weight": 2}"#).unwrap();
+    let out = dir.path().join("out");
+    let run = consolidate_ok(
+        0,
+        &[
+            "--unmapped",
+            "omit",
+            "--mapping",
+            s(&mapping),
+            s(&input),
+            s(&out),
+        ],
+    );
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let mapped: Vec<&String> = index["weight_map"].as_object().unwrap().keys().collect();
+    assert_eq!(mapped, ["lm_head.weight", "model.norm.weight"]);
+    assert!(
+        stderr(&run).contains("model.embed_tokens.weight"),
+        "{}",
+        stderr(&run)
+    );
+}

@@ -1,191 +1,254 @@
-//! Keyword arguments (a dict, named after the command's flags) → the
-//! library's [`Config`]. The Python layer has already turned `torch.dtype`s
-//! and NeMo's aliases into the names used here; what is left to refuse is
-//! refused as the command refuses it, with an input error.
+//! Keyword arguments (a dict, named after the command's flags or, for the
+//! drop-ins, after PyTorch's arguments) → the library's [`Options`]. Only
+//! Python's types are converted here: which options go together, their
+//! ranges and the names of their choices (dtype aliases included) are the
+//! library's rules ([`Options::into_config`]), the command's too, so both
+//! refuse the same things with the same words.
 
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
-use st_consolidate_mpi::checkpoint::format::InputFormat;
-use st_consolidate_mpi::checkpoint::hf_shards::HeaderReading;
-use st_consolidate_mpi::plan::Schedule;
-use st_consolidate_mpi::plan::dtypes::DtypeMapSource;
-use st_consolidate_mpi::plan::mapping::{MappingSource, Unmapped, parse_size};
-use st_consolidate_mpi::run::{Config, Mode, Verbosity};
-use st_consolidate_mpi::safetensors::dtype::Dtype;
+use pyo3::types::{PyBytes, PyDict, PyString};
+use st_consolidate_mpi::options::{DROP_IN_KEYWORDS, Opt, Options, Spelling, Table};
+use st_consolidate_mpi::run::Config;
 use st_consolidate_mpi::{Error, Result};
 use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 
-/// The keys `from_options` reads; any other is a mistake worth naming.
-const KEYS: &[&str] = &[
-    "input_format",
-    "include",
-    "exclude",
-    "mapping",
-    "hf_index",
-    "max_shard_size",
-    "fqn_to_index_mapping",
-    "unmapped",
-    "threads",
-    "dry_run",
-    "ranks",
-    "ranks_per_node",
-    "overwrite",
-    "resume",
-    "hf_assets",
-    "no_hf_metadata",
-    "keep_top_level_key",
-    "index_name",
-    "verify",
-    "verify_only",
-    "allow_missing_shard_files",
-    "source_ranks",
-    "progress",
-    "report",
-    "schedule",
-    "headers",
-    "dtype",
-    "dtype_map",
-    "fqn_to_dtype_mapping",
-    "strip_prefix",
-    "command_line",
-];
+/// The private key the Python layer fills with what the run report records
+/// as the command line; never named to the user.
+const COMMAND_LINE: &str = "command_line";
 
-fn bad(key: &str, what: impl std::fmt::Display, expected: &str) -> Error {
+/// `repr(value)`, for messages.
+fn repr(value: &Bound<'_, PyAny>) -> String {
+    value.repr().map_or_else(|_| "?".into(), |r| r.to_string())
+}
+
+/// `name=value` is not of a type the option takes.
+fn bad(name: &str, value: &Bound<'_, PyAny>, expected: &str) -> Error {
     Error::usage(
-        format!("{key}={what} is not accepted"),
-        format!("{key} takes {expected}"),
+        format!("{name}={} is not accepted", repr(value)),
+        format!("{name} takes {expected}"),
     )
 }
 
-/// One keyword's value, `None` when absent or `None`.
-fn value<'py>(options: &Bound<'py, PyDict>, key: &str) -> Result<Option<Bound<'py, PyAny>>> {
-    match options.get_item(key) {
-        Ok(Some(v)) if !v.is_none() => Ok(Some(v)),
-        Ok(_) => Ok(None),
-        Err(e) => Err(bad(key, e, "a value")),
-    }
+/// What the caller passed: each option's value (`None`s left out) under
+/// the name it was given by.
+struct Given<'py> {
+    values: BTreeMap<Opt, (String, Bound<'py, PyAny>)>,
+    command_line: Option<Bound<'py, PyAny>>,
 }
 
-macro_rules! getter {
-    ($name:ident, $ty:ty, $expected:literal) => {
-        fn $name(options: &Bound<'_, PyDict>, key: &str) -> Result<Option<$ty>> {
-            match value(options, key)? {
-                None => Ok(None),
-                Some(v) => v.extract::<$ty>().map(Some).map_err(|_| {
-                    bad(
-                        key,
-                        v.repr().map_or_else(|_| "?".into(), |r| r.to_string()),
-                        $expected,
-                    )
-                }),
+impl<'py> Given<'py> {
+    fn read(options: &Bound<'py, PyDict>) -> Result<Self> {
+        let mut given = Given {
+            values: BTreeMap::new(),
+            command_line: None,
+        };
+        for (key, value) in options.iter() {
+            let Ok(key) = key.extract::<String>() else {
+                return Err(Error::usage(
+                    format!("the option name {} is not a string", repr(&key)),
+                    "pass options as keyword arguments",
+                ));
+            };
+            if key == COMMAND_LINE {
+                given.command_line = Some(value);
+                continue;
             }
+            let Some(opt) = Opt::from_keyword(&key).or_else(|| {
+                DROP_IN_KEYWORDS
+                    .iter()
+                    .find(|(alias, _)| *alias == key)
+                    .map(|(_, opt)| *opt)
+            }) else {
+                return Err(Error::usage(
+                    format!("unknown option '{key}'"),
+                    format!("the options are: {}", public_keywords().join(", ")),
+                ));
+            };
+            if value.is_none() {
+                continue;
+            }
+            if let Some((other, _)) = given.values.get(&opt) {
+                return Err(Error::usage(
+                    format!("{other} and {key} are the same option, given twice"),
+                    format!("pass one of {other} and {key}"),
+                ));
+            }
+            given.values.insert(opt, (key, value));
         }
-    };
+        Ok(given)
+    }
+
+    /// The options given under a drop-in's name, for messages.
+    fn renamed(&self) -> Vec<(Opt, &'static str)> {
+        DROP_IN_KEYWORDS
+            .iter()
+            .filter(|(alias, opt)| self.values.get(opt).is_some_and(|(key, _)| key == alias))
+            .map(|(alias, opt)| (*opt, *alias))
+            .collect()
+    }
+
+    /// The value of `opt` as `T`, or a message naming it and what it takes.
+    fn get<T: for<'a> FromPyObject<'a, 'py>>(&self, opt: Opt) -> Result<Option<T>> {
+        self.convert(opt, |value| value.extract::<T>().ok())
+    }
+
+    /// The value of `opt` through `convert`; `None` from it is a type the
+    /// option does not take.
+    fn convert<T>(
+        &self,
+        opt: Opt,
+        convert: impl FnOnce(&Bound<'py, PyAny>) -> Option<T>,
+    ) -> Result<Option<T>> {
+        match self.values.get(&opt) {
+            None => Ok(None),
+            Some((name, value)) => convert(value)
+                .map(Some)
+                .ok_or_else(|| bad(name, value, &opt.takes())),
+        }
+    }
+
+    fn switch(&self, opt: Opt) -> Result<bool> {
+        Ok(self.get::<bool>(opt)?.unwrap_or(false))
+    }
+
+    fn strings(&self, opt: Opt) -> Result<Vec<String>> {
+        Ok(self.get::<Vec<String>>(opt)?.unwrap_or_default())
+    }
+
+    fn path(&self, opt: Opt) -> Result<Option<PathBuf>> {
+        self.convert(opt, path_of)
+    }
+
+    fn integer(&self, opt: Opt) -> Result<Option<i64>> {
+        self.convert(opt, integer_of)
+    }
+
+    /// A file's path, or (a dict) the entries themselves, each converted by
+    /// `entry` (which names the tensor when it refuses one).
+    fn table<V>(
+        &self,
+        opt: Opt,
+        entry: impl Fn(&str, &str, &Bound<'py, PyAny>) -> Result<V>,
+    ) -> Result<Option<Table<V>>> {
+        let Some((name, value)) = self.values.get(&opt) else {
+            return Ok(None);
+        };
+        let Ok(dict) = value.cast::<PyDict>() else {
+            return Ok(self.path(opt)?.map(Table::File));
+        };
+        let mut entries = BTreeMap::new();
+        for (key, value) in dict.iter() {
+            let Ok(tensor) = key.extract::<String>() else {
+                return Err(Error::usage(
+                    format!(
+                        "{name} has the key {}, which is not a tensor name",
+                        repr(&key)
+                    ),
+                    format!("{name}'s keys are tensor names (strings)"),
+                ));
+            };
+            let value = entry(name, &tensor, &value)?;
+            entries.insert(tensor, value);
+        }
+        Ok(Some(Table::Entries(entries)))
+    }
 }
 
-getter!(get_bool, bool, "True or False");
-getter!(get_string, String, "a string");
-getter!(get_strings, Vec<String>, "a list of strings");
-getter!(get_path, PathBuf, "a path (str or os.PathLike)");
-getter!(get_count, u64, "a positive integer");
-getter!(get_seconds, f64, "a number of seconds");
-getter!(get_index_map, BTreeMap<String, u64>, "a dict {tensor name: output file index from 1}");
-getter!(get_dtype_map, BTreeMap<String, String>, "a dict {tensor name: safetensors dtype name}");
-
-/// `name` among `choices` (the command's spellings), or an input error.
-fn choice<T: Copy>(
-    key: &str,
-    name: Option<String>,
-    default: T,
-    choices: &[(&str, T)],
-) -> Result<T> {
-    let Some(name) = name else {
-        return Ok(default);
-    };
-    choices
+/// The keywords a caller may pass (the private one not among them).
+fn public_keywords() -> Vec<&'static str> {
+    Opt::ALL
         .iter()
-        .find(|(n, _)| *n == name.replace('_', "-"))
-        .map(|(_, v)| *v)
-        .ok_or_else(|| {
-            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
-            bad(
-                key,
-                format!("'{name}'"),
-                &format!("one of {}", names.join(", ")),
-            )
-        })
+        .filter_map(|opt| opt.keyword())
+        .chain(DROP_IN_KEYWORDS.iter().map(|(alias, _)| *alias))
+        .collect()
 }
 
-fn positive(key: &str, n: Option<u64>) -> Result<Option<usize>> {
-    match n {
-        Some(0) => Err(bad(key, 0, "a positive integer")),
-        n => Ok(n.map(|n| n as usize)),
+/// A path from `str`, `os.PathLike` or `bytes` (non-UTF-8 names included:
+/// a `str` carrying them as surrogate escapes, as `os.fsdecode` makes
+/// them, becomes those bytes again).
+fn path_of(value: &Bound<'_, PyAny>) -> Option<PathBuf> {
+    if let Ok(path) = value.extract::<PathBuf>() {
+        return Some(path);
     }
+    let fspath = value
+        .py()
+        .import("os")
+        .ok()?
+        .call_method1("fspath", (value,))
+        .ok()?;
+    let bytes = fspath.cast::<PyBytes>().ok()?;
+    Some(OsString::from_vec(bytes.as_bytes().to_vec()).into())
 }
 
-/// The mapping source: `fqn_to_index_mapping` (the drop-ins'), `mapping`,
-/// `hf_index` or `max_shard_size` (an int of bytes or "5GB"), at most one.
-fn mapping(options: &Bound<'_, PyDict>) -> Result<MappingSource> {
-    let given = get_index_map(options, "fqn_to_index_mapping")?;
-    let file = get_path(options, "mapping")?;
-    let index = get_path(options, "hf_index")?;
-    let size = match value(options, "max_shard_size")? {
-        None => None,
-        Some(v) => Some(match v.extract::<u64>() {
-            Ok(bytes) if bytes > 0 => bytes,
-            _ => {
-                let text: String = v.str().map(|s| s.to_string()).unwrap_or_default();
-                parse_size(&text).map_err(|e| bad("max_shard_size", &text, &e))?
-            }
-        }),
-    };
-    let count = [
-        given.is_some(),
-        file.is_some(),
-        index.is_some(),
-        size.is_some(),
-    ]
-    .iter()
-    .filter(|&&b| b)
-    .count();
-    if count > 1 {
-        return Err(Error::usage(
-            "more than one of mapping, hf_index and max_shard_size is given",
-            "pass at most one of them",
-        ));
+/// A Python `int` as an `i64`, saturated when it does not fit (the
+/// library caps or refuses it by the option's range); `None` for other
+/// types.
+fn integer_of(value: &Bound<'_, PyAny>) -> Option<i64> {
+    if let Ok(n) = value.extract::<i64>() {
+        return Some(n);
     }
-    Ok(match (given, file, index, size) {
-        (Some(entries), ..) => MappingSource::Given {
-            origin: "fqn_to_index_mapping".into(),
-            entries,
-        },
-        (_, Some(path), ..) => MappingSource::Mapping(path),
-        (_, _, Some(path), _) => MappingSource::HfIndex(path),
-        (.., Some(size)) => MappingSource::MaxShardSize(size),
-        _ => MappingSource::SingleFile,
+    if !value.is_instance_of::<pyo3::types::PyInt>() {
+        return None;
+    }
+    Some(if value.gt(0).ok()? {
+        i64::MAX
+    } else {
+        i64::MIN
     })
 }
 
-/// `dtype_map`: a JSON file's path, or a dict; `fqn_to_dtype_mapping` is
-/// the drop-ins' name for the dict.
-fn dtype_map(options: &Bound<'_, PyDict>) -> Result<DtypeMapSource> {
-    if let Some(entries) = get_dtype_map(options, "fqn_to_dtype_mapping")? {
-        return Ok(DtypeMapSource::Given {
-            origin: "fqn_to_dtype_mapping".into(),
-            entries,
-        });
-    }
-    match value(options, "dtype_map")? {
-        None => Ok(DtypeMapSource::None),
-        Some(v) if v.is_instance_of::<PyDict>() => Ok(DtypeMapSource::Given {
-            origin: "dtype_map".into(),
-            entries: get_dtype_map(options, "dtype_map")?.unwrap_or_default(),
-        }),
-        Some(_) => Ok(DtypeMapSource::File(
-            get_path(options, "dtype_map")?.unwrap_or_default(),
-        )),
-    }
+/// One entry of a mapping: the tensor's output file index.
+fn file_index(name: &str, tensor: &str, value: &Bound<'_, PyAny>) -> Result<u64> {
+    // `bool` is an `int` to Python; no one means file True.
+    let index = (!value.is_instance_of::<pyo3::types::PyBool>())
+        .then(|| value.extract::<u64>().ok())
+        .flatten();
+    index.ok_or_else(|| {
+        Error::usage(
+            format!(
+                "{name}: tensor '{tensor}' has the file index {}, which is not an integer from 1",
+                repr(value)
+            ),
+            format!("{name} maps each tensor name to its output file's index, an integer from 1"),
+        )
+    })
+}
+
+/// One entry of a dtype map: the tensor's original dtype's name.
+fn dtype_name(name: &str, tensor: &str, value: &Bound<'_, PyAny>) -> Result<String> {
+    value.extract::<String>().map_err(|_| {
+        Error::usage(
+            format!(
+                "{name}: tensor '{tensor}' has {}, which is not a dtype name",
+                repr(value)
+            ),
+            format!("{name} maps tensor names to safetensors dtype names such as \"BF16\""),
+        )
+    })
+}
+
+/// The private command line: whatever the Python layer put there, as
+/// text (lossy for bytes), never refused.
+fn command_line(value: Option<&Bound<'_, PyAny>>) -> Vec<String> {
+    let Some(Ok(items)) = value.map(|v| v.try_iter()) else {
+        return Vec::new();
+    };
+    items
+        .flatten()
+        .map(|item| {
+            if let Ok(text) = item.cast::<PyString>() {
+                // Surrogate escapes (non-UTF-8 names) become U+FFFD.
+                return text.to_string_lossy().into_owned();
+            }
+            match path_of(&item) {
+                Some(path) => path.to_string_lossy().into_owned(),
+                None => item.str().map_or_else(|_| "?".into(), |s| s.to_string()),
+            }
+        })
+        .collect()
 }
 
 /// The run's configuration from the keyword arguments.
@@ -194,136 +257,50 @@ pub fn from_options(
     output: PathBuf,
     options: &Bound<'_, PyDict>,
 ) -> Result<Config> {
-    for key in options.keys() {
-        let key = key.to_string();
-        if !KEYS.contains(&key.as_str()) {
-            return Err(Error::usage(
-                format!("unknown option '{key}'"),
-                format!("the options are: {}", KEYS.join(", ")),
-            ));
+    let given = Given::read(options)?;
+    let max_shard_size = given.convert(Opt::MaxShardSize, |value| {
+        if let Ok(text) = value.extract::<String>() {
+            return Some(text);
         }
-    }
-    let mut config = Config::new(input, output);
-    // Every message goes to `logging`, which filters by level.
-    config.verbosity = Verbosity::Verbose;
-    let dry_run = get_bool(options, "dry_run")?.unwrap_or(false);
-    let verify_only = get_bool(options, "verify_only")?.unwrap_or(false);
-    config.mode = if dry_run {
-        Mode::DryRun {
-            ranks: positive("ranks", get_count(options, "ranks")?)?,
-            ranks_per_node: positive("ranks_per_node", get_count(options, "ranks_per_node")?)?,
-        }
-    } else if verify_only {
-        Mode::VerifyOnly
-    } else {
-        Mode::Consolidate {
-            verify: get_bool(options, "verify")?.unwrap_or(false),
-        }
+        // Bytes, as digits for the library's size parser (which refuses
+        // zero and negative counts with the option's range).
+        integer_of(value).map(|n| n.to_string())
+    })?;
+    let options = Options {
+        input_format: given.get(Opt::InputFormat)?,
+        include: given.strings(Opt::Include)?,
+        exclude: given.strings(Opt::Exclude)?,
+        mapping: given.table(Opt::Mapping, file_index)?,
+        hf_index: given.path(Opt::HfIndex)?,
+        max_shard_size,
+        unmapped: given.get(Opt::Unmapped)?,
+        threads: given.integer(Opt::Threads)?,
+        dry_run: given.switch(Opt::DryRun)?,
+        ranks: given.integer(Opt::Ranks)?,
+        ranks_per_node: given.integer(Opt::RanksPerNode)?,
+        overwrite: given.switch(Opt::Overwrite)?,
+        resume: given.switch(Opt::Resume)?,
+        hf_assets: given.path(Opt::HfAssets)?,
+        staging_dir: given.path(Opt::StagingDir)?,
+        index_name: given.get(Opt::IndexName)?,
+        keep_top_level_key: given.switch(Opt::KeepTopLevelKey)?,
+        no_hf_metadata: given.switch(Opt::NoHfMetadata)?,
+        verify: given.switch(Opt::Verify)?,
+        verify_only: given.switch(Opt::VerifyOnly)?,
+        allow_missing_shard_files: given.switch(Opt::AllowMissingShardFiles)?,
+        source_ranks: given.integer(Opt::SourceRanks)?,
+        // Every message goes to `logging`, which filters by level.
+        verbose: true,
+        progress: given.get(Opt::Progress)?,
+        report: given.path(Opt::Report)?,
+        schedule: given.get(Opt::Schedule)?,
+        headers: given.get(Opt::Headers)?,
+        dtype: given.get(Opt::Dtype)?,
+        dtype_map: given.table(Opt::DtypeMap, dtype_name)?,
+        strip_prefix: given.strings(Opt::StripPrefix)?,
+        command_line: command_line(given.command_line.as_ref()),
+        renamed: given.renamed(),
+        ..Options::new(input, output, Spelling::Keywords)
     };
-    config.read.format = choice(
-        "input_format",
-        get_string(options, "input_format")?,
-        InputFormat::Auto,
-        &[
-            ("auto", InputFormat::Auto),
-            ("hf-shards", InputFormat::HfShards),
-            ("dcp", InputFormat::Dcp),
-        ],
-    )?;
-    config.read.select.include = get_strings(options, "include")?.unwrap_or_default();
-    config.read.select.exclude = get_strings(options, "exclude")?.unwrap_or_default();
-    config.read.allow_missing_shard_files =
-        get_bool(options, "allow_missing_shard_files")?.unwrap_or(false);
-    config.read.source_ranks = match get_count(options, "source_ranks")? {
-        Some(n) => Some(
-            u32::try_from(n)
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| bad("source_ranks", n, "a positive integer"))?,
-        ),
-        None => None,
-    };
-    config.read.headers = choice(
-        "headers",
-        get_string(options, "headers")?,
-        HeaderReading::All,
-        &[
-            ("all", HeaderReading::All),
-            ("shared", HeaderReading::Shared),
-        ],
-    )?;
-    config.plan.mapping = mapping(options)?;
-    config.plan.unmapped = choice(
-        "unmapped",
-        get_string(options, "unmapped")?,
-        Unmapped::Error,
-        &[
-            ("error", Unmapped::Error),
-            ("last", Unmapped::Last),
-            ("omit", Unmapped::Omit),
-        ],
-    )?;
-    config.plan.strip_prefixes = get_strings(options, "strip_prefix")?.unwrap_or_default();
-    config.plan.dtype = match get_string(options, "dtype")? {
-        None => None,
-        Some(name) => Some(choice(
-            "dtype",
-            Some(name.to_lowercase()),
-            Dtype::F32,
-            &[
-                ("bf16", Dtype::BF16),
-                ("f16", Dtype::F16),
-                ("f32", Dtype::F32),
-                ("f64", Dtype::F64),
-            ],
-        )?),
-    };
-    config.plan.dtype_map = dtype_map(options)?;
-    config.plan.schedule = choice(
-        "schedule",
-        get_string(options, "schedule")?,
-        Schedule::Modulo,
-        &[
-            ("modulo", Schedule::Modulo),
-            ("balanced", Schedule::Balanced),
-        ],
-    )?;
-    config.threads = match get_count(options, "threads")? {
-        Some(n @ 1..=1024) => Some(n as usize),
-        Some(n) => return Err(bad("threads", n, "an integer from 1 to 1024")),
-        None => None,
-    };
-    config.overwrite = get_bool(options, "overwrite")?.unwrap_or(false);
-    config.resume = get_bool(options, "resume")?.unwrap_or(false);
-    config.hf_assets = get_path(options, "hf_assets")?;
-    config.hf_metadata = !get_bool(options, "no_hf_metadata")?.unwrap_or(false);
-    config.plan.keep_top_level_key = get_bool(options, "keep_top_level_key")?.unwrap_or(false);
-    config.plan.index_name = match get_string(options, "index_name")? {
-        Some(name) => Some(
-            st_consolidate_mpi::safetensors::naming::index_name_for(&name).map_err(|reason| {
-                Error::usage(reason, "index_name takes a file name or 'diffusers'")
-            })?,
-        ),
-        None => None,
-    };
-    config.progress_secs = match get_seconds(options, "progress")? {
-        Some(s) if s == 0.0 || (0.1..=86_400.0).contains(&s) => s,
-        Some(s) => return Err(bad("progress", s, "0 (off) or seconds from 0.1 to 86400")),
-        None => 10.0,
-    };
-    config.report = get_path(options, "report")?;
-    config.command_line = get_strings(options, "command_line")?.unwrap_or_default();
-    if config.resume && (dry_run || verify_only) {
-        return Err(Error::usage(
-            "resume does not go with dry_run or verify_only",
-            "pass one of them",
-        ));
-    }
-    if verify_only && config.overwrite {
-        return Err(Error::usage(
-            "verify_only does not go with overwrite",
-            "verify_only writes nothing",
-        ));
-    }
-    Ok(config)
+    options.into_config()
 }

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 
 from . import _dist
 from ._errors import InputError
@@ -18,23 +19,6 @@ logger = logging.getLogger("st_consolidate")
 # Consolidations still running on other threads when the interpreter exits
 # are stopped and waited for while it is still whole (see python/src/exit.rs).
 atexit.register(_stop_for_exit)
-
-# NeMo's resolve_dtype_cast aliases, as it normalises them (lowercase,
-# "torch." prefix, "_" and "-" dropped), to the library's --dtype names.
-_CAST_ALIASES = {
-    "bf16": "bf16",
-    "bfloat16": "bf16",
-    "fp16": "f16",
-    "float16": "f16",
-    "half": "f16",
-    "fp32": "f32",
-    "float32": "f32",
-    "float": "f32",
-    "fp64": "f64",
-    "float64": "f64",
-    "double": "f64",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
@@ -55,22 +39,14 @@ class Summary:
 
 
 def _cast_name(cast_dtype):
-    """A float torch.dtype or one of NeMo's alias strings → the library's
-    name; anything else is refused (a stated divergence: casts go to
-    floating-point types only)."""
-    if cast_dtype is None:
-        return None
-    text = str(cast_dtype)
-    normalized = text.lower().removeprefix("torch.").replace("_", "").replace("-", "")
-    if normalized in ("", "none"):
-        return None
-    if normalized not in _CAST_ALIASES:
-        raise InputError(
-            f"cast_dtype={text} is not accepted\n"
-            f"  hint: cast to a floating-point type: torch.bfloat16, torch.float16, torch.float32, "
-            f"torch.float64, or one of {', '.join(sorted(_CAST_ALIASES))}"
-        )
-    return _CAST_ALIASES[normalized]
+    """A torch.dtype → its name ("torch.bfloat16"); a name as it is. Which
+    names are accepted (the command's bf16|f16|f32|f64, NeMo's aliases) is
+    the library's rule (src/options.rs), shared with the command."""
+    # Without importing torch: a torch.dtype exists only once torch is.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(cast_dtype, torch.dtype):
+        return str(cast_dtype)
+    return cast_dtype
 
 
 def _communicator(process_group):
@@ -135,8 +111,11 @@ def consolidate(
     """Consolidates ``input_dir`` (a DCP checkpoint or HF shards) into
     ``output_dir``, as the ``st-consolidate-mpi`` command does; each keyword
     is the command's flag of the same name (``--hf-index`` → ``hf_index``).
-    ``dtype`` also takes a float torch.dtype; ``dtype_map`` a path or a dict;
-    ``max_shard_size`` bytes or a string such as "5GB". With torch.distributed
+    ``dtype`` takes the command's names (bf16, f16, f32, f64), NeMo's aliases
+    (bfloat16, fp32, half, ...) or a float torch.dtype; ``threads`` any
+    positive count (above 1024 taken as 1024); ``dtype_map`` a path or a
+    dict; ``max_shard_size`` bytes or a string such as "5GB". The options'
+    rules are the command's. With torch.distributed
     initialized, every rank of ``process_group`` (default: the default group)
     must call it. Returns a :class:`Summary`; raises :class:`InputError` or
     :class:`ConsolidationError` on every rank alike."""

@@ -599,15 +599,6 @@ fn consolidate(
 ) -> Result<Summary> {
     let (config, comm, rank) = (job.config, job.comm, job.rank());
     let out = &config.output;
-    if config.staging.is_some() && plan.schedule == crate::plan::Schedule::Balanced {
-        return agree(
-            comm,
-            Err(Error::usage(
-                "staging builds each rank's files in a folder of its own, but --schedule balanced has several ranks write into one file",
-                "use the modulo schedule with staging",
-            )),
-        );
-    }
     // Each rank locates the chunks it reads once the plan says which, and
     // before OUTPUT_DIR is touched, so that a bad archive fails the run
     // with nothing written. Under --resume the files kept are known only

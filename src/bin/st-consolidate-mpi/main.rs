@@ -2,19 +2,15 @@
 
 mod stderr;
 
-use clap::{ArgGroup, Parser};
+use clap::Parser;
+use clap::builder::{PossibleValue, StringValueParser, TypedValueParser};
 use st_consolidate_mpi::Error;
-use st_consolidate_mpi::checkpoint::ReadOptions;
-use st_consolidate_mpi::checkpoint::format::InputFormat;
-use st_consolidate_mpi::checkpoint::hf_shards::HeaderReading;
-use st_consolidate_mpi::checkpoint::select::Selection;
 use st_consolidate_mpi::launch::{self, launcher_rank};
-use st_consolidate_mpi::plan::PlanOptions;
-use st_consolidate_mpi::plan::Schedule;
-use st_consolidate_mpi::plan::dtypes::DtypeMapSource;
-use st_consolidate_mpi::plan::mapping::{MappingSource, Unmapped, parse_size};
-use st_consolidate_mpi::run::{Config, Mode, Summary, Verbosity, run};
-use st_consolidate_mpi::safetensors::dtype::Dtype;
+use st_consolidate_mpi::options::{
+    HEADERS, INPUT_FORMATS, MAIN_DTYPE_NAMES, Options, SCHEDULES, Spelling, Table, UNMAPPED,
+};
+use st_consolidate_mpi::run::{Config, Summary, Verbosity, run};
+use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,9 +21,9 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(
     version,
-    group(ArgGroup::new("source").args(["mapping", "hf_index", "max_shard_size"])),
     after_help = "\
-Which tensor goes to which file: --mapping, --hf-index or --max-shard-size.
+Which tensor goes to which file: at most one of --mapping, --hf-index and
+--max-shard-size.
 With none of them, a DCP checkpoint is written as Hugging Face does it (files
 of at most 5 GB, filled in name order) and an HF-shards checkpoint into
 model-00001-of-00001.safetensors. Non-tensor entries of a DCP checkpoint
@@ -60,8 +56,8 @@ struct Cli {
 
     /// The input's format; auto decides from the folder (.metadata: dcp; *.safetensors shards:
     /// hf-shards, reading at most one header) and refuses a folder holding both or neither.
-    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
-    input_format: FormatArg,
+    #[arg(long, value_parser = Names(INPUT_FORMATS.names()), default_value = INPUT_FORMATS.default)]
+    input_format: String,
 
     /// Export only tensors whose saved name matches GLOB (`*` any characters, `?` one;
     /// repeatable), e.g. --include 'model.*'. Applied before mapping and --strip-prefix.
@@ -82,16 +78,18 @@ struct Cli {
     hf_index: Option<PathBuf>,
 
     /// Fill files in tensor-name order up to SIZE each, e.g. 5GB, 500MB, 2GiB.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    max_shard_size: Option<u64>,
+    #[arg(long, value_name = "SIZE")]
+    max_shard_size: Option<String>,
 
-    /// What to do with tensors the mapping does not name: stop with an error, or put them in the last file.
-    #[arg(long, value_enum, default_value_t = UnmappedArg::Error)]
-    unmapped: UnmappedArg,
+    /// What to do with tensors the mapping does not name: stop with an error, put them in the
+    /// last file, or leave them out with one warning (as PyTorch's consolidation does).
+    #[arg(long, value_parser = Names(UNMAPPED.names()), default_value = UNMAPPED.default)]
+    unmapped: String,
 
-    /// Copy threads per rank, at most 1024 [default: cores on the node / ranks on the node].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=MAX_THREADS))]
-    threads: Option<u16>,
+    /// Copy threads per rank; counts above 1024 are taken as 1024 [default: cores on the node /
+    /// ranks on the node].
+    #[arg(long, value_name = "N", value_parser = integer, allow_negative_numbers = true)]
+    threads: Option<i64>,
 
     /// Print the plan (files, tensors, bytes, owning rank, bytes per rank) and write nothing.
     #[arg(long)]
@@ -99,13 +97,13 @@ struct Cli {
 
     /// With --dry-run: plan for N ranks (bytes per rank, max/mean, idle ranks for both
     /// schedules) without starting N ranks.
-    #[arg(long, value_name = "N", requires = "dry_run", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    ranks: Option<u32>,
+    #[arg(long, value_name = "N", value_parser = integer, allow_negative_numbers = true)]
+    ranks: Option<i64>,
 
     /// With --dry-run: group the ranks into nodes of K consecutive ranks (as srun and mpirun
     /// place them by default) and show the bytes per node for both schedules.
-    #[arg(long, value_name = "K", requires = "dry_run", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    ranks_per_node: Option<u32>,
+    #[arg(long, value_name = "K", value_parser = integer, allow_negative_numbers = true)]
+    ranks_per_node: Option<i64>,
 
     /// Replace consolidated files already in OUTPUT_DIR.
     #[arg(long)]
@@ -114,21 +112,28 @@ struct Cli {
     /// Continue an interrupted run: keep every output file already complete in OUTPUT_DIR
     /// (its header and size are this plan's; with --verify its tensor bytes are compared too)
     /// and write only the others, then the index.
-    #[arg(long, conflicts_with_all = ["dry_run", "verify_only"])]
+    #[arg(long)]
     resume: bool,
 
     /// Also copy every file of DIR that is not weights (config.json, tokenizer files,
     /// generation_config.json, chat template, *.py, README.md...) into OUTPUT_DIR, e.g. the
     /// original model's folder; never *.safetensors, *.bin, *.pt, *.pth, index files or hidden
     /// files. With --dtype, config.json's dtype is updated.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["dry_run", "verify_only"])]
+    #[arg(long, value_name = "DIR")]
     hf_assets: Option<PathBuf>,
+
+    /// Build each rank's files in a new folder of its own under DIR (node-local scratch such as
+    /// $TMPDIR works), then copy them into OUTPUT_DIR and publish as usual: index last, nothing
+    /// replaced before the new output is complete. The staging folders are removed, on failure
+    /// too. Not with --schedule balanced.
+    #[arg(long, value_name = "DIR")]
+    staging_dir: Option<PathBuf>,
 
     /// The index file's name instead of model.safetensors.index.json; `diffusers` stands for
     /// diffusion_pytorch_model.safetensors.index.json (Diffusers models, NeMo's
     /// --diffusers-compatible). --verify-only and --resume look for it under that name; with
     /// --overwrite, an index of the other name left by an earlier run is removed.
-    #[arg(long, value_name = "NAME", value_parser = index_name_arg)]
+    #[arg(long, value_name = "NAME")]
     index_name: Option<String>,
 
     /// Keep the saved names of a DCP checkpoint whose tensors all sit under one top-level key of
@@ -149,12 +154,12 @@ struct Cli {
 
     /// After writing, read every file back and compare each tensor byte with the shards
     /// (before the files get their final names).
-    #[arg(long, conflicts_with = "verify_only")]
+    #[arg(long)]
     verify: bool,
 
     /// Write nothing: check the consolidated output already in OUTPUT_DIR against the shards
     /// (headers, index, total_size and every tensor byte).
-    #[arg(long, conflicts_with_all = ["dry_run", "overwrite"])]
+    #[arg(long)]
     verify_only: bool,
 
     /// Accept a checkpoint in which some shard-RRRRR-model-IIIII files are absent (only if the
@@ -165,11 +170,11 @@ struct Cli {
     /// How many ranks saved the checkpoint: every shard-RRRRR for R in 1..=N must be present.
     /// Without it the highest rank seen is taken, which cannot notice that all files of the
     /// highest rank are gone (their tensors would come out shorter).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    source_ranks: Option<u32>,
+    #[arg(long, value_name = "N", value_parser = integer, allow_negative_numbers = true)]
+    source_ranks: Option<i64>,
 
     /// Print only errors.
-    #[arg(short, long, conflicts_with = "verbose")]
+    #[arg(short, long)]
     quiet: bool,
 
     /// Also print per-rank detail (files, bytes, copy and sync times).
@@ -177,9 +182,10 @@ struct Cli {
     verbose: bool,
 
     /// Seconds between progress reports for the whole job (rank 0: a live bar on a terminal,
-    /// one log line per interval otherwise); 0 turns progress off, otherwise at least 0.1.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_seconds)]
-    progress: f64,
+    /// one log line per interval otherwise); 0 turns progress off, otherwise from 0.1 to 86400
+    /// (a day) [default: 10].
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
+    progress: Option<f64>,
 
     /// Write a JSON run report (version, command line, ranks, files, bytes, times, verification).
     #[arg(long, value_name = "FILE.json")]
@@ -189,20 +195,22 @@ struct Cli {
     /// i % ranks; one writer per file, safe on every filesystem, NFS included) or balanced
     /// (equal contiguous byte blocks; several ranks write disjoint ranges of one file, which
     /// local filesystems, Lustre and GPFS handle, NFS without care may not).
-    #[arg(long, value_enum, default_value_t = ScheduleArg::Modulo)]
-    schedule: ScheduleArg,
+    #[arg(long, value_parser = Names(SCHEDULES.names()), default_value = SCHEDULES.default)]
+    schedule: String,
 
     /// Who reads the shard headers: all (every rank reads every header) or shared (each rank
     /// reads 1/ranks of them and the ranks exchange a validated summary, so each file is opened
     /// once per job: use it for thousands of shards on Lustre or GPFS).
-    #[arg(long, value_enum, default_value_t = HeadersArg::All)]
-    headers: HeadersArg,
+    #[arg(long, value_parser = Names(HEADERS.names()), default_value = HEADERS.default)]
+    headers: String,
 
     /// Convert every floating-point tensor (F16, BF16, F32, F64) to this type, rounding to
     /// nearest even exactly as PyTorch's tensor.to(dtype); integer, bool, fp8 and complex tensors
-    /// stay. With --dtype-map, a tensor mapped to F32 stays F32 (NeMo's rule).
-    #[arg(long, value_enum)]
-    dtype: Option<ExportDtype>,
+    /// stay. With --dtype-map, a tensor mapped to F32 stays F32 (NeMo's rule). NeMo's and
+    /// PyTorch's names work too (bfloat16, torch.float32, fp16, half, double...; case, '_' and
+    /// '-' do not matter), and none keeps the saved types.
+    #[arg(long, value_name = "TYPE", value_parser = Names(MAIN_DTYPE_NAMES.to_vec()))]
+    dtype: Option<String>,
 
     /// JSON {"tensor.name": "BF16", ...}: each tensor's original dtype (NeMo Automodel's
     /// fqn_to_dtype_mapping.json), applied by NeMo 0.7.0's rules: without --dtype, a tensor
@@ -222,190 +230,87 @@ struct Cli {
 }
 
 impl Cli {
-    fn config(self) -> Config {
-        let mapping = match (self.mapping, self.hf_index, self.max_shard_size) {
-            (Some(path), _, _) => MappingSource::Mapping(path),
-            (_, Some(path), _) => MappingSource::HfIndex(path),
-            (_, _, Some(size)) => MappingSource::MaxShardSize(size),
-            _ => MappingSource::SingleFile,
-        };
-        let mode = if self.dry_run {
-            Mode::DryRun {
-                ranks: self.ranks.map(|n| n as usize),
-                ranks_per_node: self.ranks_per_node.map(|k| k as usize),
-            }
-        } else if self.verify_only {
-            Mode::VerifyOnly
-        } else {
-            Mode::Consolidate {
-                verify: self.verify,
-            }
-        };
-        let verbosity = match (self.quiet, self.verbose) {
-            (true, _) => Verbosity::Quiet,
-            (_, true) => Verbosity::Verbose,
-            _ => Verbosity::Normal,
-        };
-        Config {
-            input: self.input_dir,
-            output: self.output_dir,
-            mode,
-            verbosity,
-            read: ReadOptions {
-                format: self.input_format.into(),
-                select: Selection {
-                    include: self.include,
-                    exclude: self.exclude,
-                },
-                allow_missing_shard_files: self.allow_missing_shard_files,
-                source_ranks: self.source_ranks,
-                headers: self.headers.into(),
-                // The run sets it for --dry-run.
-                plan_only: false,
-            },
-            plan: PlanOptions {
-                mapping,
-                unmapped: self.unmapped.into(),
-                strip_prefixes: self.strip_prefix,
-                dtype: self.dtype.map(ExportDtype::dtype),
-                dtype_map: match self.dtype_map {
-                    Some(path) => DtypeMapSource::File(path),
-                    None => DtypeMapSource::None,
-                },
-                schedule: self.schedule.into(),
-                input_fingerprint: None,
-                index_name: self.index_name,
-                keep_top_level_key: self.keep_top_level_key,
-            },
-            threads: self.threads.map(usize::from),
+    /// The options as given; every rule about them is the library's
+    /// ([`Options::into_config`]), shared with the Python package.
+    fn options(self) -> Options {
+        Options {
+            input_format: Some(self.input_format),
+            include: self.include,
+            exclude: self.exclude,
+            mapping: self.mapping.map(Table::File),
+            hf_index: self.hf_index,
+            max_shard_size: self.max_shard_size,
+            unmapped: Some(self.unmapped),
+            threads: self.threads,
+            dry_run: self.dry_run,
+            ranks: self.ranks,
+            ranks_per_node: self.ranks_per_node,
             overwrite: self.overwrite,
             resume: self.resume,
             hf_assets: self.hf_assets,
-            hf_metadata: !self.no_hf_metadata,
-            progress_secs: self.progress,
+            staging_dir: self.staging_dir,
+            index_name: self.index_name,
+            keep_top_level_key: self.keep_top_level_key,
+            no_hf_metadata: self.no_hf_metadata,
+            verify: self.verify,
+            verify_only: self.verify_only,
+            allow_missing_shard_files: self.allow_missing_shard_files,
+            source_ranks: self.source_ranks,
+            quiet: self.quiet,
+            verbose: self.verbose,
+            progress: self.progress,
             report: self.report,
+            schedule: Some(self.schedule),
+            headers: Some(self.headers),
+            dtype: self.dtype,
+            dtype_map: self.dtype_map.map(Table::File),
+            strip_prefix: self.strip_prefix,
             // Paths need not be UTF-8 (a folder named in Latin-1): the
             // report's JSON holds a lossy copy; std::env::args would panic.
             command_line: std::env::args_os()
                 .map(|arg| arg.to_string_lossy().into_owned())
                 .collect(),
-            // The command stops on a signal's default action instead.
-            cancel: Default::default(),
-            staging: None,
+            ..Options::new(self.input_dir, self.output_dir, Spelling::Flags)
         }
     }
 }
 
-/// The `--input-format` choices (mirroring [`InputFormat`]).
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum FormatArg {
-    Auto,
-    HfShards,
-    Dcp,
-}
+/// A choice's value as given, for the library to check; its names (the
+/// library's) only list the choices in `--help` and clap's messages.
+#[derive(Clone)]
+struct Names(Vec<&'static str>);
 
-impl From<FormatArg> for InputFormat {
-    fn from(arg: FormatArg) -> InputFormat {
-        match arg {
-            FormatArg::Auto => InputFormat::Auto,
-            FormatArg::HfShards => InputFormat::HfShards,
-            FormatArg::Dcp => InputFormat::Dcp,
-        }
+impl TypedValueParser for Names {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<String, clap::Error> {
+        StringValueParser::new().parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(
+            self.0.iter().map(|name| PossibleValue::new(*name)),
+        ))
     }
 }
 
-/// The `--unmapped` choices (mirroring [`Unmapped`]).
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum UnmappedArg {
-    Error,
-    Last,
-}
-
-impl From<UnmappedArg> for Unmapped {
-    fn from(arg: UnmappedArg) -> Unmapped {
-        match arg {
-            UnmappedArg::Error => Unmapped::Error,
-            UnmappedArg::Last => Unmapped::Last,
-        }
+/// An integer as written, negative included; one too large for an `i64`
+/// saturates (the library caps or refuses it with the option's range).
+fn integer(text: &str) -> Result<i64, String> {
+    let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("'{text}' is not an integer"));
     }
-}
-
-/// The `--schedule` choices (mirroring [`Schedule`]).
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum ScheduleArg {
-    Modulo,
-    Balanced,
-}
-
-impl From<ScheduleArg> for Schedule {
-    fn from(arg: ScheduleArg) -> Schedule {
-        match arg {
-            ScheduleArg::Modulo => Schedule::Modulo,
-            ScheduleArg::Balanced => Schedule::Balanced,
-        }
-    }
-}
-
-/// The `--headers` choices (mirroring [`HeaderReading`]).
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum HeadersArg {
-    All,
-    Shared,
-}
-
-impl From<HeadersArg> for HeaderReading {
-    fn from(arg: HeadersArg) -> HeaderReading {
-        match arg {
-            HeadersArg::All => HeaderReading::All,
-            HeadersArg::Shared => HeaderReading::Shared,
-        }
-    }
-}
-
-/// `--index-name`, checked as clap parses it.
-fn index_name_arg(arg: &str) -> Result<String, String> {
-    st_consolidate_mpi::safetensors::naming::index_name_for(arg)
-}
-
-/// The `--dtype` choices.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum ExportDtype {
-    Bf16,
-    F16,
-    F32,
-    F64,
-}
-
-impl ExportDtype {
-    fn dtype(self) -> Dtype {
-        match self {
-            ExportDtype::Bf16 => Dtype::BF16,
-            ExportDtype::F16 => Dtype::F16,
-            ExportDtype::F32 => Dtype::F32,
-            ExportDtype::F64 => Dtype::F64,
-        }
-    }
-}
-
-/// More copy threads per rank than any node has cores for: each is a real
-/// thread with its own stack, and tens of thousands of them exhaust the
-/// process's memory maps or thread limit instead of copying faster.
-const MAX_THREADS: i64 = 1024;
-
-/// The shortest progress interval: every round is a collective over all
-/// ranks and, in a log, a line; ten a second is already more than anyone
-/// reads, and a nanosecond would print a line per microsecond of copying.
-const MIN_PROGRESS_SECS: f64 = 0.1;
-
-/// `--progress`: 0 (off), or seconds from [`MIN_PROGRESS_SECS`] to a day.
-fn parse_seconds(text: &str) -> Result<f64, String> {
-    const DAY: f64 = 86_400.0;
-    match text.parse::<f64>() {
-        Ok(secs) if secs == 0.0 || (MIN_PROGRESS_SECS..=DAY).contains(&secs) => Ok(secs),
-        _ => Err(format!(
-            "'{text}' is neither 0 (no progress) nor a number of seconds from {MIN_PROGRESS_SECS} to 86400 (a day)"
-        )),
-    }
+    Ok(text.parse().unwrap_or(if text.starts_with('-') {
+        i64::MIN
+    } else {
+        i64::MAX
+    }))
 }
 
 /// What a finished run prints: the plan of a dry run on stdout, the
@@ -431,7 +336,17 @@ fn main() -> ExitCode {
             return ExitCode::from(if err.use_stderr() { 2 } else { 0 });
         }
     };
-    let config = cli.config();
+    // A usage error as clap's: exit 2, said once by the launcher's rank 0,
+    // before MPI starts.
+    let config = match cli.options().into_config() {
+        Ok(config) => config,
+        Err(err) => {
+            if launcher_rank() == 0 {
+                stderr::write_line(&format!("st-consolidate-mpi: error: {err}"));
+            }
+            return ExitCode::from(2);
+        }
+    };
     // MPI finalizes when `world` drops at the end of main.
     let world = match launch::start() {
         Ok(world) => world,
