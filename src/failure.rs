@@ -156,6 +156,17 @@ impl Failure {
     }
 }
 
+/// The one message every rank of a job of `size` shows for `err`, which
+/// this `rank` returned: another rank's failure as it was sent, this
+/// rank's own one naming it the same way ("rank 1 refused its input: …").
+pub fn job_message(err: &Error, rank: usize, size: usize) -> String {
+    match err {
+        Error::PeerFailed { .. } => err.to_string(),
+        _ if size > 1 => Failure::of(rank, err).into_peer_error().to_string(),
+        _ => err.to_string(),
+    }
+}
+
 /// Runs `work`, turning a panic in it into an internal failure of this
 /// rank in `phase`, so that this rank still joins the phase's collective.
 pub fn catch_panic<T>(rank: usize, phase: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
