@@ -20,8 +20,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use sink::PyLogger;
 use st_consolidate_mpi::Error;
-use st_consolidate_mpi::exec::cancel::StopReason;
 use st_consolidate_mpi::comm::Communicator;
+use st_consolidate_mpi::exec::cancel::StopReason;
 use st_consolidate_mpi::failure::{FailureKind, job_message};
 use st_consolidate_mpi::messages::Messages;
 use st_consolidate_mpi::run::{Summary, run};
@@ -91,7 +91,8 @@ fn consolidate<'py>(
     communicator: Option<&Bound<'py, PyAny>>,
     logger: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let config = config::from_options(input_dir, output_dir, options).map_err(|e| raise(py, &e, None))?;
+    let config =
+        config::from_options(input_dir, output_dir, options).map_err(|e| raise(py, &e, None))?;
     let comm = PyCommunicator::new(communicator)?;
     let logger = PyLogger::new(logger);
     // As the command does: each output file this rank owns stays open for
