@@ -259,6 +259,36 @@ def test_a_rank_outside_the_process_group_is_told_so(tmp):
     ), message
 
 
+NOT_A_GROUP = """
+import sys, torch.distributed as dist, st_consolidate
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+try:
+    st_consolidate.consolidate_safetensors_files_on_every_rank(sys.argv[2], sys.argv[3], {"a.weight": 1},
+                                                               process_group="abc")
+except st_consolidate.InputError as e:
+    print(e)
+dist.destroy_process_group()
+"""
+
+
+def test_a_process_group_that_is_no_group_is_refused(tmp):
+    # In a process of its own: this one keeps torch.distributed uninitialised.
+    import subprocess
+    import sys
+
+    inp = saved(tmp / "in", MAPPING)
+    done = subprocess.run(
+        [sys.executable, "-c", NOT_A_GROUP, str(tmp / "store"), str(inp), str(tmp / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("process_group='abc' is not a process group of this job: "), done.stdout
+    assert "hint: pass a group made by torch.distributed.new_group, or None for the default group" in done.stdout
+    assert not (tmp / "out").exists()
+
+
 @pytest.mark.parametrize("variant", ["gloo", "twin"])
 def test_a_reinitialised_default_group_works(tmp, variant):
     seen = run_scenario(tmp, "reinit", variant)
