@@ -245,3 +245,54 @@ fn a_killed_run_resumes_and_verifies() {
     consolidate_ok(2, &check);
     assert_matches_manifest(out.path(), &ckpt.path().join("manifest.json"));
 }
+
+/// sha256 of every model file in `dir`, by name.
+fn file_digests(dir: &Path) -> BTreeMap<String, String> {
+    use sha2::{Digest, Sha256};
+    names(dir)
+        .into_iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .map(|n| {
+            let digest = Sha256::digest(std::fs::read(dir.join(&n)).unwrap());
+            (n, digest.iter().map(|b| format!("{b:02x}")).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn a_change_in_the_middle_of_an_input_is_noticed_by_resume() {
+    // Shards of several hundred KiB: their first and last 64 KiB (what
+    // the inputs' fingerprint signs) leave most of the data out.
+    let ckpt = tempfile::tempdir().unwrap();
+    let big = ["--ranks", "2", "--hidden", "256", "--vocab", "4000"];
+    make_shards(ckpt.path(), &big);
+    let mapping = ckpt.path().join("mapping.json");
+    let out = tempfile::tempdir().unwrap();
+    let args = ["--mapping", s(&mapping), s(ckpt.path()), s(out.path())];
+    consolidate_ok(1, &args);
+    // A fine-tune that changed one byte in the middle of the largest shard
+    // only: same size, same first and last 64 KiB.
+    let largest = names(ckpt.path())
+        .into_iter()
+        .filter(|n| n.starts_with("shard-"))
+        .max_by_key(|n| std::fs::metadata(ckpt.path().join(n)).unwrap().len())
+        .unwrap();
+    let path = ckpt.path().join(&largest);
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 3 * 65536, "{largest}: {} bytes", bytes.len());
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&path, &bytes).unwrap();
+    let text = resume(2, &[], ckpt.path(), out.path());
+    assert!(
+        text.contains("differs from the inputs; it is rewritten"),
+        "{text}"
+    );
+    // What a fresh run writes from the changed checkpoint.
+    let fresh = tempfile::tempdir().unwrap();
+    consolidate_ok(
+        1,
+        &["--mapping", s(&mapping), s(ckpt.path()), s(fresh.path())],
+    );
+    assert_eq!(file_digests(out.path()), file_digests(fresh.path()));
+}

@@ -660,7 +660,7 @@ fn consolidate(
     }
     agree(comm, same_output_dir(comm, out, lock.as_ref()))?;
     if config.resume {
-        resume::keep_complete_files(job, &mut plan, verify)?;
+        resume::keep_complete_files(job, &mut plan)?;
         locate_to_write(job, &mut plan, verify)?;
     }
     let plan = &plan;

@@ -42,11 +42,13 @@ pub(super) fn input_fingerprint(
 
 /// `--resume`: sets `plan.kept` to the planned files an earlier run
 /// completed from these inputs, found by rank 0 and sent to every rank.
-/// With `verify`, a kept file whose tensor bytes differ from the inputs
-/// (compared by its owner) is rewritten instead, and a file of this layout
-/// that records no input fingerprint (an older version wrote it) is kept
-/// if its bytes are equal; without `verify` such a file is rewritten.
-pub(super) fn keep_complete_files(job: &Job, plan: &mut Plan, verify: bool) -> Result<()> {
+/// Every candidate's tensor bytes are then compared with the inputs (each
+/// file by its owner, as `--verify` compares) before it is kept: the
+/// inputs' fingerprint covers each input's size and both ends only, so a
+/// fine-tune that changed the middle of a shard has the same one. A file
+/// that differs is rewritten; a file of this layout that records no input
+/// fingerprint (an older version wrote it) is kept if its bytes are equal.
+pub(super) fn keep_complete_files(job: &Job, plan: &mut Plan) -> Result<()> {
     let (out, comm, rank) = (&job.config.output, job.comm, job.rank());
     let found = job.on_rank0(|| find_kept(out, plan))?;
     for line in found.iter().flat_map(|found| &found.rewritten) {
@@ -59,16 +61,6 @@ pub(super) fn keep_complete_files(job: &Job, plan: &mut Plan, verify: bool) -> R
         ..
     } = agree(comm, decode_found(&shared))?;
     let mut kept = complete;
-    if !verify {
-        for &f in &unfingerprinted {
-            job.say(&format!(
-                "resume: {} records no input fingerprint (an older version wrote it); it is rewritten (with --verify it would be kept if its bytes equal the inputs)",
-                plan.files[f].name
-            ));
-        }
-        plan.kept = kept;
-        return say_kept(job, plan);
-    }
     // The candidates as they are on disk: an unfingerprinted file's header
     // is the planned one without the fingerprint, so its data starts earlier.
     let mut candidates = Plan {

@@ -109,9 +109,9 @@ struct Cli {
     #[arg(long)]
     overwrite: bool,
 
-    /// Continue an interrupted run: keep every output file already complete in OUTPUT_DIR
-    /// (its header and size are this plan's; with --verify its tensor bytes are compared too)
-    /// and write only the others, then the index.
+    /// Continue an interrupted run: keep every output file already complete in OUTPUT_DIR (its
+    /// header and size are this plan's, and its tensor bytes, compared with the inputs, equal
+    /// them) and write only the others, then the index.
     #[arg(long)]
     resume: bool,
 
