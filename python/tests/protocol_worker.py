@@ -1,8 +1,8 @@
 """One rank of the torchrun protocol tests (test_protocol.py). Scenarios:
 
-- ``stops``: for N = 1, 2, ... the victim rank sends itself SIGINT at its
-  N-th collective (and waits until the call's signal watcher has taken it),
-  over an earlier output; records for each N what each rank raised or
+- ``stops`` (``stops-fresh``): for N = 1, 2, ... the victim rank sends
+  itself SIGINT at its N-th collective (and waits until the call's signal
+  watcher has taken it), over an earlier output (into a fresh folder); records for each N what each rank raised or
   whether the call said it published, and the output folder's files.
 - ``options``: rank 1 is given verify=True, rank 0 not.
 - ``panic``: rank 1 panics in phase 3 (the library's test hook).
@@ -58,7 +58,7 @@ def outcome_of(call, said):
     return what + [published]
 
 
-def stops(rank, input_dir, mapping, out, victim=1):
+def stops(rank, input_dir, mapping, out, fresh, victim=1):
     said = Said()
     logging.getLogger("st_consolidate").addHandler(said)
     counter = {"at": None, "seen": 0}
@@ -97,7 +97,8 @@ def stops(rank, input_dir, mapping, out, victim=1):
         n += 1
         folder = f"{out}/stop-{n}"
         # The earlier output: the same tensors in one file.
-        st_consolidate.consolidate_safetensors_files_on_every_rank(input_dir, folder, **earlier)
+        if not fresh:
+            st_consolidate.consolidate_safetensors_files_on_every_rank(input_dir, folder, **earlier)
         before = snapshot(folder)
         dist.barrier()
         counter["at"] = n if rank == victim else None
@@ -111,7 +112,7 @@ def stops(rank, input_dir, mapping, out, victim=1):
         called = counter["seen"]
         counter["at"] = None
         dist.barrier()
-        runs.append({"at": n, "outcome": what, "before": before, "after": snapshot(folder), "left": sorted(os.listdir(folder))})
+        runs.append({"at": n, "outcome": what, "before": before, "after": snapshot(folder), "left": sorted(os.listdir(folder)) if os.path.isdir(folder) else []})
         # Past the victim's last collective: the last run was not stopped.
         done = [called < n]
         dist.broadcast_object_list(done, src=victim)
@@ -128,8 +129,8 @@ def main(scenario, input_dir, mapping_file, out, results):
     seen = {"rank": rank}
     said = Said()
     logging.getLogger("st_consolidate").addHandler(said)
-    if scenario == "stops":
-        seen.update(stops(rank, input_dir, mapping, out))
+    if scenario in ("stops", "stops-fresh"):
+        seen.update(stops(rank, input_dir, mapping, out, fresh=scenario == "stops-fresh"))
     elif scenario == "options":
         seen["outcome"] = outcome_of(
             lambda: st_consolidate.consolidate(input_dir, f"{out}/options", verify=rank == 1), said

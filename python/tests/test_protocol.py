@@ -63,6 +63,28 @@ def test_an_interrupt_at_each_collective_keeps_the_earlier_output_or_publishes_t
     assert last0["after"] != last0["before"]
 
 
+def test_an_interrupt_at_each_collective_into_a_fresh_folder_leaves_nothing_or_the_whole_output(tmp):
+    checkpoint(tmp)
+    seen = run(tmp, "stops-fresh", timeout=600)
+    runs = list(zip(seen[0]["runs"], seen[1]["runs"]))
+    complete = runs[-1][0]["after"]
+    assert INDEX in complete
+    stopped = published = 0
+    for r0, r1 in runs[:-1]:
+        case = f"interrupted at collective {r1['at']}"
+        (what0, text0, _), (what1, _, late1) = r0["outcome"], r1["outcome"]
+        if late1:
+            published += 1
+            assert what0 == "returned" and r0["after"] == complete, case
+            continue
+        stopped += 1
+        # Nothing at all: no model file, no index, no temporary, no lock.
+        assert r0["left"] == [], (case, r0["left"])
+        assert what1 == "KeyboardInterrupt", case
+        assert what0 == "ConsolidationError" and text0.startswith("rank 1 was interrupted: "), (case, text0)
+    assert stopped >= 8 and published >= 1, (stopped, published)
+
+
 def test_ranks_given_different_options_refuse_before_writing(tmp):
     checkpoint(tmp)
     seen = run(tmp, "options")

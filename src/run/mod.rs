@@ -690,6 +690,13 @@ fn consolidate(
     let timing = agree(comm, copy_with_progress(job, build_dir, plan, &created))?;
     report_timing(job, plan, created.len(), &timing);
     job.report_located();
+    // Staged files go to OUTPUT_DIR before verification, so that --verify
+    // reads the bytes that will be published.
+    let created = match &staging {
+        Some(_) => job.agree(|| move_into(created, out, &config.cancel))?,
+        None => created,
+    };
+    drop(staging);
     if verify {
         let targets = written_targets(plan, &created);
         let mismatches = job.agree(|| compare(plan, &targets))?;
@@ -699,11 +706,7 @@ fn consolidate(
             "verified: every written byte equals the inputs{crcs}"
         ));
     }
-    let created = match &staging {
-        Some(_) => job.agree(|| move_into(created, out, &config.cancel))?,
-        None => created,
-    };
-    drop(staging);
+
     let mine = RankReport {
         rank,
         host: crate::exec::lock::host_name(),
