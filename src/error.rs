@@ -4,14 +4,38 @@
 //! telling the user what to do, because the person reading it is usually an
 //! operator looking at a Slurm log, not the author of the checkpoint.
 
-use crate::exec::cancel::StopReason;
-use crate::failure::FailureKind;
 use rustix::io::Errno;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 /// Result alias used throughout the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a run was asked to stop (`exec::cancel`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum StopReason {
+    /// An interrupt (Ctrl-C, SIGINT) reached this rank.
+    Interrupted,
+    /// This rank's process is exiting (the Python interpreter's exit).
+    Exiting,
+}
+
+/// What happened to a rank that failed (the protocol is in `failure`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The inputs or the options are unusable.
+    Input,
+    /// The rank was interrupted (Ctrl-C) before the point of no return.
+    Interrupted,
+    /// The rank's process was exiting (the Python interpreter's exit).
+    Exited,
+    /// The ranks cannot communicate: a rank died, never came or timed out.
+    Departed,
+    /// A bug: a panic or a broken invariant.
+    Internal,
+    /// Anything else: the filesystem, verification, ranks that disagree.
+    Failed,
+}
 
 /// Everything that can stop a consolidation.
 #[derive(Debug, thiserror::Error)]

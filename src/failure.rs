@@ -11,26 +11,9 @@
 //! phase is caught there ([`catch_panic`]) and becomes an internal failure
 //! of that rank, so the collectives stay matched and nothing hangs.
 
-use crate::error::{Error, Result};
-use crate::exec::cancel::StopReason;
+pub use crate::error::FailureKind;
+use crate::error::{Error, Result, StopReason};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-
-/// What happened to a rank that failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The inputs or the options are unusable.
-    Input,
-    /// The rank was interrupted (Ctrl-C) before the point of no return.
-    Interrupted,
-    /// The rank's process was exiting (the Python interpreter's exit).
-    Exited,
-    /// The ranks cannot communicate: a rank died, never came or timed out.
-    Departed,
-    /// A bug: a panic or a broken invariant.
-    Internal,
-    /// Anything else: the filesystem, verification, ranks that disagree.
-    Failed,
-}
 
 impl FailureKind {
     const ALL: [FailureKind; 6] = [
@@ -153,6 +136,17 @@ impl Failure {
             kind: self.kind,
             message: self.message,
         }
+    }
+}
+
+/// The one message every rank of a job of `size` shows for `err`, which
+/// this `rank` returned: another rank's failure as it was sent, this
+/// rank's own one naming it the same way ("rank 1 refused its input: …").
+pub fn job_message(err: &Error, rank: usize, size: usize) -> String {
+    match err {
+        Error::PeerFailed { .. } => err.to_string(),
+        _ if size > 1 => Failure::of(rank, err).into_peer_error().to_string(),
+        _ => err.to_string(),
     }
 }
 

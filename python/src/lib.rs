@@ -20,8 +20,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use sink::PyLogger;
 use st_consolidate_mpi::Error;
+use st_consolidate_mpi::comm::Communicator;
 use st_consolidate_mpi::exec::cancel::StopReason;
-use st_consolidate_mpi::failure::FailureKind;
+use st_consolidate_mpi::failure::{FailureKind, job_message};
 use st_consolidate_mpi::messages::Messages;
 use st_consolidate_mpi::run::{Summary, run};
 
@@ -53,10 +54,14 @@ fn summary_dict<'py>(
 /// rank's kind and message; here kinds only become classes. The rank that
 /// was interrupted raises `KeyboardInterrupt`; a peer's interrupt, like
 /// any failure of a peer, is a `ConsolidationError` naming that rank.
-fn raise(py: Python<'_>, err: &Error) -> PyErr {
+fn raise(py: Python<'_>, err: &Error, comm: Option<&PyCommunicator>) -> PyErr {
+    let message = match comm {
+        Some(comm) => job_message(err, comm.rank(), comm.size()),
+        None => err.to_string(),
+    };
     let class = match (err, err.kind()) {
         (Error::Cancelled(_), FailureKind::Interrupted) => {
-            return PyKeyboardInterrupt::new_err(err.to_string());
+            return PyKeyboardInterrupt::new_err(message);
         }
         (_, FailureKind::Input) => "InputError",
         _ => "ConsolidationError",
@@ -69,7 +74,7 @@ fn raise(py: Python<'_>, err: &Error) -> PyErr {
             class
                 .cast_into()
                 .unwrap_or_else(|_| py.get_type::<pyo3::exceptions::PyRuntimeError>()),
-            err.to_string(),
+            message,
         ),
         Err(e) => e,
     }
@@ -86,7 +91,8 @@ fn consolidate<'py>(
     communicator: Option<&Bound<'py, PyAny>>,
     logger: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let config = config::from_options(input_dir, output_dir, options).map_err(|e| raise(py, &e))?;
+    let config =
+        config::from_options(input_dir, output_dir, options).map_err(|e| raise(py, &e, None))?;
     let comm = PyCommunicator::new(communicator)?;
     let logger = PyLogger::new(logger);
     // As the command does: each output file this rank owns stays open for
@@ -96,7 +102,7 @@ fn consolidate<'py>(
     let watch = signals::on_main_thread(py)?;
     // Held until the call has the GIL again (see `exit`).
     let Some(_running) = exit::Running::enter(&config.cancel, watch) else {
-        return Err(raise(py, &Error::Cancelled(StopReason::Exiting)));
+        return Err(raise(py, &Error::Cancelled(StopReason::Exiting), None));
     };
     let (outcome, raised) = py.detach(|| {
         signals::run_watching_signals(
@@ -126,7 +132,7 @@ fn consolidate<'py>(
         // The exception a signal handler raised (KeyboardInterrupt), once the
         // run has stopped and cleaned up.
         (Err(_), Some(raised)) => Err(raised),
-        (Err(err), None) => Err(raise(py, &err)),
+        (Err(err), None) => Err(raise(py, &err, Some(&comm))),
     }
 }
 

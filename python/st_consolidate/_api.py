@@ -3,10 +3,13 @@ PyTorch's and NeMo's ``consolidate_safetensors_files[_on_every_rank]``.
 Arguments are adapted here; the library does the work."""
 
 import atexit
+import collections.abc
 import dataclasses
 import json
 import logging
+import operator
 import os
+import tempfile
 import sys
 
 from . import _dist
@@ -60,7 +63,7 @@ def _communicator(process_group):
 
 def _invoke(input_dir, output_dir, options, communicator):
     options = {k: v for k, v in options.items() if v is not None}
-    result = _run(os.fspath(input_dir), os.fspath(output_dir), options, communicator, logger)
+    result = _run(_path(input_dir), _path(output_dir), options, communicator, logger)
     if result.get("human"):
         logger.info("%s", result["human"])
     report = json.loads(result["report"]) if result.get("report") else None
@@ -92,6 +95,7 @@ def consolidate(
     overwrite=False,
     resume=False,
     hf_assets=None,
+    staging_dir=None,
     no_hf_metadata=False,
     keep_top_level_key=False,
     index_name=None,
@@ -129,8 +133,8 @@ def consolidate(
         input_format=input_format,
         include=include,
         exclude=exclude,
-        mapping=_path(mapping),
-        hf_index=_path(hf_index),
+        mapping=_path(mapping, "mapping"),
+        hf_index=_path(hf_index, "hf_index"),
         max_shard_size=max_shard_size,
         unmapped=unmapped,
         threads=threads,
@@ -139,7 +143,8 @@ def consolidate(
         ranks_per_node=ranks_per_node,
         overwrite=overwrite,
         resume=resume,
-        hf_assets=_path(hf_assets),
+        hf_assets=_path(hf_assets, "hf_assets"),
+        staging_dir=_path(staging_dir, "staging_dir"),
         no_hf_metadata=no_hf_metadata,
         keep_top_level_key=keep_top_level_key,
         index_name=index_name,
@@ -148,19 +153,96 @@ def consolidate(
         allow_missing_shard_files=allow_missing_shard_files,
         source_ranks=source_ranks,
         progress=float(progress),
-        report=_path(report),
+        report=_path(report, "report"),
         schedule=schedule,
         headers=headers,
         dtype=_cast_name(dtype),
-        dtype_map=dtype_map if isinstance(dtype_map, dict) else _path(dtype_map),
+        dtype_map=dtype_map if isinstance(dtype_map, dict) else _path(dtype_map, "dtype_map"),
         strip_prefix=strip_prefix,
-        command_line=["st_consolidate.consolidate", os.fspath(input_dir), os.fspath(output_dir)],
+        command_line=_command_line("st_consolidate.consolidate", input_dir, output_dir),
     )
     return _invoke(input_dir, output_dir, options, _communicator(process_group))
 
 
-def _path(value):
-    return None if value is None else os.fspath(value)
+def _path(value, name="path"):
+    """A path given as str, bytes or os.PathLike, as a str (None stays
+    None). Bytes that are not UTF-8 become lone surrogates, as os.fsdecode
+    makes them, which the extension turns back into the same bytes: a
+    folder whose name is not UTF-8 is found."""
+    if value is None:
+        return None
+    try:
+        return os.fsdecode(os.fspath(value))
+    except TypeError:
+        raise InputError(
+            f"{name}={value!r} is not a path\n  hint: pass a str, bytes or os.PathLike such as pathlib.Path"
+        ) from None
+
+
+def _shown(path):
+    """A path for messages and the report's command line: valid text, the
+    bytes that are not UTF-8 shown as \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _command_line(caller, input_dir, output_dir):
+    return [caller, _shown(_path(input_dir, "input_dir")), _shown(_path(output_dir, "output_dir"))]
+
+
+def _count(value):
+    """``value`` as an int if it is one (an int, a numpy or 0-d torch
+    integer: what ``operator.index`` takes), else None. A bool is no count,
+    and a float is not taken even when whole: PyTorch's names would show
+    it as "2.0"."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _file_indices(mapping):
+    """``fqn_to_index_mapping`` checked: every value an output file index
+    (an integer from 1), or an InputError naming the tensor and the value.
+    PyTorch formats the value into the file name, so 1.7, True, 0 or -1
+    give files named model-001.7-of-..., model-0True-of-...; a string makes
+    it crash."""
+    if not isinstance(mapping, collections.abc.Mapping):
+        raise InputError(
+            f"fqn_to_index_mapping={type(mapping).__name__} is not a dict\n"
+            f"  hint: pass a dict {{tensor name: output file index from 1}}, or None for one file"
+        )
+    checked = {}
+    for name, value in mapping.items():
+        index = _count(value)
+        if index is None or not 1 <= index < 2**64:
+            raise InputError(
+                f"fqn_to_index_mapping: tensor '{name}' maps to {value!r}, not an output file index\n"
+                f"  hint: indices are integers from 1, the I of model-0000I-of-0000N.safetensors"
+            )
+        checked[str(name)] = index
+    if not checked:
+        # Every tensor would be left out, and an earlier output replaced by
+        # an empty index; PyTorch's consolidate_safetensors_files crashes.
+        raise InputError(
+            "fqn_to_index_mapping is empty: every tensor would be left out\n"
+            "  hint: pass the mapping the checkpoint was saved with, or None for one file"
+        )
+    return checked
+
+
+def _thread_count(num_threads):
+    """``num_threads`` as the library's ``threads``: any positive integer
+    (the library uses as many as help); 0 and negative values mean one
+    thread, as PyTorch's and NeMo's consolidation take them (they copy
+    sequentially for ``num_threads <= 1``)."""
+    count = _count(num_threads)
+    if count is None:
+        raise InputError(
+            f"num_threads={num_threads!r} is not an integer\n  hint: pass the number of threads, such as 4"
+        )
+    return max(1, count)
 
 
 def _dropin_options(fqn_to_index_mapping, num_threads, cast_dtype, fqn_to_dtype_mapping):
@@ -169,30 +251,33 @@ def _dropin_options(fqn_to_index_mapping, num_threads, cast_dtype, fqn_to_dtype_
     warning (as PyTorch does), existing outputs replaced (a restarted job
     saves again), nothing detected or copied besides the weights."""
     if fqn_to_index_mapping is not None:
-        fqn_to_index_mapping = {str(k): int(v) for k, v in fqn_to_index_mapping.items()}
+        fqn_to_index_mapping = _file_indices(fqn_to_index_mapping)
     if fqn_to_dtype_mapping is not None:
         fqn_to_dtype_mapping = {str(k): str(v) for k, v in fqn_to_dtype_mapping.items()}
     return dict(
         input_format="hf-shards",
         fqn_to_index_mapping=fqn_to_index_mapping,
         unmapped="omit",
-        threads=max(1, int(num_threads)),
+        # Under the drop-ins' names, which the library's messages then use.
+        num_threads=_thread_count(num_threads),
         overwrite=True,
         no_hf_metadata=True,
-        dtype=_cast_name(cast_dtype),
+        cast_dtype=_cast_name(cast_dtype),
         fqn_to_dtype_mapping=fqn_to_dtype_mapping,
     )
 
 
 def _dropin(input_dir, output_dir, options, communicator, use_staging, staging_dir):
-    options["command_line"] = ["st_consolidate drop-in", os.fspath(input_dir), os.fspath(output_dir)]
+    input_dir = _path(input_dir, "input_dir")
+    output_dir = _path(output_dir, "output_dir")
+    staging_dir = _path(staging_dir, "staging_dir")
+    options["command_line"] = _command_line("st_consolidate drop-in", input_dir, output_dir)
     if use_staging:
-        from ._staging import staged
-
-        with staged(output_dir, staging_dir, communicator) as build_dir:
-            _invoke(input_dir, build_dir, options, communicator)
-    else:
-        _invoke(input_dir, output_dir, options, communicator)
+        # Each rank builds in a new folder of its own under staging_dir (the
+        # system's temporary folder by default, as NeMo's mkdtemp), and the
+        # library publishes from there as it publishes any run.
+        options["staging_dir"] = staging_dir if staging_dir is not None else tempfile.gettempdir()
+    _invoke(input_dir, output_dir, options, communicator)
 
 
 def consolidate_safetensors_files(

@@ -3,7 +3,7 @@
 The Rust side calls these methods, one collective each, from the thread
 that called the consolidation; they move bytes and small integers only.
 Collectives run on a gloo group: the given one, or for an NCCL group a
-gloo group of the same members, made once and cached. ``new_group`` is
+gloo group of the same members, made once per group and dropped with it. ``new_group`` is
 collective over the whole world unless ``use_local_synchronization=True``,
 with which only the members take part, so a subgroup works without the
 other ranks.
@@ -12,8 +12,14 @@ other ranks.
 import socket
 import sys
 import threading
+import weakref
 
-_gloo_groups = {}
+from ._errors import ConsolidationError, InputError
+
+# Each group's gloo twin, held as long as its group lives: a group
+# destroyed (destroy_process_group, then a new init_process_group makes a
+# new default group) takes its twin with it, and a new group gets its own.
+_gloo_twins = weakref.WeakKeyDictionary()
 _gloo_lock = threading.Lock()
 
 
@@ -30,19 +36,47 @@ def distributed_or_none():
     return None
 
 
+def _needs_twin(dist, group):
+    """Whether ``group``'s backend cannot run the collectives (NCCL moves
+    CUDA tensors only): they then go over a gloo group of the same members."""
+    return "gloo" not in str(dist.get_backend(group)).lower()
+
+
 def _gloo_group(dist, group):
-    """A gloo group with the members of ``group`` (None: the default)."""
-    backend = str(dist.get_backend(group)).lower()
-    if "gloo" in backend:
+    """A gloo group with the members of ``group`` (None: the default), made
+    once per group and dropped with it."""
+    group = group if group is not None else dist.group.WORLD
+    if not _needs_twin(dist, group):
         return group
-    key = group if group is not None else "default"
     with _gloo_lock:
-        if key not in _gloo_groups:
-            ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
-            _gloo_groups[key] = dist.new_group(
-                ranks=ranks, backend="gloo", use_local_synchronization=True
-            )
-        return _gloo_groups[key]
+        twin = _gloo_twins.get(group)
+        if twin is None:
+            ranks = dist.get_process_group_ranks(group)
+            twin = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
+            _gloo_twins[group] = twin
+        return twin
+
+
+def _member_rank(dist, group):
+    """This process's rank in ``group`` (None: the default group), or an
+    InputError if it is not one of the group's ranks: torch hands such a
+    rank a placeholder for the group (``new_group`` on a non-member), with
+    which every collective fails."""
+    try:
+        rank = dist.get_rank(group)
+    except Exception as e:  # whatever torch raises for a value that is no group
+        raise InputError(
+            f"process_group={group!r} is not a process group of this job: {e}\n"
+            f"  hint: pass a group made by torch.distributed.new_group, or None for the default group"
+        ) from None
+    if rank < 0:
+        raise InputError(
+            f"this rank (global rank {dist.get_rank()}) is not a member of process_group, "
+            f"which only its member ranks may call\n"
+            f"  hint: call it on the group's ranks only (new_group returns a placeholder on the others), "
+            f"or pass a group this rank belongs to"
+        )
+    return rank
 
 
 class TorchCommunicator:
@@ -55,11 +89,22 @@ class TorchCommunicator:
 
         self._torch = torch
         self._dist = dist
-        self._group = _gloo_group(dist, group)
-        self.rank = dist.get_rank(self._group)
-        self.size = dist.get_world_size(self._group)
-        hosts = [None] * self.size
-        dist.all_gather_object(hosts, socket.gethostname(), group=self._group)
+        _member_rank(dist, group)
+        try:
+            self._group = _gloo_group(dist, group)
+            self.rank = dist.get_rank(self._group)
+            self.size = dist.get_world_size(self._group)
+            hosts = [None] * self.size
+            dist.all_gather_object(hosts, socket.gethostname(), group=self._group)
+        except Exception as e:
+            # The job's first collective: it is where a rank that never
+            # calls, or died, shows. (KeyboardInterrupt is no Exception.)
+            raise ConsolidationError(
+                f"global rank {dist.get_rank()}: the ranks of the process group could not start the "
+                f"consolidation together ({type(e).__name__}: {e})\n"
+                f"  hint: every rank of the group must call it with the same arguments; a rank that never "
+                f"calls, or that died or exited, makes this fail: see the other ranks' output"
+            ) from e
         self.ranks_on_node = hosts.count(hosts[self.rank])
 
     def lowest_failed(self, failed):

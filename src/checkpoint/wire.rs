@@ -13,7 +13,9 @@
 //! allocation.
 
 use crate::checkpoint::identity::Inputs;
-use crate::checkpoint::{Checkpoint, FullTensor, Location, Piece};
+use crate::checkpoint::{
+    Checkpoint, FullTensor, Location, Piece, PieceHints, TensorSpec, tensor_from_pieces,
+};
 use crate::safetensors::dtype::Dtype;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -63,48 +65,65 @@ pub fn encode(checkpoint: &Checkpoint) -> Vec<u8> {
 }
 
 /// The checkpoint [`encode`] made of `bytes`, its inputs not opened by
-/// this rank; what is wrong with them otherwise.
+/// this rank; what is wrong with them otherwise. The model is checked as
+/// the readers check theirs: every tensor rebuilt by
+/// [`tensor_from_pieces`] (each piece of the tensor's rank, inside its
+/// shape, the pieces tiling it), every location naming one of the files,
+/// names in order and once, so that a garbled payload is an error here and
+/// not a wrong copy later.
 pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
     let mut from = Reader { bytes, at: 0 };
     if from.take(MAGIC.len())? != MAGIC {
         return Err("it does not start as this version's encoding does".into());
     }
     let files = from.paths()?;
-    let count = from.count()?;
-    let mut tensors = Vec::with_capacity(count);
+    let count = from.count(MIN_TENSOR_BYTES)?;
+    let mut tensors: Vec<FullTensor> = Vec::with_capacity(count);
     for _ in 0..count {
         let name = from.string()?;
         let dtype = Dtype::parse(&from.string()?).map_err(|e| format!("'{name}': {e:?}"))?;
         let shape = from.numbers()?;
-        let count = from.count()?;
+        let count = from.count(MIN_PIECE_BYTES)?;
+        // Replicas are sent inside their piece; tensor_from_pieces finds
+        // them again as the readers do, each block after its first copy.
         let mut pieces = Vec::with_capacity(count);
         for _ in 0..count {
             let offsets = from.numbers()?;
             let piece_shape = from.numbers()?;
-            let location = from.location()?;
-            let mut piece = Piece::new(location, &offsets, &piece_shape);
-            for _ in 0..from.count()? {
-                piece.replicas.push(from.location()?);
+            let location = from.location(files.len())?;
+            pieces.push(Piece::new(location, &offsets, &piece_shape));
+            for _ in 0..from.count(MIN_LOCATION_BYTES)? {
+                pieces.push(Piece::new(
+                    from.location(files.len())?,
+                    &offsets,
+                    &piece_shape,
+                ));
             }
-            pieces.push(piece);
         }
-        tensors.push(FullTensor {
-            name,
+        if let Some(previous) = tensors.last().filter(|t| t.name >= name) {
+            return Err(format!(
+                "tensor '{name}' follows '{}': names must be sorted and listed once",
+                previous.name
+            ));
+        }
+        let spec = TensorSpec {
+            name: &name,
             dtype,
-            shape,
-            pieces,
-        });
+            shape: Some(&shape),
+            hints: &WIRE_HINTS,
+        };
+        tensors.push(tensor_from_pieces(&spec, pieces, &files).map_err(|e| e.to_string())?);
     }
     let skipped_outputs = from.paths()?;
     let non_tensors = from.strings()?;
-    let count = from.count()?;
+    let count = from.count(2)?;
     let mut excluded = Vec::with_capacity(count);
     for _ in 0..count {
         excluded.push((from.string()?, from.number()?));
     }
     let inputs = Inputs::unopened(&from.paths()?);
     let mut top_level_keys = BTreeMap::new();
-    for _ in 0..from.count()? {
+    for _ in 0..from.count(2)? {
         top_level_keys.insert(from.string()?, from.string()?);
     }
     if from.at != bytes.len() {
@@ -120,6 +139,23 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
         top_level_keys,
     })
 }
+
+/// The fewest bytes a tensor takes: its name's and dtype name's lengths,
+/// a two-letter dtype name, its shape's and its piece list's counts.
+const MIN_TENSOR_BYTES: u64 = 6;
+/// The fewest bytes a piece takes: two counts, a location, a count.
+const MIN_PIECE_BYTES: u64 = 6;
+/// The fewest bytes a location takes: shard, offset and flags.
+const MIN_LOCATION_BYTES: u64 = 3;
+
+/// What messages about a decoded model advise: it was read by another
+/// rank, which checked it, so a fault is in the transfer or a bug.
+const WIRE_HINTS: PieceHints = PieceHints {
+    holder: "piece",
+    corrupt: "the model another rank sent arrived garbled (a bug or a faulty transport); run again, or with --headers all",
+    overlap: "the model another rank sent arrived garbled (a bug or a faulty transport); run again, or with --headers all",
+    missing: "the model another rank sent arrived garbled (a bug or a faulty transport); run again, or with --headers all",
+};
 
 struct Writer(Vec<u8>);
 
@@ -206,24 +242,25 @@ impl Reader<'_> {
         Err(format!("a number at byte {} runs over 64 bits", self.at))
     }
 
-    /// A count of things that each take at least one byte: never more than
-    /// the bytes left, so that garbled input cannot ask for a huge buffer.
-    fn count(&mut self) -> Result<usize, String> {
+    /// A count of things that each take at least `min_bytes` bytes: never
+    /// more than the bytes left allow, so that garbled input cannot ask for
+    /// a huge buffer (every Vec made from a count is O(payload)).
+    fn count(&mut self, min_bytes: u64) -> Result<usize, String> {
         let count = self.number()?;
         let left = (self.bytes.len() - self.at) as u64;
-        if count > left {
+        if count > left / min_bytes {
             return Err(format!("it claims {count} items with {left} bytes left"));
         }
         Ok(count as usize)
     }
 
     fn numbers(&mut self) -> Result<Vec<u64>, String> {
-        let count = self.count()?;
+        let count = self.count(1)?;
         (0..count).map(|_| self.number()).collect()
     }
 
     fn raw(&mut self) -> Result<&[u8], String> {
-        let len = self.count()?;
+        let len = self.count(1)?;
         self.take(len)
     }
 
@@ -234,19 +271,25 @@ impl Reader<'_> {
     }
 
     fn strings(&mut self) -> Result<Vec<String>, String> {
-        let count = self.count()?;
+        let count = self.count(1)?;
         (0..count).map(|_| self.string()).collect()
     }
 
     fn paths(&mut self) -> Result<Vec<PathBuf>, String> {
-        let count = self.count()?;
+        let count = self.count(1)?;
         (0..count)
             .map(|_| Ok(PathBuf::from(OsStr::from_bytes(self.raw()?))))
             .collect()
     }
 
-    fn location(&mut self) -> Result<Location, String> {
-        let shard = usize::try_from(self.number()?).map_err(|e| e.to_string())?;
+    /// A location in one of `files` files.
+    fn location(&mut self, files: usize) -> Result<Location, String> {
+        let at = self.at;
+        let shard = self.number()?;
+        let shard = usize::try_from(shard)
+            .ok()
+            .filter(|&s| s < files)
+            .ok_or_else(|| format!("the location at byte {at} names file #{shard} of {files}"))?;
         let offset = self.number()?;
         let flags = self.take(1)?[0];
         if flags > 3 {
@@ -297,16 +340,16 @@ mod tests {
             files: vec![file.clone()],
             tensors: vec![
                 FullTensor {
-                    name: "w".into(),
-                    dtype: Dtype::BF16,
-                    shape: vec![6, 4],
-                    pieces: vec![replicated, Piece::new(unlocated, &[3, 0], &[3, 4])],
-                },
-                FullTensor {
                     name: "scalar".into(),
                     dtype: Dtype::F64,
                     shape: vec![],
                     pieces: vec![Piece::new(Location::at(0, u64::MAX), &[], &[])],
+                },
+                FullTensor {
+                    name: "w".into(),
+                    dtype: Dtype::BF16,
+                    shape: vec![6, 4],
+                    pieces: vec![replicated, Piece::new(unlocated, &[3, 0], &[3, 4])],
                 },
             ],
             skipped_outputs: vec![],
@@ -362,6 +405,112 @@ mod tests {
             let mut flipped = bytes.clone();
             flipped[at] ^= 0xa5;
             let _ = decode(&flipped);
+        }
+    }
+
+    /// The error decoding `sample()` changed by `edit` gives.
+    fn decoding_fails(edit: impl FnOnce(&mut Checkpoint)) -> String {
+        let mut checkpoint = sample();
+        edit(&mut checkpoint);
+        decode(&encode(&checkpoint)).unwrap_err()
+    }
+
+    #[test]
+    fn counts_beyond_the_payload_are_refused_before_allocating() {
+        // No files, then 2^60 tensors: refused, not a 2^60-element Vec.
+        let mut huge = MAGIC.to_vec();
+        huge.push(0);
+        let mut writer = Writer(huge);
+        writer.number(1 << 60);
+        writer.0.extend([0; 64]);
+        let err = decode(&writer.0).unwrap_err();
+        assert!(
+            err.contains("claims 1152921504606846976 items with 64 bytes left"),
+            "{err}"
+        );
+        // 64 bytes hold at most 10 tensors of 6 bytes each.
+        let mut writer = Writer(MAGIC.to_vec());
+        writer.number(0);
+        writer.number(11);
+        writer.0.extend([0; 64]);
+        assert!(decode(&writer.0).unwrap_err().contains("claims 11 items"));
+    }
+
+    #[test]
+    fn a_model_the_readers_would_refuse_is_refused() {
+        let err = decoding_fails(|c| c.tensors[1].pieces[1].offsets = vec![4, 0]);
+        assert!(
+            err.contains("tensor 'w': piece [4:7, 0:4] (in")
+                && err.contains("lies outside the full shape [6, 4]"),
+            "{err}"
+        );
+        let err = decoding_fails(|c| {
+            c.tensors[1].pieces.pop();
+        });
+        assert!(
+            err.contains("tensor 'w': no piece covers region [3:6, 0:4]"),
+            "{err}"
+        );
+        let err = decoding_fails(|c| c.tensors[1].pieces[1].offsets = vec![2, 0]);
+        assert!(
+            err.contains("tensor 'w': pieces") && err.contains("overlap"),
+            "{err}"
+        );
+        let err = decoding_fails(|c| c.tensors[1].pieces[1].offsets = vec![3]);
+        assert!(err.contains("but the tensor has 2 dimension(s)"), "{err}");
+        let err = decoding_fails(|c| c.tensors[0].pieces.clear());
+        assert!(
+            err.contains("tensor 'scalar': no piece covers region []"),
+            "{err}"
+        );
+        let err = decoding_fails(|c| c.tensors[1].shape = vec![u64::MAX, 4]);
+        assert!(err.contains("tensor 'w'"), "{err}");
+        assert!(
+            err.contains("the model another rank sent arrived garbled"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn locations_must_name_one_of_the_files() {
+        let err = decoding_fails(|c| c.tensors[1].pieces[1].location.shard = 1);
+        assert!(err.contains("names file #1 of 1"), "{err}");
+        let err = decoding_fails(|c| c.tensors[1].pieces[0].replicas[0].shard = 7);
+        assert!(err.contains("names file #7 of 1"), "{err}");
+    }
+
+    #[test]
+    fn names_must_be_sorted_and_listed_once() {
+        let err = decoding_fails(|c| c.tensors.swap(0, 1));
+        assert!(err.contains("tensor 'scalar' follows 'w'"), "{err}");
+        let err = decoding_fails(|c| c.tensors[1].name = "scalar".into());
+        assert!(err.contains("tensor 'scalar' follows 'scalar'"), "{err}");
+    }
+
+    proptest::proptest! {
+        /// Bytes of a real model changed anywhere, cut or extended: an
+        /// error or a model that passes every check (so survives the trip
+        /// again), never a panic.
+        #[test]
+        fn mutated_models_decode_to_errors_or_checked_models(
+            edits in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 1..6),
+            cut in proptest::option::of(0usize..4096),
+        ) {
+            let mut bytes = encode(&sample());
+            for (at, value) in edits {
+                let at = MAGIC.len() + at % (bytes.len() - MAGIC.len());
+                bytes[at] = value;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut % (bytes.len() + 1));
+            }
+            if let Ok(got) = decode(&bytes) {
+                let again = decode(&encode(&got)).unwrap();
+                proptest::prop_assert_eq!(as_json(&again), as_json(&got));
+                for piece in got.tensors.iter().flat_map(|t| &t.pieces) {
+                    proptest::prop_assert!(piece.location.shard < got.files.len());
+                }
+            }
         }
     }
 }

@@ -174,27 +174,33 @@ impl ThreadRank {
         }
     }
 
-    /// Waits on the condition variable until the deadline; an error once it
-    /// has passed.
-    fn wait<'a>(
-        &self,
-        state: MutexGuard<'a, State>,
-        deadline: Instant,
-        what: &str,
-    ) -> Result<MutexGuard<'a, State>> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(self.error(format!(
-                "{what}: the other ranks did not arrive within {} s",
-                self.shared.timeout.as_secs_f64()
-            )));
+    /// The error of a collective whose deadline passed.
+    fn timeout_error(&self, what: &str) -> Error {
+        self.error(format!(
+            "{what}: the other ranks did not arrive within {} s",
+            self.shared.timeout.as_secs_f64()
+        ))
+    }
+
+    /// The error of a collective that must stop waiting: a rank left, or
+    /// the deadline passed.
+    fn stop_waiting(&self, state: &State, deadline: Instant, what: &str) -> Option<Error> {
+        match state.departed {
+            Some(departed) => Some(self.departed_error(departed, what)),
+            None if Instant::now() >= deadline => Some(self.timeout_error(what)),
+            None => None,
         }
+    }
+
+    /// Waits on the condition variable, at most until the deadline.
+    fn wait<'a>(&self, state: MutexGuard<'a, State>, deadline: Instant) -> MutexGuard<'a, State> {
+        let left = deadline.saturating_duration_since(Instant::now());
         let (state, _) = self
             .shared
             .changed
             .wait_timeout(state, left)
             .unwrap_or_else(PoisonError::into_inner);
-        Ok(state)
+        state
     }
 
     fn departed_error(&self, departed: usize, what: &str) -> Error {
@@ -211,10 +217,10 @@ impl ThreadRank {
         let mut state = shared.lock();
         // The previous exchange's result must be read by everyone first.
         while state.channels[lane as usize].result.is_some() {
-            if let Some(departed) = state.departed {
-                return Err(self.departed_error(departed, what));
+            if let Some(err) = self.stop_waiting(&state, deadline, what) {
+                return Err(err);
             }
-            state = self.wait(state, deadline, what)?;
+            state = self.wait(state, deadline);
         }
         if let Some(departed) = state.departed {
             return Err(self.departed_error(departed, what));
@@ -241,10 +247,18 @@ impl ThreadRank {
                 }
                 return self.check_same_collective(&result, what).map(|()| result);
             }
-            if let Some(departed) = state.departed {
-                return Err(self.departed_error(departed, what));
+            if let Some(err) = self.stop_waiting(&state, deadline, what) {
+                // This rank leaves the exchange (under the same lock, so no
+                // rank completes it meanwhile): its payload goes with it,
+                // or the next collective would complete with it as if it
+                // were this rank's new one.
+                let channel = &mut state.channels[lane as usize];
+                if channel.slots[self.rank].take().is_some() {
+                    channel.filled -= 1;
+                }
+                return Err(err);
             }
-            state = self.wait(state, deadline, what)?;
+            state = self.wait(state, deadline);
         }
     }
 
@@ -448,6 +462,25 @@ mod tests {
         // Rank 1 stays alive (its handle is held) but never joins.
         let err = ranks[0].lowest_failed(false).unwrap_err();
         assert!(err.to_string().contains("did not arrive"), "{err}");
+    }
+
+    #[test]
+    fn a_rank_that_timed_out_withdraws_its_payload() {
+        let world = ThreadWorld::with_timeout(2, Duration::from_millis(50));
+        let ranks = world.ranks();
+        let err = ranks[0].all_gather(b"stale").unwrap_err();
+        assert!(err.to_string().contains("did not arrive"), "{err}");
+        // Rank 1 arrives first at the next exchange: it must wait for rank
+        // 0's new payload, not complete with the one that timed out.
+        std::thread::scope(|s| {
+            let late = s.spawn(|| ranks[1].all_gather(b"one"));
+            std::thread::sleep(Duration::from_millis(20));
+            let mine = ranks[0].all_gather(b"zero").unwrap();
+            let theirs = late.join().unwrap().unwrap();
+            for got in [mine, theirs] {
+                assert_eq!(got, [b"zero".to_vec(), b"one".to_vec()]);
+            }
+        });
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! run reports success ([`crate::run::Summary::late_cancel`] says that a
 //! stop arrived meanwhile). One per run, never process-wide.
 
+pub use crate::error::StopReason;
 use crate::error::{Error, Result};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -16,15 +17,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// Bytes copied between two looks at the flag: 64 MiB take tens of
 /// milliseconds to copy, and one more call per 64 MiB costs nothing.
 pub const CANCEL_SLICE: u64 = 64 << 20;
-
-/// Why a run was asked to stop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum StopReason {
-    /// An interrupt (Ctrl-C, SIGINT) reached this rank.
-    Interrupted,
-    /// This rank's process is exiting (the Python interpreter's exit).
-    Exiting,
-}
 
 /// A run's cancellation flag, shared by its clones.
 #[derive(Clone, Debug, Default)]

@@ -131,9 +131,12 @@ pub struct StagingFolder {
 }
 
 impl StagingFolder {
-    /// Creates a new folder under `root` (which must exist), named after
-    /// this host, process and rank so that no two ranks share one.
+    /// Creates a new folder under `root` (created if missing, as PyTorch's
+    /// staging does), named after this host, process and rank so that no
+    /// two ranks share one.
     pub fn create(root: &Path, rank: usize) -> Result<StagingFolder> {
+        std::fs::create_dir_all(root)
+            .map_err(|e| Error::io("create the staging folder", root, e))?;
         let host = crate::exec::lock::host_name();
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

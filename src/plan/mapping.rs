@@ -31,6 +31,23 @@ pub enum MappingSource {
     },
 }
 
+impl MappingSource {
+    /// Whether only the indices that hold a tensor get an output file.
+    /// True for the sources that number files by index (a mapping, given
+    /// or as a file, and an index's file names): PyTorch writes a file for
+    /// each index of `fqn_to_index_mapping` that holds a tensor, named
+    /// `-of-N` with N the largest, so indices 1, 3 and 2000 make three
+    /// files, not 1,997 empty ones besides. The others number their files
+    /// 1..N with none empty, except the one file of a run that keeps no
+    /// tensor, which is still written.
+    pub fn files_only_where_tensors(&self) -> bool {
+        matches!(
+            self,
+            MappingSource::Mapping(_) | MappingSource::HfIndex(_) | MappingSource::Given { .. }
+        )
+    }
+}
+
 /// What to do with tensors that the mapping does not name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Unmapped {
@@ -50,7 +67,8 @@ pub struct Assignment {
     /// Output index for each input tensor, in the order given; 0 for a
     /// tensor left out ([`Unmapped::Omit`]).
     pub file_of: Vec<u32>,
-    /// Number of output files (the largest index).
+    /// The largest index: the N of `model-IIIII-of-NNNNN` (as many files
+    /// unless [`MappingSource::files_only_where_tensors`]).
     pub file_count: u32,
     /// Names in the mapping that no shard holds, left out of the output.
     pub missing: Vec<String>,

@@ -130,6 +130,10 @@ pub fn make(checkpoint: Checkpoint, options: &PlanOptions, world_size: usize) ->
         dtypes,
         options.input_fingerprint.as_deref(),
     )?;
+    if options.mapping.files_only_where_tensors() {
+        // Before anything reads positions in `files`: the plan is made.
+        plan.files.retain(|file| !file.is_empty());
+    }
     plan.dtype_warning = dtype_warning;
     plan.saved_names = saved_names;
     plan.omitted = omitted;

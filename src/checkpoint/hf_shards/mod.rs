@@ -312,12 +312,18 @@ fn output_named_without_info(path: &Path) -> Error {
 /// every rank. A missing file cannot always be seen in the pieces: losing
 /// the rank that holds a tensor's end silently shrinks the tensor. So the
 /// files named `shard-RRRRR-model-IIIII-of-NNNNN` must be a complete set,
-/// whatever other shards lie beside them: ranks 1..=R, indices 1..=N, every
-/// pair present. R is the highest rank seen, unless `--source-ranks` says
-/// how many ranks saved the checkpoint: only that catches the loss of every
-/// file of the highest rank. Shards of other names beside such a set are
-/// refused unless `allow_missing`: nothing tells whether they complete it
-/// (files of the set renamed) or stand beside a set that lost files.
+/// whatever other shards lie beside them: ranks 1..=R, every index that
+/// some rank wrote, every pair present. R is the highest rank seen, unless
+/// `--source-ranks` says how many ranks saved the checkpoint: only that
+/// catches the loss of every file of the highest rank. An index that no
+/// rank wrote is a gap in the writer's mapping, not a lost file: PyTorch's
+/// writer names files by `fqn_to_index_mapping`, and a mapping using
+/// indices 1, 3 and 2000 leaves files of those indices only, each
+/// `-of-02000` (as with the highest rank, the loss of every file of one
+/// index is not visible here; a mapping naming its tensors reports them
+/// missing). Shards of other names beside such a set are refused unless
+/// `allow_missing`: nothing tells whether they complete it (files of the
+/// set renamed) or stand beside a set that lost files.
 fn check_file_set(
     shards: &[ShardFile],
     expected_ranks: Option<u32>,
@@ -367,7 +373,8 @@ fn check_file_set(
     }
     let present: std::collections::HashSet<(u32, u32)> =
         named.iter().map(|n| (n.0.0, n.0.1)).collect();
-    let has_rank = |r: u32| (1..=count).any(|i| present.contains(&(r, i)));
+    let indices: std::collections::BTreeSet<u32> = named.iter().map(|n| n.0.1).collect();
+    let has_rank = |r: u32| indices.iter().any(|&i| present.contains(&(r, i)));
     let missing: Vec<String> = if allow_missing {
         // Only whole ranks, up to --source-ranks, must be there.
         (1..=ranks)
@@ -376,7 +383,7 @@ fn check_file_set(
             .collect()
     } else {
         (1..=ranks)
-            .flat_map(|r| (1..=count).map(move |i| (r, i)))
+            .flat_map(|r| indices.iter().map(move |&i| (r, i)))
             .filter(|pair| !present.contains(pair))
             .map(|(r, i)| format!("shard-{r:05}-model-{i:05}-of-{count:05}.safetensors"))
             .collect()
