@@ -499,7 +499,8 @@ fn source_ranks_catches_a_lost_highest_rank() {
 
 #[test]
 fn ranks_that_see_different_inputs_are_stopped() {
-    // MPMD launch: rank 1 gets another mapping, so its plan differs.
+    // MPMD launch: rank 1 gets another mapping, which the run's first
+    // collective (the options every rank must share) refuses.
     let input = torch_fixture();
     let dir = tempfile::tempdir().unwrap();
     let other = dir.path().join("other.json");
@@ -528,7 +529,7 @@ fn ranks_that_see_different_inputs_are_stopped() {
     let text = stderr(&run);
     assert_eq!(run.status.code(), Some(1), "{text}");
     assert!(
-        text.contains("rank 1 built a different plan from rank 0"),
+        text.contains("the ranks were given different options: mapping is SingleFile on rank 0, but rank 1: Mapping("),
         "{text}"
     );
     assert_eq!(text.matches("error:").count(), 1, "{text}");
