@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the small checkpoint kept in the repo: a real PyTorch DCP
 # checkpoint saved from 2 ranks, consolidated by 4 MPI ranks, then checked
-# against the sha256 of every full tensor.
+# against the sha256 of every full tensor. Its 2 output files are spread
+# over all 4 ranks (--schedule balanced): under the default schedule, one
+# rank per file, 2 ranks would sit idle (and the tool would say so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -11,8 +13,8 @@ cargo build --release --quiet
 input=tests/fixtures/torch-dcp-w2
 output=${1:-target/demo-output}
 rm -rf "$output"
-echo "\$ mpirun -n 4 st-consolidate-mpi --mapping $input/mapping.json $input $output"
-mpirun -n 4 target/release/st-consolidate-mpi --mapping "$input/mapping.json" "$input" "$output"
+echo "\$ mpirun -n 4 st-consolidate-mpi --schedule balanced --mapping $input/mapping.json $input $output"
+mpirun -n 4 target/release/st-consolidate-mpi --schedule balanced --mapping "$input/mapping.json" "$input" "$output"
 echo
 ls -l "$output"
 echo

@@ -152,9 +152,10 @@ pub enum Error {
     },
 
     /// Written bytes differ from the shards (found by verification).
-    #[error("verification failed for {} tensor(s): {}\n  hint: the output is not trustworthy; check the filesystem and rerun with --overwrite", mismatches.len(), list_names(mismatches))]
+    #[error("verification failed for {}:{}\n  hint: the output is not trustworthy; check the filesystem and rerun with --overwrite", counted(mismatches.len(), "tensor", "tensors"), listed_lines(mismatches))]
     Mismatch {
-        /// One line per mismatching tensor.
+        /// One line per mismatching tensor (shown one per line, the
+        /// first ten: a one-line list of long lines is unreadable).
         mismatches: Vec<String>,
     },
 
@@ -350,6 +351,26 @@ pub fn list_names(names: &[String]) -> String {
     text
 }
 
+/// `names` one per line, each indented and escaped: the first ten, then
+/// how many more there are.
+pub fn listed_lines(names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut text: String = names
+        .iter()
+        .take(SHOWN)
+        .map(|name| format!("\n  {}", shown(name)))
+        .collect();
+    if names.len() > SHOWN {
+        text.push_str(&format!("\n  ... and {} more", names.len() - SHOWN));
+    }
+    text
+}
+
+/// `count` with the noun that agrees with it: "1 file", "2 files".
+pub fn counted(count: usize, one: &str, many: &str) -> String {
+    format!("{count} {}", if count == 1 { one } else { many })
+}
+
 /// `text` as it may appear inside a one-line message: control characters
 /// (newlines, ESC of ANSI colour codes, ...) and the Unicode controls that
 /// reorder or break displayed text are escaped as `escape_debug` does
@@ -424,5 +445,31 @@ mod tests {
         assert_eq!(err.to_string().lines().count(), 2, "{err}");
         let err = Error::usage("bad \u{1b}name\n", "hint\nmore".to_string());
         assert_eq!(err.to_string().lines().count(), 2, "{err}");
+    }
+
+    /// A verification failure is the one message of several lines: one
+    /// tensor per line (at most ten, then a count), each line escaped,
+    /// then the hint.
+    #[test]
+    fn a_verification_failure_lists_one_tensor_per_line() {
+        let line = |i: usize| format!("model-00001-of-00001.safetensors: tensor 'w{i}' differs");
+        let err = Error::Mismatch {
+            mismatches: (0..12).map(line).collect(),
+        };
+        let text = err.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 13, "{text}");
+        assert_eq!(lines[0], "verification failed for 12 tensors:");
+        assert_eq!(lines[1], format!("  {}", line(0)));
+        assert_eq!(lines[10], format!("  {}", line(9)));
+        assert_eq!(lines[11], "  ... and 2 more");
+        assert!(lines[12].starts_with("  hint: the output is not trustworthy"));
+        let err = Error::Mismatch {
+            mismatches: vec!["a\nb".into()],
+        };
+        assert_eq!(
+            err.to_string().lines().take(2).collect::<Vec<_>>(),
+            ["verification failed for 1 tensor:", "  a\\nb"]
+        );
     }
 }

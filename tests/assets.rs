@@ -97,7 +97,7 @@ fn every_asset_and_no_weight_is_copied_and_listed() {
     // The weights are the consolidated ones, not the folder's.
     assert_matches_manifest(&out, &input.join("manifest.json"));
     assert!(
-        text.contains("copied 10 file(s) besides the weights: README.md, chat_template.jinja"),
+        text.contains("copied 10 files besides the weights: README.md, chat_template.jinja"),
         "{text}"
     );
     let report: serde_json::Value =
@@ -308,7 +308,7 @@ fn weights_of_every_format_and_the_checkpoint_itself_are_not_assets() {
         .collect();
     assert_eq!(copied, ["config.json"], "{text}");
     assert!(
-        text.contains("copied 1 file(s) besides the weights: config.json"),
+        text.contains("copied 1 file besides the weights: config.json"),
         "{text}"
     );
 }

@@ -572,7 +572,7 @@ fn non_tensor_entries_are_named_once_and_reported() {
         let line = format!("\n    {group}: {count} {entries}");
         assert!(text.contains(&line), "{line:?} not in {text}");
     }
-    assert!(text.contains("left out 4 tensor(s)"), "{text}");
+    assert!(text.contains("left out 4 tensors"), "{text}");
 
     let report = read_json(&report);
     let input = &report["input"];
@@ -676,7 +676,10 @@ fn include_selects_tensors_in_both_formats() {
         assert!(!index.contains("lm_head"), "{index}");
         let left_out = all.len() - kept;
         assert!(
-            stderr(&run).contains(&format!("left out {left_out} tensor(s)")),
+            stderr(&run).contains(&format!(
+                "left out {left_out} tensor{}",
+                if left_out == 1 { " " } else { "s" }
+            )),
             "{}",
             stderr(&run)
         );

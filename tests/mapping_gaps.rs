@@ -103,7 +103,7 @@ fn a_gap_in_the_input_set_is_not_a_missing_file_but_a_lost_file_still_is() {
         input.path(),
         out.path(),
         &[
-            "1 shard file(s) missing from the set of 2 rank(s) x 2000 output file(s): \
+            "1 shard file missing from the set of 2 ranks x 2000 output files: \
              shard-00002-model-02000-of-02000.safetensors\n",
         ],
     );

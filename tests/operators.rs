@@ -146,10 +146,10 @@ fn the_report_describes_the_run() {
     // The same, for people.
     let text = stderr(&run);
     assert!(
-        text.contains("wrote 2 files") && text.contains("on 3 rank(s), verified"),
+        text.contains("wrote 2 files") && text.contains("on 3 ranks, verified"),
         "{text}"
     );
-    assert!(text.contains("  rank 2: 1 file(s)"), "{text}");
+    assert!(text.contains("  rank 2: 1 file"), "{text}");
 }
 
 #[test]

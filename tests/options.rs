@@ -135,7 +135,7 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     );
     let text = String::from_utf8_lossy(&run.stdout);
     assert!(
-        text.contains("9 tensors") && text.contains("2 output files on 2 rank(s)"),
+        text.contains("9 tensors") && text.contains("2 output files on 2 ranks"),
         "{text}"
     );
     assert!(

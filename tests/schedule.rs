@@ -239,7 +239,7 @@ fn dry_run_previews_any_number_of_ranks() {
         ],
     );
     let text = String::from_utf8_lossy(&run.stdout);
-    assert!(text.contains("4 output files on 64 rank(s)"), "{text}");
+    assert!(text.contains("4 output files on 64 ranks"), "{text}");
     let (_, modulo_idle) = balance(&text, "modulo");
     let (ratio, balanced_idle) = balance(&text, "balanced");
     assert_eq!(modulo_idle, 60, "modulo leaves 60 of 64 ranks idle: {text}");

@@ -75,6 +75,85 @@ impl Selection {
     }
 }
 
+impl Selection {
+    /// One warning for the `--include`/`--exclude` patterns that match no
+    /// saved name (tensor or non-tensor entry), naming for each the saved
+    /// names it would match once their top-level key (accelerate's
+    /// `model.`) or a `--strip-prefix` is taken off, with the pattern that
+    /// matches them as saved. Globs keep matching the saved names: a user
+    /// who typed the name that will be written gets told, not guessed at.
+    pub fn unmatched_warning(
+        &self,
+        checkpoint: &Checkpoint,
+        strip_prefixes: &[String],
+    ) -> Option<String> {
+        let saved: Vec<&str> = checkpoint
+            .tensors
+            .iter()
+            .map(|t| t.name.as_str())
+            .chain(checkpoint.excluded.iter().map(|(name, _)| name.as_str()))
+            .chain(checkpoint.non_tensors.iter().map(String::as_str))
+            .collect();
+        // The prefixes a written name may lose: each tensor's top-level
+        // key, then each --strip-prefix.
+        let taken_off = |name: &str| -> Vec<String> {
+            let key = checkpoint
+                .top_level_keys
+                .get(name)
+                .map(|key| format!("{key}."))
+                .filter(|key| name.starts_with(key.as_str()));
+            key.into_iter()
+                .chain(strip_prefixes.iter().cloned())
+                .filter(|prefix| !prefix.is_empty() && name.starts_with(prefix.as_str()))
+                .collect()
+        };
+        let mut parts = Vec::new();
+        let patterns = self
+            .include
+            .iter()
+            .map(|p| ("--include", p))
+            .chain(self.exclude.iter().map(|p| ("--exclude", p)));
+        for (flag, pattern) in patterns {
+            if saved.iter().any(|name| glob_match(pattern, name)) {
+                continue;
+            }
+            let mut would: Vec<String> = Vec::new();
+            let mut suggested: Vec<String> = Vec::new();
+            for name in &saved {
+                for prefix in taken_off(name) {
+                    if glob_match(pattern, &name[prefix.len()..]) {
+                        would.push(name.to_string());
+                        let with = format!("{flag} '{}{}'", shown(&prefix), shown(pattern));
+                        if !suggested.contains(&with) {
+                            suggested.push(with);
+                        }
+                        break;
+                    }
+                }
+            }
+            let mut part = format!("{flag} '{}' matches no saved name", shown(pattern));
+            if !would.is_empty() {
+                part.push_str(&format!(
+                    "; it would match {} once the top-level key or --strip-prefix is taken \
+                     off: {} matches {}",
+                    crate::error::list_names(&would),
+                    suggested.join(" or "),
+                    if would.len() == 1 { "it" } else { "them" }
+                ));
+            }
+            parts.push(part);
+        }
+        if parts.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "warning: {} (globs match saved names, as the checkpoint holds them before the \
+             top-level key or --strip-prefix is taken off; --dry-run lists their prefixes)",
+            parts.join("; ")
+        ))
+    }
+}
+
 /// Refuses a checkpoint that holds no tensor at all (a DCP checkpoint of
 /// only a step count and dataloader state, or shards without tensors): an
 /// empty model and index must not be published as a success. Named with

@@ -147,14 +147,16 @@ pub fn stage_index_and_report(
 }
 
 /// Rank 0, at publish: removes the index of an earlier output
-/// (`--overwrite`, `--resume`), under this plan's index name or under the
-/// other known one (`--index-name` changed between runs): no index may
-/// describe a mix of old and new files.
+/// (`--overwrite`, `--resume`), under this plan's index name, under the
+/// other known one, or under any name when this tool wrote it and it names
+/// files this run replaces or removes (`--index-name` changed between
+/// runs): no index may describe a mix of old and new files.
 pub fn retire_old_index(dir: &Path, plan: &Plan) -> Result<()> {
     let names = KNOWN_INDEX_NAMES
         .iter()
         .map(|n| n.to_string())
-        .chain([plan.index_name.clone()]);
+        .chain([plan.index_name.clone()])
+        .chain(own_indexes_naming_outputs(dir, plan)?);
     for name in names {
         remove_if_there(&dir.join(name), "remove the old")?;
     }
@@ -180,7 +182,9 @@ fn remove_older_outputs(dir: &Path, plan: &Plan) -> Result<()> {
 }
 
 /// `model-IIIII-of-NNNNN.safetensors` entries in `dir` that are not in
-/// `plan`, and an index under the other known name.
+/// `plan`, an index under the other known name, and an index this tool
+/// wrote under any other name that names files this run replaces or
+/// removes.
 fn older_outputs(dir: &Path, plan: &Plan) -> Result<Vec<String>> {
     let mut older = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
@@ -193,8 +197,76 @@ fn older_outputs(dir: &Path, plan: &Plan) -> Result<Vec<String>> {
             older.push(name);
         }
     }
+    for index in own_indexes_naming_outputs(dir, plan)? {
+        if !older.contains(&index) {
+            older.push(index);
+        }
+    }
     older.sort();
     Ok(older)
+}
+
+/// The key of the index's `metadata` by which this tool marks the indexes
+/// it writes, so that one under a custom `--index-name` is recognised as
+/// an earlier output by a later run under another name.
+pub const INDEX_MARK_KEY: &str = "written_by";
+
+/// The value of [`INDEX_MARK_KEY`].
+pub const INDEX_MARK: &str = "st-consolidate-mpi";
+
+/// Indexes over this size are not read to look for the mark: a
+/// consolidated model's index is a few MB at most.
+const MAX_INDEX_BYTES: u64 = 256 << 20;
+
+/// The `*.index.json` files in `dir`, other than this plan's index and the
+/// known names (handled by name), that this tool wrote (marked with
+/// [`INDEX_MARK`]) and that name a file this run replaces (one of its own
+/// names) or removes (a `model-IIIII-of-NNNNN.safetensors` of `dir` it does
+/// not write). Indexes of other tools are never touched: they may be the
+/// original model's, and only the mark says whose an index is.
+fn own_indexes_naming_outputs(dir: &Path, plan: &Plan) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
+        let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let by_name = KNOWN_INDEX_NAMES.contains(&name.as_str()) || name == plan.index_name;
+        if by_name || name.starts_with('.') || !name.ends_with(".index.json") {
+            continue;
+        }
+        let path = entry.path();
+        // lstat: a link is not followed (our indexes are regular files).
+        let small_file = std::fs::symlink_metadata(&path)
+            .is_ok_and(|m| m.is_file() && m.len() <= MAX_INDEX_BYTES);
+        if !small_file {
+            continue;
+        }
+        // One that cannot be read or parsed is not ours to remove.
+        let Ok(index) = std::fs::read(&path)
+            .map_err(|_| ())
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|_| ()))
+        else {
+            continue;
+        };
+        let marked = index.pointer(&format!("/metadata/{INDEX_MARK_KEY}"))
+            == Some(&serde_json::Value::from(INDEX_MARK));
+        let names_outputs = index
+            .get("weight_map")
+            .and_then(|w| w.as_object())
+            .is_some_and(|map| {
+                map.values().filter_map(|f| f.as_str()).any(|file| {
+                    plan.files.iter().any(|f| f.name == file)
+                        || (parse_output_name(file).is_some()
+                            && std::fs::symlink_metadata(dir.join(file)).is_ok())
+                })
+            });
+        if marked && names_outputs {
+            found.push(name);
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 /// Rank 0 only, before publishing: checks what the ranks actually did
@@ -276,7 +348,7 @@ pub fn index_json(plan: &Plan) -> Vec<u8> {
         })
         .collect();
     let index = serde_json::json!({
-        "metadata": {"total_size": plan.total_bytes()},
+        "metadata": {"total_size": plan.total_bytes(), INDEX_MARK_KEY: INDEX_MARK},
         "weight_map": weight_map,
     });
     let mut text = serde_json::to_vec_pretty(&index).unwrap_or_default();

@@ -2,7 +2,7 @@
 //! after writing, the JSON that `--report` writes, the human summary printed
 //! at the end, the `--dry-run` table, and byte counts for people.
 
-use crate::error::shown;
+use crate::error::{counted, shown};
 use crate::plan::{Plan, Schedule};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -244,13 +244,13 @@ impl RunReport {
         };
         let written = self.outputs.len() - self.kept.as_ref().map_or(0, Vec::len);
         let mut text = format!(
-            "{kept}wrote {written} file{} and {} to {output_dir}: {} in {:.2} s ({:.2} GB/s) on {} rank(s){}",
-            if written == 1 { "" } else { "s" },
+            "{kept}wrote {} and {} to {output_dir}: {} in {:.2} s ({:.2} GB/s) on {}{}",
+            counted(written, "file", "files"),
             self.index,
             human_bytes(bytes),
             self.total_seconds,
             self.gb_per_s,
-            self.world_size,
+            counted(self.world_size, "rank", "ranks"),
             if self.verify.ran { ", verified" } else { "" }
         );
         if !self.input.non_tensors.is_empty() {
@@ -263,24 +263,24 @@ impl RunReport {
         }
         if !self.assets.is_empty() {
             text.push_str(&format!(
-                "\n  copied {} file(s) besides the weights: {}",
-                self.assets.len(),
+                "\n  copied {} besides the weights: {}",
+                counted(self.assets.len(), "file", "files"),
                 shown(&self.assets.join(", "))
             ));
         }
         if self.input.excluded_tensors > 0 {
             text.push_str(&format!(
-                "\n  left out {} tensor(s) ({}) by --include/--exclude",
-                self.input.excluded_tensors,
+                "\n  left out {} ({}) by --include/--exclude",
+                counted(self.input.excluded_tensors, "tensor", "tensors"),
                 human_bytes(self.input.excluded_bytes)
             ));
         }
         const SHOWN: usize = 16;
         for r in self.ranks.iter().take(SHOWN) {
             text.push_str(&format!(
-                "\n  rank {}: {} file(s), {} in {:.2} s ({:.2} GB/s)",
+                "\n  rank {}: {}, {} in {:.2} s ({:.2} GB/s)",
                 r.rank,
-                r.files.len(),
+                counted(r.files.len(), "file", "files"),
                 human_bytes(r.bytes),
                 r.seconds,
                 r.gb_per_s
@@ -305,12 +305,12 @@ impl RunReport {
 pub fn describe(plan: &Plan, facts: &InputFacts) -> String {
     let mut out = prefixes(facts);
     out.push_str(&format!(
-        "plan: {} tensors, {} from {} shard files into {} output files on {} rank(s)\n",
-        plan.tensors.len(),
+        "plan: {}, {} from {} into {} on {}\n",
+        counted(plan.tensors.len(), "tensor", "tensors"),
         human_bytes(plan.total_bytes()),
-        plan.shards.len(),
-        plan.files.len(),
-        plan.world_size
+        counted(plan.shards.len(), "shard file", "shard files"),
+        counted(plan.files.len(), "output file", "output files"),
+        counted(plan.world_size, "rank", "ranks")
     ));
     out.push_str(&format!(
         "{:<36} {:>8} {:>14} {:>6}\n",
@@ -429,6 +429,32 @@ pub fn is_optimizer_state(name: &str) -> bool {
         || [".exp_avg", ".exp_avg_sq", ".momentum_buffer"]
             .iter()
             .any(|suffix| name.ends_with(suffix))
+}
+
+/// One note naming the files named like consolidated outputs that the
+/// HF-shards reader skipped (no `DCP_SHARDING_INFO`: an earlier run's
+/// output into INPUT_DIR), so that no file is left out without a word.
+pub fn skipped_outputs_note(skipped: &[std::path::PathBuf]) -> Option<String> {
+    if skipped.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = skipped
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let one = names.len() == 1;
+    Some(format!(
+        "note: skipped {} named like consolidated output{} and without DCP_SHARDING_INFO (an \
+         earlier run's output into INPUT_DIR, not shards): {}",
+        crate::error::counted(names.len(), "file", "files"),
+        if one { "" } else { "s" },
+        crate::error::list_names(&names)
+    ))
 }
 
 /// One note when the export includes what looks like optimizer state: its

@@ -37,7 +37,7 @@ use crate::comm::collectives::{
     agree, collect_mismatches, gather_reports, read_checkpoint, same_inputs_everywhere,
     same_output_dir, same_plan_everywhere, sum_over_ranks,
 };
-use crate::error::{Error, Result, shown};
+use crate::error::{Error, Result, counted, shown};
 use crate::exec::assets::{ExistingAssets, asset_names, plan_assets, ties_word_embeddings};
 use crate::exec::cancel::StopReason;
 use crate::exec::clobber::RunPaths;
@@ -426,11 +426,18 @@ fn run_agreed(
             config.input.display()
         ));
     }
+    if let Some(note) = crate::report::skipped_outputs_note(&checkpoint.skipped_outputs) {
+        job.say(&note);
+    }
     let mut facts = input_facts(config, format, &checkpoint);
     if let Some(taken) = taken {
         facts.from_hf_metadata = taken.listed();
     }
     let mut plan_options = plan_options_for(config, format);
+    let select = &config.read.select;
+    if let Some(warning) = select.unmatched_warning(&checkpoint, &plan_options.strip_prefixes) {
+        job.warn(&warning);
+    }
     plan_options.input_fingerprint =
         Some(resume::input_fingerprint(&job, format, &checkpoint.files)?);
     let plan = job.agree(|| plan::make(checkpoint, &plan_options, plan_ranks))?;
@@ -668,13 +675,13 @@ fn consolidate(
         job.say(&note);
     }
     job.say(&format!(
-        "consolidating {} tensors ({}) from {} input files into {} files on {} rank(s) x {} thread(s)",
-        plan.tensors.len(),
+        "consolidating {} ({}) from {} into {} on {} x {}",
+        counted(plan.tensors.len(), "tensor", "tensors"),
         human_bytes(plan.total_bytes()),
-        plan.shards.len(),
-        plan.files.len(),
-        comm.size(),
-        job.threads
+        counted(plan.shards.len(), "input file", "input files"),
+        counted(plan.files.len(), "file", "files"),
+        counted(comm.size(), "rank", "ranks"),
+        counted(job.threads, "thread", "threads")
     ));
     // With staging, each rank builds its files in a folder of its own
     // (removed when this returns, whatever happens), then moves them into
@@ -822,10 +829,10 @@ fn idle_note(plan: &Plan) -> Option<String> {
         return None;
     }
     Some(format!(
-        "note: {idle} of {} ranks are idle ({} file(s) to write, one rank each under --schedule modulo); \
+        "note: {idle} of {} ranks are idle ({} to write, one rank each under --schedule modulo); \
          --schedule balanced spreads every file over all ranks",
         per_rank.len(),
-        to_write
+        counted(to_write, "file", "files")
     ))
 }
 

@@ -12,17 +12,44 @@ pub const DIFFUSERS_INDEX_NAME: &str = "diffusion_pytorch_model.safetensors.inde
 /// Index names an earlier run may have left: all count as outputs.
 pub const KNOWN_INDEX_NAMES: [&str; 2] = [INDEX_NAME, DIFFUSERS_INDEX_NAME];
 
+/// The longest index name: a file name may have 255 bytes (`NAME_MAX` on
+/// Linux filesystems), and the index is first written under its temporary
+/// name `.NAME.st-consolidate.tmp`, 20 bytes longer, which must fit too.
+pub const MAX_INDEX_NAME_BYTES: usize = 255 - TEMP_DECORATION_BYTES;
+
+/// What the temporary name adds to a file name (`.` and
+/// `.st-consolidate.tmp`, see `exec::output::temp_name`).
+pub const TEMP_DECORATION_BYTES: usize = 20;
+
 /// The index file name `--index-name` asks for: `diffusers` is
 /// [`DIFFUSERS_INDEX_NAME`]; any other value must be a plain file name
-/// ending in `.index.json`, not hidden and not naming a folder.
+/// ending in `.index.json`: no folder (`/`), no NUL, not hidden, not a
+/// model file's name, and at most [`MAX_INDEX_NAME_BYTES`] bytes. Checked
+/// with the other options, before anything is read or written: a name the
+/// filesystem refuses would otherwise fail only after the whole copy.
 pub fn index_name_for(arg: &str) -> Result<String, String> {
     if arg == "diffusers" {
         return Ok(DIFFUSERS_INDEX_NAME.to_string());
     }
+    let given = crate::error::shown(arg);
+    if arg.contains('\0') {
+        return Err(format!(
+            "'{given}' holds a NUL byte, which no file name can: give a name like \
+             model.safetensors.index.json"
+        ));
+    }
+    if arg.len() > MAX_INDEX_NAME_BYTES {
+        return Err(format!(
+            "'{given}' is {} bytes long: a file name has at most 255 bytes, and the index is \
+             first written as .NAME.st-consolidate.tmp, so NAME may have at most \
+             {MAX_INDEX_NAME_BYTES} bytes; give a shorter name like model.safetensors.index.json",
+            arg.len()
+        ));
+    }
     let plain = !arg.contains('/') && !arg.starts_with('.') && arg.ends_with(".index.json");
     if !plain || parse_output_name(arg).is_some() {
         return Err(format!(
-            "'{arg}' is not an index file name: give a name like model.safetensors.index.json \
+            "'{given}' is not an index file name: give a name like model.safetensors.index.json \
              (a file name ending in .index.json, no folder), or 'diffusers' for {DIFFUSERS_INDEX_NAME}"
         ));
     }
@@ -71,6 +98,18 @@ mod tests {
         for bad in ["out/x.index.json", ".x.index.json", "index.txt", "x.json"] {
             assert!(index_name_for(bad).is_err(), "{bad}");
         }
+        let longest = format!("{}.index.json", "i".repeat(MAX_INDEX_NAME_BYTES - 11));
+        assert_eq!(index_name_for(&longest).unwrap(), longest);
+        let err = index_name_for(&format!("i{longest}")).unwrap_err();
+        assert!(
+            err.contains("236 bytes long") && err.contains("255 bytes"),
+            "{err}"
+        );
+        let err = index_name_for("a\0.index.json").unwrap_err();
+        assert!(
+            err.starts_with("'a\\0.index.json' holds a NUL byte"),
+            "{err}"
+        );
     }
 
     #[test]

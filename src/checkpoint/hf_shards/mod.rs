@@ -7,7 +7,7 @@ use crate::checkpoint::hf_shards::sharding::{
     SHARDING_INFO_KEY, ShardFile, index_pieces, sharding_info,
 };
 use crate::checkpoint::identity::Inputs;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, counted};
 use crate::safetensors::header::read_header;
 use crate::safetensors::naming::{parse_output_name, parse_shard_name};
 use rayon::prelude::*;
@@ -258,13 +258,23 @@ fn shard_set(
         infos: Vec::new(),
         skipped: Vec::new(),
     };
+    // Files named like consolidated outputs are shards when any of them
+    // carries sharding information (NeMo's naming): one of them without it
+    // then lost it, and skipping it would drop its tensors without a word.
+    let outputs_are_shards = parsed
+        .iter()
+        .any(|s| s.info.is_some() && is_output_name(&s.shard.path));
     for ShardSummary { shard, info } in parsed {
         match info {
             Some(info) => {
                 checkpoint.shards.push(shard);
                 checkpoint.infos.push(info);
             }
-            // A consolidated file from an earlier run into this same folder.
+            None if is_output_name(&shard.path) && outputs_are_shards => {
+                return Err(output_named_without_info(&shard.path));
+            }
+            // A consolidated file from an earlier run into this same folder
+            // (named in one note by the run).
             None if is_output_name(&shard.path) => checkpoint.skipped.push(shard.path),
             None => return Err(Error::NotDcpShard { path: shard.path }),
         }
@@ -282,33 +292,53 @@ fn shard_set(
     Ok(checkpoint)
 }
 
+/// The refusal of a file named like an output without
+/// `DCP_SHARDING_INFO` among output-named files that carry it.
+fn output_named_without_info(path: &Path) -> Error {
+    Error::usage(
+        format!(
+            "{}: named like a consolidated output and without DCP_SHARDING_INFO, but the other \
+             files of INPUT_DIR named so are shards (they carry it): this one is a shard that \
+             lost its sharding information, or an output of another run",
+            crate::error::shown(&path.display().to_string())
+        ),
+        "restore the shard file from the checkpoint as saved, or move the file out of INPUT_DIR \
+         if it is no shard",
+    )
+}
+
 /// PyTorch's writer leaves one file per (source rank, output index) for
 /// every rank that holds part of that output, which for sharded models is
 /// every rank. A missing file cannot always be seen in the pieces: losing
-/// the rank that holds a tensor's end silently shrinks the tensor. So when
-/// every file follows the naming scheme, the set must be complete: ranks
-/// 1..=R, every index that some rank wrote, every pair present. R is the
-/// highest rank seen, unless `--source-ranks` says how many ranks saved the
-/// checkpoint: only that catches the loss of every file of the highest rank.
-/// An index that no rank wrote is a gap in the writer's mapping, not a lost
-/// file: PyTorch's writer names files by `fqn_to_index_mapping`, and a
-/// mapping using indices 1, 3 and 2000 leaves files of those indices only,
-/// each `-of-02000` (as with the highest rank, the loss of every file of
-/// one index is not visible here; a mapping naming its tensors reports
-/// them missing).
+/// the rank that holds a tensor's end silently shrinks the tensor. So the
+/// files named `shard-RRRRR-model-IIIII-of-NNNNN` must be a complete set,
+/// whatever other shards lie beside them: ranks 1..=R, every index that
+/// some rank wrote, every pair present. R is the highest rank seen, unless
+/// `--source-ranks` says how many ranks saved the checkpoint: only that
+/// catches the loss of every file of the highest rank. An index that no
+/// rank wrote is a gap in the writer's mapping, not a lost file: PyTorch's
+/// writer names files by `fqn_to_index_mapping`, and a mapping using
+/// indices 1, 3 and 2000 leaves files of those indices only, each
+/// `-of-02000` (as with the highest rank, the loss of every file of one
+/// index is not visible here; a mapping naming its tensors reports them
+/// missing). Shards of other names beside such a set are refused unless
+/// `allow_missing`: nothing tells whether they complete it (files of the
+/// set renamed) or stand beside a set that lost files.
 fn check_file_set(
     shards: &[ShardFile],
     expected_ranks: Option<u32>,
     allow_missing: bool,
 ) -> Result<()> {
-    let names: Option<Vec<(u32, u32, u32)>> = shards
-        .iter()
-        .map(|s| parse_shard_name(&s.path.file_name()?.to_string_lossy()))
-        .collect();
-    if allow_missing && expected_ranks.is_none() {
-        return Ok(());
+    let mut named: Vec<((u32, u32, u32), &Path)> = Vec::new();
+    let mut others: Vec<&Path> = Vec::new();
+    for shard in shards {
+        let name = shard.path.file_name().map(|n| n.to_string_lossy());
+        match name.as_deref().and_then(parse_shard_name) {
+            Some(parsed) => named.push((parsed, &shard.path)),
+            None => others.push(&shard.path),
+        }
     }
-    let (Some(names), Some(first)) = (names, shards.first()) else {
+    let Some(&(first, first_path)) = named.first() else {
         return match expected_ranks {
             Some(_) if !shards.is_empty() => Err(Error::usage(
                 "--source-ranks needs shard files named shard-RRRRR-model-IIIII-of-NNNNN.safetensors",
@@ -317,18 +347,23 @@ fn check_file_set(
             _ => Ok(()),
         };
     };
-    let count = names[0].2;
-    if let Some(other) = names.iter().find(|n| n.2 != count) {
+    let count = first.2;
+    if let Some((other, other_path)) = named.iter().find(|n| n.0.2 != count) {
         return Err(Error::usage(
             format!(
-                "shard files disagree on the number of output files: {} says -of-{count:05}, another -of-{:05}",
-                first.path.display(),
+                "shard files disagree on the number of output files: {} says -of-{count:05}, {} \
+                 -of-{:05}",
+                first_path.display(),
+                other_path.display(),
                 other.2
             ),
             "INPUT_DIR mixes two checkpoints; keep one checkpoint's files only",
         ));
     }
-    let highest = names.iter().map(|n| n.0).max().unwrap_or(0);
+    if allow_missing && expected_ranks.is_none() {
+        return Ok(());
+    }
+    let highest = named.iter().map(|n| n.0.0).max().unwrap_or(0);
     let ranks = expected_ranks.unwrap_or(highest);
     if highest > ranks {
         return Err(Error::usage(
@@ -336,8 +371,9 @@ fn check_file_set(
             "pass the number of ranks that saved the checkpoint, or remove files of other saves",
         ));
     }
-    let present: std::collections::HashSet<(u32, u32)> = names.iter().map(|n| (n.0, n.1)).collect();
-    let indices: std::collections::BTreeSet<u32> = names.iter().map(|n| n.1).collect();
+    let present: std::collections::HashSet<(u32, u32)> =
+        named.iter().map(|n| (n.0.0, n.0.1)).collect();
+    let indices: std::collections::BTreeSet<u32> = named.iter().map(|n| n.0.1).collect();
     let has_rank = |r: u32| indices.iter().any(|&i| present.contains(&(r, i)));
     let missing: Vec<String> = if allow_missing {
         // Only whole ranks, up to --source-ranks, must be there.
@@ -352,24 +388,66 @@ fn check_file_set(
             .map(|(r, i)| format!("shard-{r:05}-model-{i:05}-of-{count:05}.safetensors"))
             .collect()
     };
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let shown: Vec<&str> = missing.iter().take(8).map(String::as_str).collect();
-    Err(Error::usage(
-        format!(
-            "{} shard file(s) missing from the set of {ranks} rank(s) x {count} output file(s): {}{}",
-            missing.len(),
-            shown.join(", "),
-            if missing.len() > shown.len() {
-                ", ..."
-            } else {
-                ""
-            }
+    let beside = match others.is_empty() {
+        true => String::new(),
+        false => format!(
+            "; INPUT_DIR also holds {} named otherwise: {}",
+            counted(others.len(), "shard", "shards"),
+            listed_paths(&others)
         ),
-        "copy every shard file of the checkpoint; if the writer never produced these files \
-         (an output holding only replicated tensors), pass --allow-missing-shard-files",
-    ))
+    };
+    if !missing.is_empty() {
+        let shown: Vec<&str> = missing.iter().take(8).map(String::as_str).collect();
+        return Err(Error::usage(
+            format!(
+                "{} missing from the set of {} x {}: {}{}{beside}",
+                counted(missing.len(), "shard file", "shard files"),
+                counted(ranks as usize, "rank", "ranks"),
+                counted(count as usize, "output file", "output files"),
+                shown.join(", "),
+                if missing.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            ),
+            "copy every shard file of the checkpoint under its own name; if the writer never \
+             produced these files (an output holding only replicated tensors), pass \
+             --allow-missing-shard-files",
+        ));
+    }
+    if !others.is_empty() && !allow_missing {
+        return Err(Error::usage(
+            format!(
+                "INPUT_DIR holds {} named otherwise beside the complete set of \
+                 shard-RRRRR-model-IIIII-of-NNNNN files ({} x {}): {}; nothing tells whether \
+                 they belong to that set or complete a set that lost files",
+                counted(others.len(), "shard", "shards"),
+                counted(ranks as usize, "rank", "ranks"),
+                counted(count as usize, "output file", "output files"),
+                listed_paths(&others)
+            ),
+            "give the checkpoint's shards their names as saved \
+             (shard-RRRRR-model-IIIII-of-NNNNN.safetensors) or move other checkpoints' files \
+             out of INPUT_DIR; if every file the writer produced is there, pass \
+             --allow-missing-shard-files",
+        ));
+    }
+    Ok(())
+}
+
+/// The first few of `paths`, by file name.
+fn listed_paths(paths: &[&Path]) -> String {
+    let names: Vec<String> = paths
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    crate::error::list_names(&names)
 }
 
 fn is_output_name(path: &Path) -> bool {
