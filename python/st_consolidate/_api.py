@@ -152,7 +152,7 @@ def consolidate(
         verify_only=verify_only,
         allow_missing_shard_files=allow_missing_shard_files,
         source_ranks=source_ranks,
-        progress=float(progress),
+        progress=progress,
         report=_path(report, "report"),
         schedule=schedule,
         headers=headers,

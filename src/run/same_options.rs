@@ -4,8 +4,9 @@
 //! given different ones would call different collectives and wait on each
 //! other until a timeout, or write different layouts; here they stop at
 //! once, naming the option and the ranks. Options that only concern one
-//! rank (threads, progress, verbosity) and the paths (checked later, by
-//! what they lead to) are not compared.
+//! rank (threads, progress, verbosity, `--report`, which rank 0 alone
+//! writes) and the paths (checked later, by what they lead to) are not
+//! compared.
 
 use super::Config;
 use crate::comm::Communicator;
@@ -17,7 +18,7 @@ use sha2::{Digest, Sha256};
 pub fn described(config: &Config) -> Vec<(&'static str, String)> {
     let read = &config.read;
     let plan = &config.plan;
-    let options: [(&'static str, String); 17] = [
+    let options: [(&'static str, String); 16] = [
         ("mode", format!("{:?}", config.mode)),
         ("input_format", format!("{:?}", read.format)),
         ("include/exclude", format!("{:?}", read.select)),
@@ -43,7 +44,6 @@ pub fn described(config: &Config) -> Vec<(&'static str, String)> {
             format!("{:?} {}", config.hf_assets, config.hf_metadata),
         ),
         ("staging", config.staging.is_some().to_string()),
-        ("report", config.report.is_some().to_string()),
     ];
     options
         .into_iter()
