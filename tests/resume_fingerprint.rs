@@ -140,7 +140,7 @@ fn strip_fingerprint(path: &Path) {
 }
 
 #[test]
-fn a_file_without_a_fingerprint_is_kept_only_if_verify_finds_it_equal() {
+fn a_file_without_a_fingerprint_is_kept_only_if_its_bytes_equal_the_inputs() {
     let (ckpt, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     checkpoint(ckpt.path(), "1");
     let manifest = ckpt.path().join("manifest.json");
@@ -150,38 +150,27 @@ fn a_file_without_a_fingerprint_is_kept_only_if_verify_finds_it_equal() {
     let path = out.path().join(&name);
     let planned = std::fs::read(&path).unwrap();
 
-    // Without --verify nothing proves it holds these inputs: rewritten.
-    strip_fingerprint(&path);
-    let others = identities(out.path());
-    let text = run(2, &["--resume"], ckpt.path(), out.path());
-    assert!(
-        text.contains(&format!("resume: {name} records no input fingerprint")),
-        "{text}"
-    );
-    assert!(text.contains("it is rewritten"), "{text}");
-    assert_eq!(std::fs::read(&path).unwrap(), planned);
-    let after = identities(out.path());
-    assert_ne!(after[&name], others[&name]);
-    assert!(
-        after.iter().all(|(n, id)| n == &name || others[n] == *id),
-        "only {name} is rewritten"
-    );
-
-    // With --verify its tensor bytes are compared and it is kept as it is.
-    strip_fingerprint(&path);
+    // --resume compares every candidate's tensor bytes with the inputs
+    // (with or without --verify): equal, it is kept as it is.
+    for extra in [&[][..], &["--verify"][..]] {
+        strip_fingerprint(&path);
+        let legacy = std::fs::read(&path).unwrap();
+        let before = identities(out.path());
+        let mut args = vec!["--resume"];
+        args.extend(extra);
+        let text = run(2, &args, ckpt.path(), out.path());
+        assert!(
+            text.contains("but its tensor bytes equal the inputs; it is kept"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("kept {}, wrote 0", before.len())),
+            "{text}"
+        );
+        assert_eq!(identities(out.path()), before);
+        assert_eq!(std::fs::read(&path).unwrap(), legacy);
+    }
     let legacy = std::fs::read(&path).unwrap();
-    let before = identities(out.path());
-    let text = run(2, &["--resume", "--verify"], ckpt.path(), out.path());
-    assert!(
-        text.contains("but its tensor bytes equal the inputs; it is kept"),
-        "{text}"
-    );
-    assert!(
-        text.contains(&format!("kept {}, wrote 0", before.len())),
-        "{text}"
-    );
-    assert_eq!(identities(out.path()), before);
-    assert_eq!(std::fs::read(&path).unwrap(), legacy);
     assert_matches_manifest(out.path(), &manifest);
     let mapping = ckpt.path().join("mapping.json");
     let verify = [
@@ -193,12 +182,12 @@ fn a_file_without_a_fingerprint_is_kept_only_if_verify_finds_it_equal() {
     ];
     consolidate_ok(2, &verify);
 
-    // One tensor byte changed: --verify rewrites it with this version's header.
+    // One tensor byte changed: resume rewrites it with this version's header.
     let mut flipped = legacy.clone();
     let last = flipped.len() - 1;
     flipped[last] ^= 0xff;
     std::fs::write(&path, &flipped).unwrap();
-    let text = run(2, &["--resume", "--verify"], ckpt.path(), out.path());
+    let text = run(2, &["--resume"], ckpt.path(), out.path());
     assert!(
         text.contains(&format!("resume: {name} differs from the inputs")),
         "{text}"
