@@ -36,7 +36,7 @@ export SLURM_CONF=$SLURM_LOCAL_DIR/slurm.conf
 log=$work/sbatch.log
 if ST_CONSOLIDATE=$openmpi_bin sbatch --wait --ntasks=4 --output="$log" \
         slurm/consolidate.sbatch "$ckpt" "$work/out-sbatch" "$ckpt/mapping.json" >/dev/null &&
-    matches "$work/out-sbatch" "$ckpt" && grep -q "on 4 rank(s)" "$log"; then
+    matches "$work/out-sbatch" "$ckpt" && grep -q "on 4 ranks" "$log"; then
     pass "sbatch --wait slurm/consolidate.sbatch: 4 ranks, outputs match the manifest"
 else
     fail "sbatch --wait slurm/consolidate.sbatch" "$(cat "$log" 2>/dev/null)"
@@ -44,7 +44,7 @@ fi
 
 # 2. srun --mpi=pmix with the OpenMPI build.
 if out=$(srun -n 4 --mpi=pmix "$openmpi_bin" --mapping "$ckpt/mapping.json" "$ckpt" "$work/out-pmix" 2>&1) &&
-    matches "$work/out-pmix" "$ckpt" && grep -q "on 4 rank(s)" <<<"$out"; then
+    matches "$work/out-pmix" "$ckpt" && grep -q "on 4 ranks" <<<"$out"; then
     pass "srun -n 4 --mpi=pmix (OpenMPI)"
 else
     fail "srun -n 4 --mpi=pmix (OpenMPI)" "$out"
@@ -52,7 +52,7 @@ fi
 
 # 3. srun --mpi=pmi2 with the MPICH build.
 if out=$(srun -n 4 --mpi=pmi2 "$mpich_bin" --mapping "$ckpt/mapping.json" "$ckpt" "$work/out-pmi2" 2>&1) &&
-    matches "$work/out-pmi2" "$ckpt" && grep -q "on 4 rank(s)" <<<"$out"; then
+    matches "$work/out-pmi2" "$ckpt" && grep -q "on 4 ranks" <<<"$out"; then
     pass "srun -n 4 --mpi=pmi2 (MPICH)"
 else
     fail "srun -n 4 --mpi=pmi2 (MPICH)" "$out"
@@ -71,7 +71,7 @@ fi
 
 # 5. MPICH's own launcher.
 if out=$(mpiexec.mpich -n 4 "$mpich_bin" --mapping "$ckpt/mapping.json" "$ckpt" "$work/out-mpich" 2>&1) &&
-    matches "$work/out-mpich" "$ckpt" && grep -q "on 4 rank(s)" <<<"$out"; then
+    matches "$work/out-mpich" "$ckpt" && grep -q "on 4 ranks" <<<"$out"; then
     pass "mpiexec.mpich -n 4 (MPICH)"
 else
     fail "mpiexec.mpich -n 4 (MPICH)" "$out"
@@ -82,7 +82,7 @@ scripts/slurm-local.sh down >/dev/null
 big=$work/ckpt24
 target/release/st-make-shards "$big" --layout 2d --ranks 16 --files 24 --layers 24 --hidden 32 --vocab 300 2>/dev/null
 if out=$(mpirun -n 64 --oversubscribe "$openmpi_bin" --threads 1 --mapping "$big/mapping.json" "$big" "$work/out-64" 2>&1) &&
-    matches "$work/out-64" "$big" && grep -q "into 24 files on 64 rank(s) x 1 thread(s)" <<<"$out"; then
+    matches "$work/out-64" "$big" && grep -q "into 24 files on 64 ranks x 1 thread" <<<"$out"; then
     pass "mpirun -n 64 --threads 1, 24 output files"
 else
     fail "mpirun -n 64" "$out"
