@@ -4,7 +4,8 @@
 # namespace, and ranks talk over TCP on loopback as across a network.
 # Checked: output byte-identical to a one-node run (both schedules, --headers,
 # --verify, --dtype), uneven ranks per node and per-node default threads, a
-# node-local OUTPUT_DIR refused, node-local INPUT_DIR copies compared, a node
+# node-local OUTPUT_DIR refused, node-local INPUT_DIR copies compared (their
+# ends before writing, every byte under --verify, HF shards and DCP), a node
 # killed mid-copy, one progress stream and summary, hosts in the report, and
 # srun -N 2 on two slurmd nodes.
 set -euo pipefail
@@ -120,6 +121,91 @@ elif grep -q "input $work/in/$(basename "$shard") does not hold the same bytes o
 else
     fail "differing INPUT_DIR copies message" "$out"
 fi
+
+# 4b. Node-local INPUT_DIR copies differing in one byte in the middle of one
+#     input (same size, same first and last 64 KiB: all the ranks compare
+#     before writing): --verify compares each file on the other node than the
+#     one that wrote it, and fails naming the file, the tensor and both
+#     nodes, for HF shards and DCP; identical copies pass --verify.
+# mid_byte FILE: flips a byte in the middle of FILE's tensor data (for a
+# .distcp, the middle of the data entry nearest the file's middle), outside
+# the first and last 64 KiB.
+mid_byte() {
+    python3 - "$1" <<'PY'
+import struct, sys
+path = sys.argv[1]
+data = open(path, "rb").read()
+edge = 64 << 10
+at = len(data) // 2
+if path.endswith(".distcp"):
+    # Each chunk is a torch.save zip; its data entries ("…/data/N") are
+    # written with a data descriptor (PK\x07\x08) after their bytes.
+    spans = []
+    pos = data.find(b"PK\x03\x04")
+    while pos >= 0:
+        nlen, elen = struct.unpack_from("<HH", data, pos + 26)
+        start = pos + 30 + nlen + elen
+        end = data.find(b"PK\x07\x08", start)
+        if b"/data/" in data[pos + 30:pos + 30 + nlen] and end > start:
+            spans.append((start + end) // 2)
+        pos = data.find(b"PK\x03\x04", pos + 4)
+    at = min(spans, key=lambda m: abs(m - at))
+assert edge < at < len(data) - edge, (path, len(data), at)
+with open(path, "r+b") as f:
+    f.seek(at)
+    byte = f.read(1)
+    f.seek(at)
+    f.write(bytes([byte[0] ^ 0xFF]))
+PY
+}
+# differs_mid NAME OPTIONS_ARRAY HOSTS NODE: a passing --verify run on the
+# identical copies in $work/local-mid/NAME/{nodea,nodeb}, then one byte
+# flipped in NODE's copy of its largest input, then a --verify run that must
+# fail naming both nodes. Before each file was compared on another node, a
+# rank verified what it wrote against its own copy, and both cases below
+# passed --verify with exit 0: HF shards with nodeb's copy changed (nodeb's
+# rank 2 writes the file it feeds, so a changed lm_head was published), DCP
+# with nodea's (its one file is written and verified on nodeb; a change on
+# nodeb would have been caught by the chunk CRC-32s alone, without naming
+# the nodes).
+differs_mid() {
+    local name=$1 hosts=$3 node=$4 out shard
+    local -n args=$2
+    if out=$(NODE_LOCAL_DIR=$work/in NODE_LOCAL_ROOT=$work/local-mid/$name \
+        on_nodes "$hosts" --verify "${args[@]}" "$work/out-mid-$name-same" 2>&1) &&
+        grep -q "^verified: every written byte equals the inputs, each file compared on another node than the one that wrote it" <<<"$out" &&
+        [ -n "$(finals "$work/out-mid-$name-same")" ]; then
+        pass "$name: identical node-local INPUT_DIR copies pass --verify on two nodes"
+    else
+        fail "$name: identical node-local copies under --verify" "$out"
+    fi
+    shard=$(find "$work/local-mid/$name/$node" -type f \( -name '*.safetensors' -o -name '*.distcp' \) -printf '%s %p\n' | sort -n | tail -1 | cut -d' ' -f2)
+    [ "$(stat -c %s "$shard")" -gt $((128 << 10)) ] || fail "$name: $shard is not larger than 128 KiB"
+    mid_byte "$shard"
+    if out=$(NODE_LOCAL_DIR=$work/in NODE_LOCAL_ROOT=$work/local-mid/$name \
+        on_nodes "$hosts" --verify "${args[@]}" "$work/out-mid-$name-diff" 2>&1); then
+        fail "$name: node-local copies differing mid-file must fail --verify" "$out"
+    elif grep -q "verification failed for " <<<"$out" &&
+        grep -Eq "^  '[^']+' in model[^:]*: first difference at byte [0-9]+ of the tensor .*; written on node(a|b), compared on node(a|b) against its copy of INPUT_DIR$" <<<"$out" &&
+        grep -Eq "written on nodea, compared on nodeb|written on nodeb, compared on nodea" <<<"$out" &&
+        grep -q "hint: .* the nodes' copies of INPUT_DIR likely differ" <<<"$out" &&
+        [ -z "$(finals "$work/out-mid-$name-diff")" ]; then
+        pass "$name: node-local copies differing in one mid-file byte fail --verify, naming the file, the tensor and both nodes"
+    else
+        fail "$name: mid-file difference under --verify" "$out"
+    fi
+}
+mid=$work/mid
+target/release/st-make-shards "$mid" --layout mixed --ranks 4 --files 2 --layers 2 --hidden 256 --vocab 4000 2>/dev/null
+for node in nodea nodeb; do
+    mkdir -p "$work/local-mid/hf" "$work/local-mid/dcp"
+    cp -a "$mid" "$work/local-mid/hf/$node"
+    cp -a tests/fixtures/layout-torchtitan "$work/local-mid/dcp/$node"
+done
+# shellcheck disable=SC2034 # read through differs_mid's nameref
+hf_args=(--mapping "$work/in/mapping.json" "$work/in") dcp_args=("$work/in")
+differs_mid hf hf_args nodea:2,nodeb:2 nodeb
+differs_mid dcp dcp_args nodea:1,nodeb:1 nodea
 
 # 5. A node killed mid-copy: mpirun ends the job, every rank exits non-zero
 #    within the timeout, nothing is final-named, and a rerun completes.

@@ -152,7 +152,7 @@ pub enum Error {
     },
 
     /// Written bytes differ from the shards (found by verification).
-    #[error("verification failed for {}:{}\n  hint: the output is not trustworthy; check the filesystem and rerun with --overwrite", counted(mismatches.len(), "tensor", "tensors"), listed_lines(mismatches))]
+    #[error("verification failed for {}:{}\n  hint: the output is not trustworthy; {}", counted(mismatches.len(), "tensor", "tensors"), listed_lines(mismatches), mismatch_hint(mismatches))]
     Mismatch {
         /// One line per mismatching tensor (shown one per line, the
         /// first ten: a one-line list of long lines is unreadable).
@@ -351,6 +351,24 @@ pub fn list_names(names: &[String]) -> String {
     text
 }
 
+/// How `--verify` mismatch lines of a file compared on another node than
+/// the one that wrote it end (`exec::verify::assign`).
+pub const COMPARED_ELSEWHERE: &str = "against its copy of INPUT_DIR";
+
+/// What to do about verification mismatches: where a file compared on
+/// another node differs, the likeliest cause is that the nodes' copies of
+/// INPUT_DIR differ, which rerunning would not change.
+fn mismatch_hint(mismatches: &[String]) -> &'static str {
+    match mismatches.iter().any(|m| m.ends_with(COMPARED_ELSEWHERE)) {
+        true => {
+            "a file differs from the inputs as another node sees them: the nodes' copies of INPUT_DIR likely differ \
+             (compare them, e.g. sha256sum on each node, or give every node one shared INPUT_DIR), else check the filesystem; \
+             then rerun with --overwrite"
+        }
+        false => "check the filesystem and rerun with --overwrite",
+    }
+}
+
 /// `names` one per line, each indented and escaped: the first ten, then
 /// how many more there are.
 pub fn listed_lines(names: &[String]) -> String {
@@ -464,6 +482,17 @@ mod tests {
         assert_eq!(lines[10], format!("  {}", line(9)));
         assert_eq!(lines[11], "  ... and 2 more");
         assert!(lines[12].starts_with("  hint: the output is not trustworthy"));
+        let across = format!(
+            "'t' in f: first difference at byte 0; written on a, compared on b {COMPARED_ELSEWHERE}"
+        );
+        let text = Error::Mismatch {
+            mismatches: vec![line(0), across],
+        }
+        .to_string();
+        assert!(
+            text.contains("hint: the output is not trustworthy; a file differs from the inputs as another node sees them: the nodes' copies of INPUT_DIR likely differ"),
+            "{text}"
+        );
         let err = Error::Mismatch {
             mismatches: vec!["a\nb".into()],
         };

@@ -149,6 +149,24 @@ pub fn same_output_dir(
     ))
 }
 
+/// Collective: every rank's host name, in rank order (where `--verify`
+/// sends each file to be compared on another node). A name that does not
+/// decode fails the job rather than pass for one host.
+pub fn host_names(comm: &dyn Communicator) -> Result<Vec<String>> {
+    comm.all_gather(host_name().as_bytes())?
+        .into_iter()
+        .enumerate()
+        .map(|(rank, bytes)| {
+            String::from_utf8(bytes).map_err(|e| {
+                Error::ranks_disagree(
+                    format!("rank {rank} sent a host name that is not UTF-8: {e}"),
+                    "all ranks must run the same st-consolidate-mpi binary; nothing was written",
+                )
+            })
+        })
+        .collect()
+}
+
 /// The lock token in `dir`, waiting briefly for it to appear, since a shared
 /// filesystem may show a new file on other nodes a moment later. Empty if it
 /// never does.

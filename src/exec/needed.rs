@@ -161,6 +161,7 @@ mod tests {
             path: "x".into(),
             name: "x".into(),
             tensors: vec![(1, 0, Dtype::U8)],
+            origin: None,
         };
         let wanted = pieces_to_verify(&plan, &[target]);
         assert_eq!(wanted, (0..4).map(|p| (1, p)).collect::<Vec<_>>());

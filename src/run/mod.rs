@@ -34,7 +34,7 @@ use crate::checkpoint::identity;
 use crate::checkpoint::select::check_has_tensors;
 use crate::comm::Communicator;
 use crate::comm::collectives::{
-    agree, collect_mismatches, gather_reports, read_checkpoint, same_inputs_everywhere,
+    agree, collect_mismatches, gather_reports, host_names, read_checkpoint, same_inputs_everywhere,
     same_output_dir, same_plan_everywhere, sum_over_ranks,
 };
 use crate::error::{Error, Result, counted, shown};
@@ -47,8 +47,8 @@ use crate::exec::publish::{
     Refusal, check_written_once, prepare_output_dir, retire_old_index, stage_index_and_report,
 };
 use crate::exec::verify::{
-    Target, compare, existing_targets, planned_target, stored_crc_counts, stored_crc_summary,
-    written_targets,
+    Target, across_hosts, compare, existing_targets, stored_crc_counts, stored_crc_summary,
+    targets_to_verify,
 };
 use crate::exec::write::{WriteTiming, copy_and_sync, create_files, default_threads};
 use crate::failure::catch_panic;
@@ -606,12 +606,20 @@ fn consolidate(
 ) -> Result<Summary> {
     let (config, comm, rank) = (job.config, job.comm, job.rank());
     let out = &config.output;
+    // Under --verify, each file is compared on another node than the one
+    // that wrote it where there is one (exec::verify::assign): which files
+    // a rank verifies, and so which chunks it locates, follows the hosts.
+    let hosts = match verify {
+        true => Some(agree(comm, host_names(comm))?),
+        false => None,
+    };
+    let verifying = hosts.as_deref();
     // Each rank locates the chunks it reads once the plan says which, and
     // before OUTPUT_DIR is touched, so that a bad archive fails the run
     // with nothing written. Under --resume the files kept are known only
     // once OUTPUT_DIR is locked: their chunks are located only to verify.
     if !config.resume {
-        locate_to_write(job, &mut plan, verify)?;
+        locate_to_write(job, &mut plan, verifying)?;
     }
     // Rank 0 locks OUTPUT_DIR for the whole run before touching it; every
     // rank then proves it sees that same folder.
@@ -668,7 +676,7 @@ fn consolidate(
     agree(comm, same_output_dir(comm, out, lock.as_ref()))?;
     if config.resume {
         resume::keep_complete_files(job, &mut plan)?;
-        locate_to_write(job, &mut plan, verify)?;
+        locate_to_write(job, &mut plan, verifying)?;
     }
     let plan = &plan;
     if let Some(note) = idle_note(plan) {
@@ -704,13 +712,17 @@ fn consolidate(
         None => created,
     };
     drop(staging);
-    if verify {
-        let targets = written_targets(plan, &created);
+    if let Some(hosts) = verifying {
+        let targets = targets_to_verify(plan, out, rank, hosts);
         let mismatches = job.agree(|| compare(plan, &targets))?;
         agree(comm, collect_mismatches(comm, &mismatches))?;
         let crcs = job.crc_summary(plan, &targets)?;
+        let elsewhere = match across_hosts(hosts) {
+            true => ", each file compared on another node than the one that wrote it",
+            false => "",
+        };
         job.say(&format!(
-            "verified: every written byte equals the inputs{crcs}"
+            "verified: every written byte equals the inputs{elsewhere}{crcs}"
         ));
     }
 
@@ -801,17 +813,14 @@ fn point_of_no_return(job: &Job) -> Result<()> {
 }
 
 /// Locates the chunks this rank reads to write its share of the plan (and,
-/// with `verify`, to compare the files it writes), then holds at the test
-/// hook ([`crate::checkpoint::dcp::hold_after_read`]).
-fn locate_to_write(job: &Job, plan: &mut Plan, verify: bool) -> Result<()> {
+/// under `--verify`, given every rank's host, to compare the files it
+/// verifies), then holds at the test hook
+/// ([`crate::checkpoint::dcp::hold_after_read`]).
+fn locate_to_write(job: &Job, plan: &mut Plan, verify: Option<&[String]>) -> Result<()> {
     let rank = job.rank();
     let mut pieces = pieces_to_copy(plan, rank);
-    if verify {
-        let mine: Vec<Target> = plan
-            .files_to_write(rank)
-            .into_iter()
-            .map(|f| planned_target(plan, f, PathBuf::new()))
-            .collect();
+    if let Some(hosts) = verify {
+        let mine = targets_to_verify(plan, &job.config.output, rank, hosts);
         pieces.extend(pieces_to_verify(plan, &mine));
     }
     job.locate(plan, &pieces)?;

@@ -153,7 +153,8 @@ struct Cli {
     no_hf_metadata: bool,
 
     /// After writing, read every file back and compare each tensor byte with the shards
-    /// (before the files get their final names).
+    /// (before the files get their final names). Across nodes, each file is compared on
+    /// another node than the one that wrote it, so node-local INPUT_DIR copies must agree.
     #[arg(long)]
     verify: bool,
 

@@ -5,6 +5,7 @@
 //! `--verify` (after writing, before the files get their final names) and
 //! `--verify-only` (an existing output).
 
+mod assign;
 mod targets;
 
 use crate::checkpoint::coverage::region;
@@ -15,6 +16,7 @@ use crate::exec::copy::{OpenInputs, read_shard_at};
 use crate::plan::Plan;
 use crate::safetensors::dtype::Dtype;
 use crate::safetensors::header::element_count;
+pub use assign::{across_hosts, targets_to_verify, verifier_of};
 use rayon::prelude::*;
 use std::fs::File;
 use std::ops::Range;
@@ -34,7 +36,14 @@ pub fn compare(plan: &Plan, targets: &[Target]) -> Result<Vec<String>> {
         .collect();
     let results: Vec<Option<String>> = jobs
         .par_iter()
-        .map(|&(target, tensor, at, dtype)| compare_tensor(plan, target, tensor, at, dtype))
+        .map(|&(target, tensor, at, dtype)| {
+            let line = compare_tensor(plan, target, tensor, at, dtype)?;
+            // Across nodes, the two hosts whose copies of INPUT_DIR met.
+            Ok(match (line, &target.origin) {
+                (Some(line), Some(origin)) => Some(format!("{line}; {origin}")),
+                (line, _) => line,
+            })
+        })
         .collect::<Result<_>>()?;
     Ok(results.into_iter().flatten().collect())
 }

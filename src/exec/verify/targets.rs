@@ -21,6 +21,9 @@ pub struct Target {
     /// (index into `plan.tensors`, absolute offset of its first byte, the
     /// dtype it was written in).
     pub tensors: Vec<(usize, u64, Dtype)>,
+    /// Where it was written and compared, when on different hosts: its
+    /// mismatch lines end with it (see [`super::assign`]).
+    pub origin: Option<String>,
 }
 
 /// The files this rank created and wrote (as [`create_files`] returns
@@ -47,6 +50,7 @@ pub fn planned_target(plan: &Plan, f: usize, path: PathBuf) -> Target {
             .iter()
             .map(|e| (e.tensor, file.data_start() + e.bytes.start, e.dtype))
             .collect(),
+        origin: None,
     }
 }
 
@@ -176,6 +180,7 @@ pub fn existing_targets(
             path,
             name: file.to_string(),
             tensors,
+            origin: None,
         });
     }
     Ok((targets, problems))
