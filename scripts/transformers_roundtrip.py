@@ -79,8 +79,10 @@ def check_assets(work, out, names=("config.json", "generation_config.json")):
             f"{name} not copied as it is"
     assert not os.path.exists(f"{out}/expected_logits.pt"), "a .pt file was copied"
     ours = json.load(open(f"{out}/model.safetensors.index.json"))
-    assert "total_size" in ours["metadata"] and set(ours["metadata"]) == {"total_size"}, \
-        "the index is not the consolidation's own"
+    # The consolidation's own index: total_size, and the mark by which a
+    # later run recognises it as an earlier output.
+    assert set(ours["metadata"]) == {"total_size", "written_by"}, "the index is not the consolidation's own"
+    assert ours["metadata"]["written_by"] == "st-consolidate-mpi", ours["metadata"]
 
 
 def check(work, out):
