@@ -389,6 +389,21 @@ pub fn counted(count: usize, one: &str, many: &str) -> String {
     format!("{count} {}", if count == 1 { one } else { many })
 }
 
+/// Up to ten of `paths`, by file name, as [`list_names`] shows names.
+pub fn list_file_names<P: AsRef<Path>>(paths: &[P]) -> String {
+    let names: Vec<String> = paths
+        .iter()
+        .map(|p| {
+            p.as_ref()
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    list_names(&names)
+}
+
 /// `text` as it may appear inside a one-line message: control characters
 /// (newlines, ESC of ANSI colour codes, ...) and the Unicode controls that
 /// reorder or break displayed text are escaped as `escape_debug` does

@@ -438,22 +438,13 @@ pub fn skipped_outputs_note(skipped: &[std::path::PathBuf]) -> Option<String> {
     if skipped.is_empty() {
         return None;
     }
-    let names: Vec<String> = skipped
-        .iter()
-        .map(|p| {
-            p.file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    let one = names.len() == 1;
+    let one = skipped.len() == 1;
     Some(format!(
         "note: skipped {} named like consolidated output{} and without DCP_SHARDING_INFO (an \
          earlier run's output into INPUT_DIR, not shards): {}",
-        crate::error::counted(names.len(), "file", "files"),
+        crate::error::counted(skipped.len(), "file", "files"),
         if one { "" } else { "s" },
-        crate::error::list_names(&names)
+        crate::error::list_file_names(skipped)
     ))
 }
 

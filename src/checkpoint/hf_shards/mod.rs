@@ -393,7 +393,7 @@ fn check_file_set(
         false => format!(
             "; INPUT_DIR also holds {} named otherwise: {}",
             counted(others.len(), "shard", "shards"),
-            listed_paths(&others)
+            crate::error::list_file_names(&others)
         ),
     };
     if !missing.is_empty() {
@@ -425,7 +425,7 @@ fn check_file_set(
                 counted(others.len(), "shard", "shards"),
                 counted(ranks as usize, "rank", "ranks"),
                 counted(count as usize, "output file", "output files"),
-                listed_paths(&others)
+                crate::error::list_file_names(&others)
             ),
             "give the checkpoint's shards their names as saved \
              (shard-RRRRR-model-IIIII-of-NNNNN.safetensors) or move other checkpoints' files \
@@ -434,20 +434,6 @@ fn check_file_set(
         ));
     }
     Ok(())
-}
-
-/// The first few of `paths`, by file name.
-fn listed_paths(paths: &[&Path]) -> String {
-    let names: Vec<String> = paths
-        .iter()
-        .map(|p| {
-            p.file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    crate::error::list_names(&names)
 }
 
 fn is_output_name(path: &Path) -> bool {
