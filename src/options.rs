@@ -312,6 +312,7 @@ pub const INPUT_FORMATS: Choices<InputFormat> = Choices {
         ("auto", InputFormat::Auto),
         ("hf-shards", InputFormat::HfShards),
         ("dcp", InputFormat::Dcp),
+        ("deepspeed", InputFormat::DeepSpeed),
     ],
     default: "auto",
 };

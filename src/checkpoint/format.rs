@@ -1,8 +1,10 @@
 //! Which on-disk format INPUT_DIR holds: PyTorch DCP's default
-//! (`.metadata` + `__R_I.distcp`) or HF shards
-//! (`shard-RRRRR-model-IIIII-of-NNNNN.safetensors`).
+//! (`.metadata` + `__R_I.distcp`), HF shards
+//! (`shard-RRRRR-model-IIIII-of-NNNNN.safetensors`) or a DeepSpeed ZeRO
+//! checkpoint (`latest` + `global_stepN/*_optim_states.pt`).
 
 use crate::checkpoint::dcp::is_dcp_checkpoint;
+use crate::checkpoint::deepspeed::is_deepspeed_checkpoint;
 use crate::checkpoint::hf_shards::count_shard_candidates;
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -17,10 +19,13 @@ pub enum InputFormat {
     HfShards,
     /// DCP's default `FileSystemWriter` format.
     Dcp,
+    /// DeepSpeed ZeRO's `engine.save_checkpoint` folder.
+    DeepSpeed,
 }
 
 const LOOKS: &str = "a DCP checkpoint holds .metadata and __R_I.distcp files (torch.distributed.checkpoint.save); \
-an HF-shards checkpoint holds shard-RRRRR-model-IIIII-of-NNNNN.safetensors files (HuggingFaceStorageWriter(save_distributed=True)), or a sharded/ subfolder of them";
+an HF-shards checkpoint holds shard-RRRRR-model-IIIII-of-NNNNN.safetensors files (HuggingFaceStorageWriter(save_distributed=True)), or a sharded/ subfolder of them; \
+a DeepSpeed checkpoint holds a 'latest' file and a global_stepN/ folder of *_model_states.pt and *_optim_states.pt files";
 
 /// The format of `dir`: `asked`, or what the folder holds with `Auto`.
 /// A folder holding both, or neither, is an error saying what was found.
@@ -35,6 +40,13 @@ pub fn detect(dir: &Path, asked: InputFormat) -> Result<InputFormat> {
         return Ok(asked);
     }
     let has_metadata = is_dcp_checkpoint(dir);
+    // HF Trainer's checkpoint-N holds its own model.safetensors beside the
+    // DeepSpeed files: a consolidated output, never a shard, so a folder
+    // with `latest` (or model-states files) and no `.metadata` is
+    // DeepSpeed's whatever else it holds.
+    if !has_metadata && is_deepspeed_checkpoint(dir) {
+        return Ok(InputFormat::DeepSpeed);
+    }
     // Consolidated outputs of an earlier run into this folder (or PyTorch's
     // beside a sharded/ subfolder) are not shards; no header is read here.
     let shards = count_shard_candidates(dir)?;

@@ -6,6 +6,7 @@
 
 pub mod coverage;
 pub mod dcp;
+pub mod deepspeed;
 pub mod format;
 pub mod hf_shards;
 pub mod identity;
@@ -37,6 +38,12 @@ pub struct ReadOptions {
     /// chunk files (`--dry-run`). (Pieces point at their archive either
     /// way: a run locates each rank's after the plan.)
     pub plan_only: bool,
+    /// `--tag`: a DeepSpeed checkpoint's tag folder to read instead of the
+    /// one its `latest` file names.
+    pub tag: Option<String>,
+    /// `--keep-tied`: write a DeepSpeed checkpoint's tied aliases as
+    /// copies of their owners instead of leaving them out.
+    pub keep_tied: bool,
 }
 
 /// A checkpoint as read from disk, whatever its format.
@@ -64,6 +71,11 @@ pub struct Checkpoint {
     /// none. Only recorded, never applied to the names.
     #[serde(default)]
     pub top_level_keys: std::collections::BTreeMap<String, String>,
+    /// What the reader did that the user should know of, one line each
+    /// (a DeepSpeed checkpoint's tied aliases left out, frozen parameters
+    /// taken from the model states).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// Where a piece's bytes live: an input file and an absolute byte offset.

@@ -61,6 +61,7 @@ pub fn encode(checkpoint: &Checkpoint) -> Vec<u8> {
         out.bytes(name.as_bytes());
         out.bytes(key.as_bytes());
     }
+    out.strings(&checkpoint.notes);
     out.0
 }
 
@@ -126,6 +127,7 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
     for _ in 0..from.count(2)? {
         top_level_keys.insert(from.string()?, from.string()?);
     }
+    let notes = from.strings()?;
     if from.at != bytes.len() {
         return Err(format!("{} bytes follow its end", bytes.len() - from.at));
     }
@@ -137,6 +139,7 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
         excluded,
         inputs,
         top_level_keys,
+        notes,
     })
 }
 
@@ -357,6 +360,7 @@ mod tests {
             excluded: vec![("optim.x".into(), u64::MAX)],
             inputs: Inputs::unopened(&[metadata, file]),
             top_level_keys: BTreeMap::from([("w".into(), "model".into())]),
+            notes: vec!["note: tied".into()],
         }
     }
 
@@ -370,6 +374,7 @@ mod tests {
             non_tensors: checkpoint.non_tensors.clone(),
             excluded: checkpoint.excluded.clone(),
             top_level_keys: checkpoint.top_level_keys.clone(),
+            notes: checkpoint.notes.clone(),
         };
         copy.skipped_outputs.clear();
         serde_json::to_string(&copy).unwrap()

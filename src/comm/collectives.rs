@@ -8,7 +8,7 @@ use crate::checkpoint::hf_shards::{
     self, HeaderReading, ShardSummary, list_shard_files, read_shards,
 };
 use crate::checkpoint::identity::Inputs;
-use crate::checkpoint::{Checkpoint, ReadOptions, dcp, wire};
+use crate::checkpoint::{Checkpoint, ReadOptions, dcp, deepspeed, wire};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::exec::lock::{OutputLock, host_name, read_token};
@@ -343,7 +343,16 @@ pub fn read_checkpoint(
     let reader = !shared || comm.rank() == 0;
     let mine = if reader {
         pool.install(|| {
-            let checkpoint = dcp::read_checkpoint(dir, &options.select, options.plan_only)?;
+            let checkpoint = match format {
+                InputFormat::DeepSpeed => {
+                    let read = deepspeed::DeepSpeedRead {
+                        tag: options.tag.as_deref(),
+                        keep_tied: options.keep_tied,
+                    };
+                    deepspeed::read_checkpoint(dir, &read, &options.select)?
+                }
+                _ => dcp::read_checkpoint(dir, &options.select, options.plan_only)?,
+            };
             options.select.check_leaves_some(&checkpoint)?;
             Ok(Some(checkpoint))
         })

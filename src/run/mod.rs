@@ -57,6 +57,7 @@ use crate::plan::mapping::MappingSource;
 use crate::plan::{self, Plan, PlanOptions};
 use crate::progress::{Counters, FinishOnDrop, watch};
 use crate::report::{InputFacts, RankReport, RunReport, describe, human_bytes};
+use crate::safetensors::dtype::Dtype;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -429,6 +430,9 @@ fn run_agreed(
     if let Some(note) = crate::report::skipped_outputs_note(&checkpoint.skipped_outputs) {
         job.say(&note);
     }
+    for note in &checkpoint.notes {
+        job.say(note);
+    }
     let mut facts = input_facts(config, format, &checkpoint);
     if let Some(taken) = taken {
         facts.from_hf_metadata = taken.listed();
@@ -506,8 +510,14 @@ fn run_agreed(
 /// carries no file mapping of its own).
 fn plan_options_for(config: &Config, format: InputFormat) -> PlanOptions {
     let mut options = config.plan.clone();
-    if options.mapping == MappingSource::SingleFile && format == InputFormat::Dcp {
+    let carries_no_mapping = matches!(format, InputFormat::Dcp | InputFormat::DeepSpeed);
+    if options.mapping == MappingSource::SingleFile && carries_no_mapping {
         options.mapping = MappingSource::MaxShardSize(DCP_DEFAULT_SHARD_SIZE);
+    }
+    // DeepSpeed's zero_to_fp32 writes every floating-point tensor as F32
+    // (the masters are F32; frozen parameters and buffers are upcast).
+    if format == InputFormat::DeepSpeed && options.dtype.is_none() {
+        options.dtype = Some(Dtype::F32);
     }
     options
 }
@@ -526,6 +536,7 @@ fn input_facts(config: &Config, format: InputFormat, checkpoint: &Checkpoint) ->
         dir: config.input.display().to_string(),
         format: match format {
             InputFormat::Dcp => "dcp",
+            InputFormat::DeepSpeed => "deepspeed",
             _ => "hf-shards",
         },
         non_tensors: checkpoint.non_tensors.clone(),

@@ -116,6 +116,7 @@ pub fn read_checkpoint(dir: &Path, select: &Selection, plan_only: bool) -> Resul
         excluded: dcp.excluded,
         inputs: dcp.inputs,
         top_level_keys: dcp.top_level_keys,
+        notes: Vec::new(),
     })
 }
 

@@ -244,6 +244,7 @@ pub fn checkpoint_from(
         non_tensors: Vec::new(),
         excluded: Vec::new(),
         top_level_keys: Default::default(),
+        notes: Vec::new(),
     })
 }
 

@@ -1,5 +1,7 @@
-//! The globals a DCP pickle may name: DCP's metadata classes, torch dtypes,
-//! storages, layouts and memory formats, and tensor rebuild functions.
+//! The globals a checkpoint pickle may name: DCP's metadata classes, torch
+//! dtypes, storages, layouts and memory formats, tensor rebuild functions,
+//! and the DeepSpeed classes its checkpoints pickle (the stage enum, loss
+//! scalers, fragment addresses). Each is only ever recorded, never called.
 
 use super::Global;
 use crate::checkpoint::dcp::torch_types::{LAYOUTS, MEMORY_FORMATS, TORCH_DTYPES, TYPED_STORAGES};
@@ -37,6 +39,18 @@ const FIXED_GLOBALS: &[(&str, &[&str])] = &[
         "torch._utils",
         &["_rebuild_tensor_v2", "_rebuild_tensor_v3"],
     ),
+    // ZeRO-3's flat groups carry a `ds_id` attribute through this.
+    ("torch._tensor", &["_rebuild_from_type_v2"]),
+    ("torch", &["Tensor"]),
+    // DeepSpeed's checkpoints (the format brief's §2.4).
+    ("deepspeed.runtime.zero.config", &["ZeroStageEnum"]),
+    (
+        "deepspeed.runtime.fp16.loss_scaler",
+        &["LossScaler", "DynamicLossScaler"],
+    ),
+    ("deepspeed.utils.tensor_fragment", &["fragment_address"]),
+    // Megatron-DeepSpeed stores its arguments in the client state.
+    ("argparse", &["Namespace"]),
     ("collections", &["OrderedDict"]),
     // StorageMeta.checkpoint_id may be a path; Python 3.13 moved the classes
     // to pathlib._local.

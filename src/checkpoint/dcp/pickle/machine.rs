@@ -240,6 +240,10 @@ impl Machine<'_, '_> {
                     Node::Object(object) => {
                         return invalid(format!("{} object built twice", object.class));
                     }
+                    // An OrderedDict's attributes: a module's state dict
+                    // carries `_metadata` (per-module versions), which no
+                    // reader needs.
+                    Node::Dict(_) => return Ok(None),
                     _ => return invalid("BUILD on a value that is not an object"),
                 }
                 self.fold_top()?;
