@@ -51,6 +51,7 @@ pub const MAX_PLAN_RANKS: i64 = 1_000_000;
 #[allow(missing_docs)]
 pub enum Opt {
     InputFormat,
+    Tag,
     Include,
     Exclude,
     Mapping,
@@ -67,6 +68,7 @@ pub enum Opt {
     StagingDir,
     IndexName,
     KeepTopLevelKey,
+    KeepTied,
     NoHfMetadata,
     Verify,
     VerifyOnly,
@@ -85,8 +87,9 @@ pub enum Opt {
 
 impl Opt {
     /// Every option, in the command's `--help` order.
-    pub const ALL: [Opt; 31] = [
+    pub const ALL: [Opt; 33] = [
         Opt::InputFormat,
+        Opt::Tag,
         Opt::Include,
         Opt::Exclude,
         Opt::Mapping,
@@ -103,6 +106,7 @@ impl Opt {
         Opt::StagingDir,
         Opt::IndexName,
         Opt::KeepTopLevelKey,
+        Opt::KeepTied,
         Opt::NoHfMetadata,
         Opt::Verify,
         Opt::VerifyOnly,
@@ -125,6 +129,7 @@ impl Opt {
     pub fn keyword(self) -> Option<&'static str> {
         Some(match self {
             Opt::InputFormat => "input_format",
+            Opt::Tag => "tag",
             Opt::Include => "include",
             Opt::Exclude => "exclude",
             Opt::Mapping => "mapping",
@@ -141,6 +146,7 @@ impl Opt {
             Opt::StagingDir => "staging_dir",
             Opt::IndexName => "index_name",
             Opt::KeepTopLevelKey => "keep_top_level_key",
+            Opt::KeepTied => "keep_tied",
             Opt::NoHfMetadata => "no_hf_metadata",
             Opt::Verify => "verify",
             Opt::VerifyOnly => "verify_only",
@@ -161,6 +167,7 @@ impl Opt {
     pub fn flag(self) -> &'static str {
         match self {
             Opt::InputFormat => "--input-format",
+            Opt::Tag => "--tag",
             Opt::Include => "--include",
             Opt::Exclude => "--exclude",
             Opt::Mapping => "--mapping",
@@ -177,6 +184,7 @@ impl Opt {
             Opt::StagingDir => "--staging-dir",
             Opt::IndexName => "--index-name",
             Opt::KeepTopLevelKey => "--keep-top-level-key",
+            Opt::KeepTied => "--keep-tied",
             Opt::NoHfMetadata => "--no-hf-metadata",
             Opt::Verify => "--verify",
             Opt::VerifyOnly => "--verify-only",
@@ -208,6 +216,7 @@ impl Opt {
                 | Opt::Overwrite
                 | Opt::Resume
                 | Opt::KeepTopLevelKey
+                | Opt::KeepTied
                 | Opt::NoHfMetadata
                 | Opt::Verify
                 | Opt::VerifyOnly
@@ -255,6 +264,7 @@ impl Opt {
                 "a JSON file {tensor name: safetensors dtype} (or, from Python, a dict)".into()
             }
             Opt::HfIndex | Opt::HfAssets | Opt::Report => "a path".into(),
+            Opt::Tag => "the name of a DeepSpeed tag folder, such as global_step500".into(),
             Opt::StagingDir => {
                 "a folder that exists on every node (node-local scratch is fine)".into()
             }
@@ -413,6 +423,8 @@ pub struct Options {
     pub input: PathBuf,
     pub output: PathBuf,
     pub input_format: Option<String>,
+    /// A DeepSpeed checkpoint's tag folder instead of `latest`'s.
+    pub tag: Option<String>,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
     pub mapping: Option<Table<u64>>,
@@ -432,6 +444,8 @@ pub struct Options {
     pub staging_dir: Option<PathBuf>,
     pub index_name: Option<String>,
     pub keep_top_level_key: bool,
+    /// Write a DeepSpeed checkpoint's tied aliases as copies.
+    pub keep_tied: bool,
     pub no_hf_metadata: bool,
     pub verify: bool,
     pub verify_only: bool,
@@ -680,6 +694,8 @@ impl Options {
             exclude: self.exclude.clone(),
         };
         config.read.allow_missing_shard_files = self.allow_missing_shard_files;
+        config.read.tag = self.tag.clone();
+        config.read.keep_tied = self.keep_tied;
         config.read.source_ranks = self
             .count(Opt::SourceRanks, self.source_ranks, 1..=i64::from(u32::MAX))?
             .map(|n| n as u32);

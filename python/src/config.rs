@@ -268,6 +268,7 @@ pub fn from_options(
     })?;
     let options = Options {
         input_format: given.get(Opt::InputFormat)?,
+        tag: given.get(Opt::Tag)?,
         include: given.strings(Opt::Include)?,
         exclude: given.strings(Opt::Exclude)?,
         mapping: given.table(Opt::Mapping, file_index)?,
@@ -284,6 +285,7 @@ pub fn from_options(
         staging_dir: given.path(Opt::StagingDir)?,
         index_name: given.get(Opt::IndexName)?,
         keep_top_level_key: given.switch(Opt::KeepTopLevelKey)?,
+        keep_tied: given.switch(Opt::KeepTied)?,
         no_hf_metadata: given.switch(Opt::NoHfMetadata)?,
         verify: given.switch(Opt::Verify)?,
         verify_only: given.switch(Opt::VerifyOnly)?,

@@ -82,6 +82,7 @@ def consolidate(
     output_dir,
     *,
     input_format="auto",
+    tag=None,
     include=None,
     exclude=None,
     mapping=None,
@@ -98,6 +99,7 @@ def consolidate(
     staging_dir=None,
     no_hf_metadata=False,
     keep_top_level_key=False,
+    keep_tied=False,
     index_name=None,
     verify=False,
     verify_only=False,
@@ -112,7 +114,9 @@ def consolidate(
     strip_prefix=None,
     process_group=None,
 ):
-    """Consolidates ``input_dir`` (a DCP checkpoint or HF shards) into
+    """Consolidates ``input_dir`` (a DCP checkpoint, HF shards, or a
+    DeepSpeed ZeRO checkpoint folder: the one holding ``latest``, or a tag
+    folder; ``tag`` picks another tag) into
     ``output_dir``, as the ``st-consolidate-mpi`` command does; each keyword
     is the command's flag of the same name (``--hf-index`` → ``hf_index``).
     ``dtype`` takes the command's names (bf16, f16, f32, f64), NeMo's aliases
@@ -131,6 +135,7 @@ def consolidate(
         strip_prefix = [strip_prefix]
     options = dict(
         input_format=input_format,
+        tag=tag,
         include=include,
         exclude=exclude,
         mapping=_path(mapping, "mapping"),
@@ -147,6 +152,7 @@ def consolidate(
         staging_dir=_path(staging_dir, "staging_dir"),
         no_hf_metadata=no_hf_metadata,
         keep_top_level_key=keep_top_level_key,
+        keep_tied=keep_tied,
         index_name=index_name,
         verify=verify,
         verify_only=verify_only,

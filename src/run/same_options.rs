@@ -18,9 +18,13 @@ use sha2::{Digest, Sha256};
 pub fn described(config: &Config) -> Vec<(&'static str, String)> {
     let read = &config.read;
     let plan = &config.plan;
-    let options: [(&'static str, String); 16] = [
+    let options: [(&'static str, String); 17] = [
         ("mode", format!("{:?}", config.mode)),
         ("input_format", format!("{:?}", read.format)),
+        (
+            "tag/keep_tied",
+            format!("{:?} {}", read.tag, read.keep_tied),
+        ),
         ("include/exclude", format!("{:?}", read.select)),
         (
             "allow_missing_shard_files",

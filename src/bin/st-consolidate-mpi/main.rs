@@ -54,10 +54,16 @@ struct Cli {
     /// Folder for model-*.safetensors and model.safetensors.index.json (created if missing).
     output_dir: PathBuf,
 
-    /// The input's format; auto decides from the folder (.metadata: dcp; *.safetensors shards:
-    /// hf-shards, reading at most one header) and refuses a folder holding both or neither.
+    /// The input's format; auto decides from the folder (.metadata: dcp; a 'latest' file or
+    /// *_model_states.pt files: deepspeed; *.safetensors shards: hf-shards, reading at most one
+    /// header) and refuses a folder holding both DCP and shards, or nothing.
     #[arg(long, value_parser = Names(INPUT_FORMATS.names()), default_value = INPUT_FORMATS.default)]
     input_format: String,
+
+    /// DeepSpeed: read tag folder TAG (global_step500) instead of the one INPUT_DIR/latest names.
+    /// INPUT_DIR may also be the tag folder itself.
+    #[arg(long, value_name = "TAG")]
+    tag: Option<String>,
 
     /// Export only tensors whose saved name matches GLOB (`*` any characters, `?` one;
     /// repeatable), e.g. --include 'model.*'. Applied before mapping and --strip-prefix.
@@ -142,6 +148,12 @@ struct Cli {
     /// model.lm_head.weight; the output says lm_head.weight). Mappings match either name.
     #[arg(long)]
     keep_top_level_key: bool,
+
+    /// DeepSpeed: also write each tied alias (shared_params, e.g. lm_head.weight tied to
+    /// model.embed_tokens.weight) as a copy of its owner. By default the alias is left out, as
+    /// save_pretrained leaves it out and from_pretrained ties it again; a note names each one.
+    #[arg(long)]
+    keep_tied: bool,
 
     /// Ignore INPUT_DIR/.hf_metadata. By default, when NeMo Automodel's .hf_metadata folder is
     /// in INPUT_DIR, its fqn_to_file_index_mapping.json is the mapping (unless a mapping option
@@ -236,6 +248,7 @@ impl Cli {
     fn options(self) -> Options {
         Options {
             input_format: Some(self.input_format),
+            tag: self.tag,
             include: self.include,
             exclude: self.exclude,
             mapping: self.mapping.map(Table::File),
@@ -252,6 +265,7 @@ impl Cli {
             staging_dir: self.staging_dir,
             index_name: self.index_name,
             keep_top_level_key: self.keep_top_level_key,
+            keep_tied: self.keep_tied,
             no_hf_metadata: self.no_hf_metadata,
             verify: self.verify,
             verify_only: self.verify_only,

@@ -91,6 +91,7 @@ pub fn read_checkpoint(dir: &Path, read: &DeepSpeedRead, select: &Selection) -> 
         },
     };
     let optim_files = opened.take_files();
+    let optim_bytes = std::mem::take(&mut opened.bytes);
     let mut models = Vec::with_capacity(model_paths.len());
     for path in &model_paths {
         let save = opened.open(path)?;
@@ -107,6 +108,9 @@ pub fn read_checkpoint(dir: &Path, read: &DeepSpeedRead, select: &Selection) -> 
     };
     let primary = &models[0].0;
     let trainable = trainable_tensors(stage, world, primary, &optim, &listed)?;
+    builder
+        .notes
+        .push(not_exported(&optim, &trainable, optim_bytes));
     let frozen = frozen_tensors(stage, world, &models, model_base, &mut builder.notes)?;
     let buffers = buffer_tensors(primary, model_base);
     let mut named: Vec<(String, Dtype, Vec<u64>, Vec<Piece>)> = Vec::new();
@@ -158,11 +162,33 @@ pub fn read_checkpoint(dir: &Path, read: &DeepSpeedRead, select: &Selection) -> 
     })
 }
 
+/// The note on what the optimizer files hold besides the masters: the
+/// optimizer's own states (never read) and the partitions' padding.
+fn not_exported(optim: &[OptimStates], trainable: &[Named], optim_bytes: u64) -> String {
+    let groups = || optim.iter().flat_map(|o| &o.flat_groups);
+    let masters: u64 = groups().map(TensorRef::numel).sum();
+    let master_bytes: u64 = groups().map(|t| t.numel() * t.dtype.size()).sum();
+    let params: u64 = trainable.iter().map(|(_, _, shape, _)| numel(shape)).sum();
+    format!(
+        "note: not exported: the optimizer's states (Adam's exp_avg and exp_avg_sq; {} of the {} \
+         *_optim_states.pt files besides the fp32 masters, never read) and {} of padding in the partitions",
+        crate::report::human_bytes(optim_bytes.saturating_sub(master_bytes)),
+        optim.len(),
+        crate::error::counted(
+            masters.saturating_sub(params) as usize,
+            "element",
+            "elements"
+        ),
+    )
+}
+
 /// The files opened so far, in order, with what each was when opened.
 #[derive(Default)]
 struct Opened {
     paths: Vec<PathBuf>,
     inputs: Inputs,
+    /// Bytes of every file opened.
+    bytes: u64,
 }
 
 impl Opened {
@@ -177,6 +203,7 @@ impl Opened {
         let save = TorchSave::open(path, &file, len)?;
         self.inputs.push_opened(path.to_owned(), seen);
         self.paths.push(path.to_owned());
+        self.bytes += len;
         Ok(save)
     }
 
