@@ -65,6 +65,15 @@ impl Case {
             }
             want.insert(name, tensor);
         }
+        // Where DeepSpeed wrote nothing (BF16_Optimizer), an alias is its
+        // owner's copy.
+        if keep_tied && let Some(shared) = self.manifest["shared_params"].as_object() {
+            for (alias, owner) in shared {
+                if let Some(tensor) = want.get(owner.as_str().unwrap()).cloned() {
+                    want.entry(alias.clone()).or_insert(tensor);
+                }
+            }
+        }
         want
     }
 }
