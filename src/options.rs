@@ -69,6 +69,7 @@ pub enum Opt {
     IndexName,
     KeepTopLevelKey,
     KeepTied,
+    ExcludeFrozenParameters,
     NoHfMetadata,
     Verify,
     VerifyOnly,
@@ -87,7 +88,7 @@ pub enum Opt {
 
 impl Opt {
     /// Every option, in the command's `--help` order.
-    pub const ALL: [Opt; 33] = [
+    pub const ALL: [Opt; 34] = [
         Opt::InputFormat,
         Opt::Tag,
         Opt::Include,
@@ -107,6 +108,7 @@ impl Opt {
         Opt::IndexName,
         Opt::KeepTopLevelKey,
         Opt::KeepTied,
+        Opt::ExcludeFrozenParameters,
         Opt::NoHfMetadata,
         Opt::Verify,
         Opt::VerifyOnly,
@@ -147,6 +149,7 @@ impl Opt {
             Opt::IndexName => "index_name",
             Opt::KeepTopLevelKey => "keep_top_level_key",
             Opt::KeepTied => "keep_tied",
+            Opt::ExcludeFrozenParameters => "exclude_frozen_parameters",
             Opt::NoHfMetadata => "no_hf_metadata",
             Opt::Verify => "verify",
             Opt::VerifyOnly => "verify_only",
@@ -185,6 +188,7 @@ impl Opt {
             Opt::IndexName => "--index-name",
             Opt::KeepTopLevelKey => "--keep-top-level-key",
             Opt::KeepTied => "--keep-tied",
+            Opt::ExcludeFrozenParameters => "--exclude-frozen-parameters",
             Opt::NoHfMetadata => "--no-hf-metadata",
             Opt::Verify => "--verify",
             Opt::VerifyOnly => "--verify-only",
@@ -217,6 +221,7 @@ impl Opt {
                 | Opt::Resume
                 | Opt::KeepTopLevelKey
                 | Opt::KeepTied
+                | Opt::ExcludeFrozenParameters
                 | Opt::NoHfMetadata
                 | Opt::Verify
                 | Opt::VerifyOnly
@@ -446,6 +451,8 @@ pub struct Options {
     pub keep_top_level_key: bool,
     /// Write a DeepSpeed checkpoint's tied aliases as copies.
     pub keep_tied: bool,
+    /// Leave a DeepSpeed checkpoint's frozen parameters out.
+    pub exclude_frozen_parameters: bool,
     pub no_hf_metadata: bool,
     pub verify: bool,
     pub verify_only: bool,
@@ -696,6 +703,7 @@ impl Options {
         config.read.allow_missing_shard_files = self.allow_missing_shard_files;
         config.read.tag = self.tag.clone();
         config.read.keep_tied = self.keep_tied;
+        config.read.exclude_frozen = self.exclude_frozen_parameters;
         config.read.source_ranks = self
             .count(Opt::SourceRanks, self.source_ranks, 1..=i64::from(u32::MAX))?
             .map(|n| n as u32);

@@ -286,6 +286,7 @@ pub fn from_options(
         index_name: given.get(Opt::IndexName)?,
         keep_top_level_key: given.switch(Opt::KeepTopLevelKey)?,
         keep_tied: given.switch(Opt::KeepTied)?,
+        exclude_frozen_parameters: given.switch(Opt::ExcludeFrozenParameters)?,
         no_hf_metadata: given.switch(Opt::NoHfMetadata)?,
         verify: given.switch(Opt::Verify)?,
         verify_only: given.switch(Opt::VerifyOnly)?,

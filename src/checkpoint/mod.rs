@@ -44,6 +44,9 @@ pub struct ReadOptions {
     /// `--keep-tied`: write a DeepSpeed checkpoint's tied aliases as
     /// copies of their owners instead of leaving them out.
     pub keep_tied: bool,
+    /// `--exclude-frozen-parameters`: leave a DeepSpeed checkpoint's
+    /// frozen parameters out, as `zero_to_fp32` does with that flag.
+    pub exclude_frozen: bool,
 }
 
 /// A checkpoint as read from disk, whatever its format.

@@ -348,6 +348,7 @@ pub fn read_checkpoint(
                     let read = deepspeed::DeepSpeedRead {
                         tag: options.tag.as_deref(),
                         keep_tied: options.keep_tied,
+                        exclude_frozen: options.exclude_frozen,
                     };
                     deepspeed::read_checkpoint(dir, &read, &options.select)?
                 }

@@ -155,6 +155,11 @@ struct Cli {
     #[arg(long)]
     keep_tied: bool,
 
+    /// DeepSpeed: leave the frozen parameters (requires_grad=False) out, as zero_to_fp32.py
+    /// --exclude_frozen_parameters does; only trainable parameters and buffers are written.
+    #[arg(long)]
+    exclude_frozen_parameters: bool,
+
     /// Ignore INPUT_DIR/.hf_metadata. By default, when NeMo Automodel's .hf_metadata folder is
     /// in INPUT_DIR, its fqn_to_file_index_mapping.json is the mapping (unless a mapping option
     /// is given), its fqn_to_dtype_mapping.json the dtype map (unless --dtype-map is given), and
@@ -266,6 +271,7 @@ impl Cli {
             index_name: self.index_name,
             keep_top_level_key: self.keep_top_level_key,
             keep_tied: self.keep_tied,
+            exclude_frozen_parameters: self.exclude_frozen_parameters,
             no_hf_metadata: self.no_hf_metadata,
             verify: self.verify,
             verify_only: self.verify_only,

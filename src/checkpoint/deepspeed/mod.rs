@@ -57,6 +57,8 @@ pub struct DeepSpeedRead<'a> {
     pub tag: Option<&'a str>,
     /// `--keep-tied`: write each tied alias as a copy of its owner.
     pub keep_tied: bool,
+    /// `--exclude-frozen-parameters`: leave the frozen parameters out.
+    pub exclude_frozen: bool,
 }
 
 /// Reads a DeepSpeed checkpoint into the checkpoint model: the tensors
@@ -112,6 +114,12 @@ pub fn read_checkpoint(dir: &Path, read: &DeepSpeedRead, select: &Selection) -> 
         .notes
         .push(not_exported(&optim, &trainable, optim_bytes));
     let frozen = frozen_tensors(stage, world, &models, model_base, &mut builder.notes)?;
+    // --exclude-frozen-parameters: left out like --exclude, so that the dry
+    // run still lists them.
+    let left_out: HashSet<String> = match read.exclude_frozen {
+        true => frozen.iter().map(|(name, ..)| name.clone()).collect(),
+        false => HashSet::new(),
+    };
     let buffers = buffer_tensors(primary, model_base);
     let mut named: Vec<(String, Dtype, Vec<u64>, Vec<Piece>)> = Vec::new();
     named.extend(buffers);
@@ -136,7 +144,7 @@ pub fn read_checkpoint(dir: &Path, read: &DeepSpeedRead, select: &Selection) -> 
                 "the model-states file is inconsistent; save the checkpoint again",
             ));
         }
-        if !select.keeps(&name) {
+        if left_out.contains(&name) || !select.keeps(&name) {
             let bytes = shape.iter().product::<u64>() * dtype.size();
             excluded.push((name, bytes));
             continue;
@@ -169,16 +177,18 @@ fn not_exported(optim: &[OptimStates], trainable: &[Named], optim_bytes: u64) ->
     let masters: u64 = groups().map(TensorRef::numel).sum();
     let master_bytes: u64 = groups().map(|t| t.numel() * t.dtype.size()).sum();
     let params: u64 = trainable.iter().map(|(_, _, shape, _)| numel(shape)).sum();
+    let padding = match masters.saturating_sub(params) {
+        0 => String::new(),
+        n => format!(
+            ", nor the {} of padding in the partitions",
+            crate::error::counted(n as usize, "element", "elements")
+        ),
+    };
     format!(
         "note: not exported: the optimizer's states (Adam's exp_avg and exp_avg_sq; {} of the {} \
-         *_optim_states.pt files besides the fp32 masters, never read) and {} of padding in the partitions",
+         *_optim_states.pt files besides the fp32 masters, never read){padding}",
         crate::report::human_bytes(optim_bytes.saturating_sub(master_bytes)),
         optim.len(),
-        crate::error::counted(
-            masters.saturating_sub(params) as usize,
-            "element",
-            "elements"
-        ),
     )
 }
 
