@@ -34,8 +34,8 @@ use crate::checkpoint::identity;
 use crate::checkpoint::select::check_has_tensors;
 use crate::comm::Communicator;
 use crate::comm::collectives::{
-    agree, collect_mismatches, gather_reports, host_names, read_checkpoint, same_inputs_everywhere,
-    same_output_dir, same_plan_everywhere, sum_over_ranks,
+    agree, collect_mismatches, gather_reports, host_names, read_checkpoint, same_output_dir,
+    same_plan_everywhere, sign_inputs, sum_over_ranks,
 };
 use crate::error::{Error, Result, counted, shown};
 use crate::exec::assets::{ExistingAssets, asset_names, plan_assets, ties_word_embeddings};
@@ -206,6 +206,8 @@ struct Job<'a> {
     started: Instant,
     /// What this rank's locating of DCP chunks has cost so far.
     located: Cell<Located>,
+    /// Bytes of the inputs' ends this rank read for their signatures.
+    identity_bytes: Cell<u64>,
     /// Phases run so far (for messages and the test hook).
     phases: Cell<usize>,
     /// The test hook's phase to panic in on this rank ([`PANIC_HOOK_VAR`]).
@@ -416,7 +418,7 @@ fn run_agreed(
              locates and checks, on each rank, the chunks that rank copies, before it copies",
         );
     }
-    let inputs = std::mem::take(&mut checkpoint.inputs);
+    let mut inputs = std::mem::take(&mut checkpoint.inputs);
     agree(comm, check_has_tensors(&config.input, &checkpoint))?;
     if format == InputFormat::HfShards && read_from_subfolder(&config.input, &checkpoint.files) {
         job.say(&format!(
@@ -438,11 +440,22 @@ fn run_agreed(
     if let Some(warning) = select.unmatched_warning(&checkpoint, &plan_options.strip_prefixes) {
         job.warn(&warning);
     }
-    plan_options.input_fingerprint =
-        Some(resume::input_fingerprint(&job, format, &checkpoint.files)?);
+    // Each input's ends are read once per view of INPUT_DIR (a node),
+    // divided among the ranks sharing it; rank 0's view's signatures make
+    // the fingerprint, and every view's are compared once the plans are.
+    let signed = sign_inputs(comm, &mut inputs, &config.input, &job.pool)?;
+    job.identity_bytes.set(signed.bytes_read);
+    plan_options.input_fingerprint = Some(resume::input_fingerprint(
+        &job,
+        format,
+        &checkpoint.files,
+        &inputs,
+        signed.table.as_deref(),
+    )?);
+    drop(signed.table);
     let plan = job.agree(|| plan::make(checkpoint, &plan_options, plan_ranks))?;
     agree(comm, same_plan_everywhere(comm, &plan))?;
-    agree(comm, same_inputs_everywhere(comm, &inputs, &job.pool))?;
+    agree(comm, signed.compared)?;
     let tied = config
         .hf_assets
         .as_deref()
@@ -564,6 +577,7 @@ fn start<'a>(
         threads,
         started: Instant::now(),
         located: Cell::new(Located::default()),
+        identity_bytes: Cell::new(0),
         phases: Cell::new(0),
         panic_at: panic_hook(comm.rank()),
     })
@@ -621,9 +635,11 @@ fn consolidate(
     if !config.resume {
         locate_to_write(job, &mut plan, verifying)?;
     }
-    // Rank 0 locks OUTPUT_DIR for the whole run before touching it; every
-    // rank then proves it sees that same folder.
-    let inputs = job.on_rank0(|| inputs.recorded())?;
+    // Every rank records the identity of each input (those it signed with
+    // their signatures), checked again before publishing. Rank 0 locks
+    // OUTPUT_DIR for the whole run before touching it; every rank then
+    // proves it sees that same folder.
+    let inputs = job.agree(|| inputs.recorded())?;
     let mapping = match &config.plan.mapping {
         MappingSource::Mapping(path) => Some(("--mapping", path.as_path())),
         MappingSource::HfIndex(path) => Some(("--hf-index", path.as_path())),
@@ -726,6 +742,17 @@ fn consolidate(
         ));
     }
 
+    // The inputs are still what each rank recorded (its share signed
+    // again): a file replaced or rewritten during the run stops it here.
+    let rechecked = job.agree(|| inputs.check_unchanged())?;
+    job.identity_bytes.set(job.identity_bytes.get() + rechecked);
+    if config.verbosity >= Verbosity::Verbose {
+        job.messages.detail(&format!(
+            "rank {rank} on {}: read {} of the inputs' ends for their signatures (its share, before the plan and again before publishing)",
+            crate::exec::lock::host_name(),
+            human_bytes(job.identity_bytes.get())
+        ));
+    }
     let mine = RankReport {
         rank,
         host: crate::exec::lock::host_name(),
@@ -736,6 +763,7 @@ fn consolidate(
         header_files_read: headers_read,
         chunks_located: job.located.get().chunks,
         archive_bytes_read: job.located.get().archive_bytes,
+        identity_bytes_read: job.identity_bytes.get(),
     };
     let pending: Vec<_> = created.into_values().collect();
     // Publishing: everything is written and synced under temporary names
@@ -745,9 +773,6 @@ fn consolidate(
     let staged = job.on_rank0(|| {
         let ranks = ranks.unwrap_or_default();
         check_written_once(plan, &ranks, out)?;
-        inputs
-            .as_ref()
-            .map_or(Ok(()), identity::Inputs::check_unchanged)?;
         let mut report = RunReport::new(plan, facts, config.command_line.clone(), &ranks, verify);
         if config.resume {
             report.kept = Some(
