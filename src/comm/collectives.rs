@@ -254,6 +254,32 @@ pub fn share_of(groups: &[Vec<usize>], rank: usize, count: usize) -> Vec<usize> 
     (place..count).step_by(group.len().max(1)).collect()
 }
 
+/// Collective: where each rank located its DCP chunks, compared where two
+/// ranks located the same chunk (the plan fingerprint covers each chunk's
+/// archive as `.metadata` gives it; where its bytes are inside it, each
+/// rank finds for the chunks it reads, after the plan). Each rank sends
+/// rank 0 its located chunks ([`dcp::locate::encode_located`], about 12
+/// bytes a chunk); rank 0 merges the lists and fails, naming the file, the
+/// tensor and both ranks, if two ranks found one chunk at different places
+/// ([`dcp::locate::compare_located`]). The caller agrees on the outcome.
+pub fn same_locations_everywhere(comm: &dyn Communicator, plan: &Plan) -> Result<()> {
+    let mine = dcp::locate::encode_located(&plan.tensors);
+    let payload = [host_name().as_bytes(), &[0], &mine].concat();
+    drop(mine);
+    let Some(parts) = comm.gather(&payload)? else {
+        return Ok(());
+    };
+    drop(payload);
+    let mut hosts = Vec::with_capacity(parts.len());
+    let mut located = Vec::with_capacity(parts.len());
+    for part in parts {
+        let split = part.iter().position(|&b| b == 0).unwrap_or(part.len());
+        hosts.push(String::from_utf8_lossy(&part[..split]).into_owned());
+        located.push(part.get(split + 1..).unwrap_or_default().to_vec());
+    }
+    dcp::locate::compare_located(&located, &hosts, &plan.saved_names, &plan.shards)
+}
+
 /// Collective: every rank reads the lock token rank 0 wrote in OUTPUT_DIR
 /// and all compare, so that a node-local OUTPUT_DIR (each node writing into
 /// a folder of its own under the same path) is refused before any byte is

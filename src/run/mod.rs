@@ -34,8 +34,8 @@ use crate::checkpoint::identity;
 use crate::checkpoint::select::check_has_tensors;
 use crate::comm::Communicator;
 use crate::comm::collectives::{
-    agree, collect_mismatches, gather_reports, host_names, read_checkpoint, same_output_dir,
-    same_plan_everywhere, sign_inputs, sum_over_ranks,
+    agree, collect_mismatches, gather_reports, host_names, read_checkpoint,
+    same_locations_everywhere, same_output_dir, same_plan_everywhere, sign_inputs, sum_over_ranks,
 };
 use crate::error::{Error, Result, counted, shown};
 use crate::exec::assets::{ExistingAssets, asset_names, plan_assets, ties_word_embeddings};
@@ -208,6 +208,12 @@ struct Job<'a> {
     located: Cell<Located>,
     /// Bytes of the inputs' ends this rank read for their signatures.
     identity_bytes: Cell<u64>,
+    /// Whether the input is a DCP checkpoint (whose chunks are located
+    /// after the plan, so the ranks compare where they found them).
+    dcp: Cell<bool>,
+    /// The tensors whose pieces this rank asked to locate (it copies or
+    /// verifies them); the others' pieces are dropped once it has located.
+    read_tensors: std::cell::RefCell<std::collections::BTreeSet<usize>>,
     /// Phases run so far (for messages and the test hook).
     phases: Cell<usize>,
     /// The test hook's phase to panic in on this rank ([`PANIC_HOOK_VAR`]).
@@ -304,10 +310,42 @@ impl Job<'_> {
             files: shards,
             pieces,
         };
+        self.read_tensors
+            .borrow_mut()
+            .extend(pieces.iter().map(|&(t, _)| t));
         let cost = self.agree(|| locate_pieces(tensors, &wanted))?;
         let mut total = self.located.get();
         total += cost;
         self.located.set(total);
+        Ok(())
+    }
+
+    /// Once this rank has located everything it reads: drops the pieces of
+    /// every tensor it neither copies nor verifies (each rank keeps about
+    /// 1/N of the pieces, not all of them), then compares with the other
+    /// ranks where it found its DCP chunks ([`same_locations_everywhere`]):
+    /// a chunk two ranks found at different places fails every rank, naming
+    /// the file.
+    fn located_all(&self, plan: &mut Plan) -> Result<()> {
+        let rank = self.rank();
+        let mut keep = std::mem::take(&mut *self.read_tensors.borrow_mut());
+        // What the copy and the replica check walk, whether or not a piece
+        // of it was wanted (a tensor of no bytes has none to read).
+        for item in plan.work_items(rank) {
+            keep.extend(plan.files[item.file].entries.iter().map(|e| e.tensor));
+        }
+        for f in plan.files_to_write(rank) {
+            keep.extend(plan.files[f].entries.iter().map(|e| e.tensor));
+        }
+        for (t, tensor) in plan.tensors.iter_mut().enumerate() {
+            if !keep.contains(&t) {
+                tensor.pieces = Vec::new();
+            }
+        }
+        *self.read_tensors.borrow_mut() = keep;
+        if self.dcp.get() {
+            agree(self.comm, same_locations_everywhere(self.comm, plan))?;
+        }
         Ok(())
     }
 
@@ -418,6 +456,7 @@ fn run_agreed(
              locates and checks, on each rank, the chunks that rank copies, before it copies",
         );
     }
+    job.dcp.set(format == InputFormat::Dcp);
     let mut inputs = std::mem::take(&mut checkpoint.inputs);
     agree(comm, check_has_tensors(&config.input, &checkpoint))?;
     if format == InputFormat::HfShards && read_from_subfolder(&config.input, &checkpoint.files) {
@@ -578,6 +617,8 @@ fn start<'a>(
         started: Instant::now(),
         located: Cell::new(Located::default()),
         identity_bytes: Cell::new(0),
+        dcp: Cell::new(false),
+        read_tensors: Default::default(),
         phases: Cell::new(0),
         panic_at: panic_hook(comm.rank()),
     })
@@ -591,6 +632,7 @@ fn verify_existing(job: &Job, mut plan: Plan) -> Result<Summary> {
         job.agree(|| existing_targets(&plan, &config.output, rank, size))?;
     let pieces = pieces_to_verify(&plan, &targets);
     job.locate(&mut plan, &pieces)?;
+    job.located_all(&mut plan)?;
     job.report_located();
     let plan = &plan;
     let problems = job.agree(|| {
@@ -849,6 +891,7 @@ fn locate_to_write(job: &Job, plan: &mut Plan, verify: Option<&[String]>) -> Res
         pieces.extend(pieces_to_verify(plan, &mine));
     }
     job.locate(plan, &pieces)?;
+    job.located_all(plan)?;
     crate::checkpoint::dcp::hold_after_read();
     Ok(())
 }

@@ -95,7 +95,7 @@ impl UnsupportedTensor {
 /// No chunk is located here: every piece points at its archive
 /// ([`Location::archive_len`]), and each rank locates the pieces it copies
 /// once the plan says which ([`locate::locate_pieces`]). The chunk files
-/// are opened (regular files only; identity and content signature taken)
+/// are opened (regular files only; identity taken, nothing read)
 /// unless `plan_only` (see [`crate::checkpoint::ReadOptions::plan_only`]).
 pub fn read_checkpoint(dir: &Path, select: &Selection, plan_only: bool) -> Result<Checkpoint> {
     let archives = match plan_only {
