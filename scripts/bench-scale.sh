@@ -9,8 +9,9 @@
 #     import alone is timed too);
 #   - `mpirun -n 2 --headers shared` and `--headers all`, full runs into
 #     files of at most 100 KB: each rank's peak RSS, and each rank's chunks
-#     located and archive bytes read (from --report); the output checked
-#     against the manifest (every tensor's shape and bytes).
+#     located and archive bytes read, and the bytes of the inputs' ends it
+#     read for their identity signatures (from --report); the output
+#     checked against the manifest (every tensor's shape and bytes).
 # Prints a markdown table for BENCHMARKS.md.
 #
 #   scripts/bench-scale.sh [SIZES...]     (default: 20k 80k 582k)
@@ -45,8 +46,8 @@ tensors_for() {
 # peak RSS in MB from a /usr/bin/time -f "%e %M" file: "secs MB"
 secs_mb() { awk '{printf "%.2f %.0f", $1, $2 / 1024}' "$1"; }
 
-echo "| chunks | .metadata MB | dry-run --ranks 512 s | dry-run peak RSS MB | pickle.load s | pickle.load peak RSS MB | of which import torch s / MB | dry-run / pickle.load | shared 2 ranks: rank 0 MB | rank 1 MB | chunks located (archive bytes read), rank 0 / rank 1 | all 2 ranks: rank 0 MB | rank 1 MB | chunks located (archive bytes read), rank 0 / rank 1 | output |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| chunks | .metadata MB | dry-run --ranks 512 s | dry-run peak RSS MB | pickle.load s | pickle.load peak RSS MB | of which import torch s / MB | dry-run / pickle.load | shared 2 ranks: rank 0 MB | rank 1 MB | chunks located (archive bytes read), rank 0 / rank 1 | identity MiB read, rank 0 / rank 1 | all 2 ranks: rank 0 MB | rank 1 MB | chunks located (archive bytes read), rank 0 / rank 1 | identity MiB read, rank 0 / rank 1 | output |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for size in "${sizes[@]}"; do
     tensors=$(tensors_for "$size")
     dir=$root/$size
@@ -79,7 +80,8 @@ for size in "${sizes[@]}"; do
 import json, sys
 ranks = json.load(open(sys.argv[1]))["ranks"]
 shown = ["{:,} ({:.0f} MB)".format(r["chunks_located"], r["archive_bytes_read"] / 1e6) for r in ranks]
-print(" / ".join(shown))
+identity = ["{:.1f}".format(r.get("identity_bytes_read", 0) / 2**20) for r in ranks]
+print(" / ".join(shown) + " | " + " / ".join(identity))
 ' "$work/report.json")
         mem="$mem | $rank0_mb | $rank1_mb | $located"
         checks="${checks:+$checks; }$headers: $("$venv/bin/python" scripts/check_manifest.py "$work/out" "$dir/manifest.json" | tail -n 1)"

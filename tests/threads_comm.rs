@@ -489,6 +489,7 @@ fn rank_0_collects_every_ranks_mismatches_and_reports() {
             header_files_read: 0,
             chunks_located: rank as u64,
             archive_bytes_read: rank as u64 * 100,
+            identity_bytes_read: 0,
         };
         let reports = gather_reports(comm, &report).unwrap();
         (mismatches, reports)

@@ -35,6 +35,7 @@ fn created_by(rank: usize, files: &[u32]) -> RankReport {
         header_files_read: 0,
         chunks_located: 0,
         archive_bytes_read: 0,
+        identity_bytes_read: 0,
     }
 }
 

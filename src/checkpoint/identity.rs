@@ -67,6 +67,22 @@ pub fn open_input(path: &Path) -> Result<(File, Seen)> {
 }
 
 /// Opens an input as [`open_input`] does (without blocking, refused unless
+/// it is a regular file) and records its identity from the descriptor, but
+/// reads nothing from it: the content signature is taken later by the
+/// rank whose share of the inputs it is ([`Inputs::sign_share`]).
+pub fn open_identified(path: &Path) -> Result<(File, Seen)> {
+    let (file, meta) = open_regular(path)?;
+    let identity = FileIdentity::from_metadata(&meta);
+    Ok((
+        file,
+        Seen {
+            identity,
+            signature: None,
+        },
+    ))
+}
+
+/// Opens an input as [`open_input`] does (without blocking, refused unless
 /// it is a regular file) and returns it with its metadata, taking no
 /// signature: for a second open of a file whose identity this rank already
 /// recorded (locating chunks after the plan), checked again at publish.
@@ -134,12 +150,17 @@ impl Inputs {
         }
     }
 
-    /// Adds a file opened with [`open_input`].
+    /// Adds a file opened with [`open_input`] or [`open_identified`].
     pub fn push_opened(&mut self, path: PathBuf, seen: Seen) {
         self.files.push(Input {
             path,
             seen: Some(seen),
         });
+    }
+
+    /// Adds a file this rank has not opened.
+    pub fn push_unopened(&mut self, path: PathBuf) {
+        self.files.push(Input { path, seen: None });
     }
 
     /// The input paths, in order.
@@ -157,19 +178,53 @@ impl Inputs {
         self.files.is_empty()
     }
 
-    /// The content signature of input `i`: as taken when this rank opened
-    /// it, or else read now.
-    pub fn signature(&self, i: usize) -> Result<String> {
-        let input = &self.files[i];
-        match input.seen.as_ref().and_then(|seen| seen.signature.clone()) {
-            Some(signature) => Ok(signature),
-            None => content_signature(&input.path),
+    /// Signs the inputs of `share` (indices into these inputs): each one's
+    /// size and content signature, as taken when this rank opened it with
+    /// [`open_input`], or else taken now from a fresh open (refused unless
+    /// a regular file). A file this rank had opened without signing it
+    /// ([`open_identified`]) must still be that file: otherwise it changed
+    /// during the run. Signed inputs are checked again, signature included,
+    /// by [`Inputs::check_unchanged`]. Returns `(size, signature)` per
+    /// index of `share`, in its order, and the bytes read for it; on the
+    /// caller's rayon pool.
+    pub fn sign_share(&mut self, share: &[usize]) -> Result<(Vec<(u64, String)>, u64)> {
+        use rayon::prelude::*;
+        let files = &self.files;
+        let signed = share
+            .par_iter()
+            .map(|&i| {
+                let input = files
+                    .get(i)
+                    .ok_or_else(|| Error::internal(format!("input #{i} does not exist")))?;
+                if let Some(seen) = &input.seen
+                    && let Some(signature) = &seen.signature
+                {
+                    return Ok((seen.clone(), signature.clone(), 0));
+                }
+                let (_, now) = open_input(&input.path)?;
+                if let Some(then) = &input.seen
+                    && let Some(what) = identity_change(then.identity, now.identity)
+                {
+                    return Err(changed_during_run(&input.path, &what));
+                }
+                let signature = now.signature.clone().unwrap_or_default();
+                let read = signature_bytes(now.identity.size);
+                Ok((now, signature, read))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut read = 0;
+        let mut out = Vec::with_capacity(share.len());
+        for (&i, (seen, signature, bytes)) in share.iter().zip(signed) {
+            out.push((seen.identity.size, signature));
+            read += bytes;
+            self.files[i].seen = Some(seen);
         }
+        Ok((out, read))
     }
 
     /// The same inputs, each with an identity: those this rank did not open
-    /// are stat'ed now (no signature: HF shards are many, and their headers
-    /// were read before).
+    /// are stat'ed now (no signature: each input is signed by one rank per
+    /// view of INPUT_DIR, see [`Inputs::sign_share`]).
     pub fn recorded(&self) -> Result<Inputs> {
         let files = self
             .files
@@ -194,31 +249,37 @@ impl Inputs {
 
     /// Fails naming the first input that is no longer the file it was when
     /// recorded: another size, another file, a later modification, or other
-    /// contents at its ends (when a signature was taken).
-    pub fn check_unchanged(&self) -> Result<()> {
+    /// contents at its ends (when a signature was taken: the inputs this
+    /// rank signed, see [`Inputs::sign_share`]). Returns the bytes it read
+    /// to compare the signatures.
+    pub fn check_unchanged(&self) -> Result<u64> {
+        let mut read = 0;
         for input in &self.files {
             let Some(then) = &input.seen else { continue };
+            if then.signature.is_some() {
+                read += signature_bytes(then.identity.size);
+            }
             if let Some(what) = changed(&input.path, then) {
-                return Err(Error::usage(
-                    format!(
-                        "input {} changed during the run: {what}; nothing was published",
-                        input.path.display()
-                    ),
-                    "rerun when no process writes to INPUT_DIR (a copy or a save still in progress?)",
-                ));
+                return Err(changed_during_run(&input.path, &what));
             }
         }
-        Ok(())
+        Ok(read)
     }
 }
 
-/// How the file at `path` differs from what was seen, if it does.
-fn changed(path: &Path, then: &Seen) -> Option<String> {
-    let now = match FileIdentity::of(path) {
-        Err(e) => return Some(format!("it can no longer be read ({e})")),
-        Ok(now) => now,
-    };
-    let was = then.identity;
+/// The error for an input that changed while the run used it.
+fn changed_during_run(path: &Path, what: &str) -> Error {
+    Error::usage(
+        format!(
+            "input {} changed during the run: {what}; nothing was published",
+            path.display()
+        ),
+        "rerun when no process writes to INPUT_DIR (a copy or a save still in progress?)",
+    )
+}
+
+/// How identity `now` differs from `was`, if it does.
+fn identity_change(was: FileIdentity, now: FileIdentity) -> Option<String> {
     if now.size != was.size {
         return Some(format!(
             "its size went from {} to {} bytes",
@@ -231,6 +292,18 @@ fn changed(path: &Path, then: &Seen) -> Option<String> {
     if now != was {
         return Some("it was modified".to_string());
     }
+    None
+}
+
+/// How the file at `path` differs from what was seen, if it does.
+fn changed(path: &Path, then: &Seen) -> Option<String> {
+    let now = match FileIdentity::of(path) {
+        Err(e) => return Some(format!("it can no longer be read ({e})")),
+        Ok(now) => now,
+    };
+    if let Some(what) = identity_change(then.identity, now) {
+        return Some(what);
+    }
     let signed = then.signature.as_ref()?;
     match open_input(path) {
         Err(e) => Some(format!("it can no longer be read ({e})")),
@@ -239,6 +312,29 @@ fn changed(path: &Path, then: &Seen) -> Option<String> {
         }
         Ok(_) => None,
     }
+}
+
+/// What identifies this process's view of `input_dir`, if the kernel says:
+/// ranks with equal views see the same files under it (the same kernel, by
+/// its boot id; the same mount namespace; the same root directory; and
+/// `input_dir` the same directory, by device and inode). Ranks on other
+/// nodes, or in containers or mount namespaces of their own, have other
+/// views. `None` where `/proc` does not tell (the caller then takes each
+/// process for a view of its own).
+pub fn view_of(input_dir: &Path) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let mounts = std::fs::read_link("/proc/self/ns/mnt").ok()?;
+    let root = std::fs::metadata("/proc/self/root").ok()?;
+    let dir = std::fs::metadata(input_dir).ok()?;
+    Some(format!(
+        "{} {} root {}:{} dir {}:{}",
+        boot.trim(),
+        mounts.display(),
+        root.dev(),
+        root.ino(),
+        dir.dev(),
+        dir.ino()
+    ))
 }
 
 /// How much of each end of a file [`content_signature`] reads.
@@ -254,6 +350,11 @@ pub fn content_signature(path: &Path) -> Result<String> {
     let (_, seen) = open_input(path)?;
     seen.signature
         .ok_or_else(|| Error::internal("open_input took no content signature"))
+}
+
+/// The bytes [`content_signature`] reads from a file of `size` bytes.
+pub fn signature_bytes(size: u64) -> u64 {
+    size.min(2 * SIGNATURE_BLOCK)
 }
 
 /// [`content_signature`] of an open file of `size` bytes.

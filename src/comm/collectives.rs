@@ -7,7 +7,7 @@ use crate::checkpoint::format::{InputFormat, detect};
 use crate::checkpoint::hf_shards::{
     self, HeaderReading, ShardSummary, list_shard_files, read_shards,
 };
-use crate::checkpoint::identity::Inputs;
+use crate::checkpoint::identity::{Inputs, view_of};
 use crate::checkpoint::{Checkpoint, ReadOptions, dcp, deepspeed, wire};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
@@ -54,59 +54,230 @@ pub fn same_plan_everywhere(comm: &dyn Communicator, plan: &Plan) -> Result<()> 
     }
 }
 
-/// Collective: every rank signs each input file's contents (size and both
-/// ends, see [`crate::checkpoint::identity::content_signature`]; for DCP, `.metadata` too) and all
-/// compare with rank 0, so that node-local copies of INPUT_DIR whose
-/// headers agree but whose data differ are refused before anything is
-/// written. A rank that read the checkpoint itself uses the signatures it
-/// took when it opened each file, before reading it; the others sign their
-/// files now. Names the first file that differs and the ranks and hosts
-/// that see it differently.
-pub fn same_inputs_everywhere(
+/// What [`sign_inputs`] gives a rank.
+#[derive(Debug)]
+pub struct SignedInputs {
+    /// On rank 0: every input's size and content signature as rank 0's
+    /// view of INPUT_DIR signed them, in the inputs' order (for the
+    /// inputs' fingerprint). `None` on the other ranks.
+    pub table: Option<Vec<(u64, String)>>,
+    /// On rank 0: whether every view's signatures equal rank 0's view's,
+    /// the error naming the first input that differs and the ranks and
+    /// hosts that see it differently; `Ok` on the other ranks. The run
+    /// agrees on it once the ranks have compared their plans.
+    pub compared: Result<()>,
+    /// Bytes this rank read to sign its share.
+    pub bytes_read: u64,
+}
+
+/// Collective: the inputs' content signatures (size and both ends, see
+/// [`crate::checkpoint::identity::content_signature`]; for DCP,
+/// `.metadata` too), each input signed once per view of INPUT_DIR, and
+/// every view's compared with rank 0's, so that node-local copies of
+/// INPUT_DIR whose headers agree but whose data differ are refused before
+/// anything is written.
+///
+/// A view is what [`view_of`] names (one kernel, mount namespace, root and
+/// INPUT_DIR directory): ranks sharing one see the same files, so they
+/// divide the inputs among them (input `i` to the `i % k`-th of its `k`
+/// ranks) and each reads the ends of its share only; every view still
+/// signs every input, and rank 0 compares them all. Ranks on one node read
+/// 1/k of the inputs' ends each; on N nodes each file's ends are read
+/// once per node. A rank that opened an input before signing it (the DCP
+/// reader records identities) must still see that same file. The signed
+/// inputs are what [`Inputs::check_unchanged`] checks again before
+/// publishing, on each rank its share.
+pub fn sign_inputs(
     comm: &dyn Communicator,
-    inputs: &Inputs,
+    inputs: &mut Inputs,
+    input_dir: &Path,
     pool: &rayon::ThreadPool,
-) -> Result<()> {
-    use rayon::prelude::*;
-    if comm.size() == 1 {
-        return Ok(());
-    }
-    let signed = pool.install(|| {
-        (0..inputs.len())
-            .into_par_iter()
-            .map(|i| inputs.signature(i))
-            .collect::<Result<Vec<String>>>()
-    });
-    let signed = agree(comm, signed)?;
-    let mine = serde_json::to_vec(&(host_name(), signed)).unwrap_or_default();
-    let decoded: Vec<(String, Vec<String>)> = comm
+) -> Result<SignedInputs> {
+    let host = host_name();
+    let view =
+        view_of(input_dir).unwrap_or_else(|| format!("process {} on {host}", std::process::id()));
+    let garbled = |what: String| {
+        Error::ranks_disagree(
+            what,
+            "all ranks must run the same st-consolidate-mpi binary",
+        )
+    };
+    let mine = serde_json::to_vec(&(&host, &view)).unwrap_or_default();
+    let ranks: Vec<(String, String)> = comm
         .all_gather(&mine)?
         .iter()
-        .map(|bytes| serde_json::from_slice(bytes).unwrap_or_default())
-        .collect();
-    let (host0, expected) = &decoded[0];
-    let Some(file) = (0..inputs.len()).find(|&i| {
-        decoded
-            .iter()
-            .any(|(_, sigs)| sigs.get(i) != expected.get(i))
-    }) else {
+        .enumerate()
+        .map(|(rank, bytes)| {
+            serde_json::from_slice(bytes).map_err(|e| {
+                garbled(format!(
+                    "rank {rank} sent an unreadable view of INPUT_DIR: {e}"
+                ))
+            })
+        })
+        .collect::<Result<_>>()?;
+    let groups = view_groups(&ranks);
+    let rank = comm.rank();
+    let share = share_of(&groups, rank, inputs.len());
+    let (signed, bytes_read) = agree(comm, pool.install(|| inputs.sign_share(&share)))?;
+    let payload = serde_json::to_vec(&(inputs.len(), &signed)).unwrap_or_default();
+    drop(signed);
+    let (table, compared) = match comm.gather(&payload)? {
+        None => (Ok(None), Ok(())),
+        Some(parts) => {
+            let decoded: Vec<Decoded> = parts
+                .iter()
+                .enumerate()
+                .map(|(rank, bytes)| decode_signatures(rank, bytes, inputs.len()))
+                .collect();
+            // Rank 0's view is the first: rank 0 is its first rank.
+            let table = view_table(&groups[0], &decoded, inputs.len());
+            let compared = match &table {
+                Ok(expected) => compare_views(&groups, expected, &decoded, &ranks, inputs),
+                Err(_) => Ok(()),
+            };
+            (table.map(Some), compared)
+        }
+    };
+    Ok(SignedInputs {
+        table: agree(comm, table)?,
+        compared,
+        bytes_read,
+    })
+}
+
+/// What one rank signed: (size, signature) of each input of its share.
+type Signatures = Vec<(u64, String)>;
+
+/// A rank's [`Signatures`] as decoded, or why they could not be.
+type Decoded = std::result::Result<Signatures, String>;
+
+/// What rank `rank` sent [`sign_inputs`]: its signatures, if it lists
+/// `count` inputs as rank 0 does; otherwise why not.
+fn decode_signatures(
+    rank: usize,
+    bytes: &[u8],
+    count: usize,
+) -> std::result::Result<Signatures, String> {
+    let (inputs, list): (usize, Signatures) = serde_json::from_slice(bytes)
+        .map_err(|e| format!("rank {rank} sent unreadable input signatures: {e}"))?;
+    if inputs != count {
+        return Err(format!(
+            "rank {rank} lists {inputs} input files, rank 0 {count}"
+        ));
+    }
+    Ok(list)
+}
+
+/// The hint for signatures that do not fit together.
+const SIGNATURES_HINT: &str = "all ranks must run the same st-consolidate-mpi binary, and every node must see the same, complete INPUT_DIR (wait for copies to finish; on NFS, check attribute caching); nothing was written";
+
+/// A view's table of every input's (size, signature), rebuilt from what
+/// its ranks (`group`) signed: input `i` by the `i % k`-th, as its
+/// `i / k`-th.
+fn view_table(group: &[usize], signed: &[Decoded], count: usize) -> Result<Signatures> {
+    let k = group.len();
+    (0..count)
+        .map(|i| {
+            let rank = group[i % k];
+            let list = signed[rank]
+                .as_ref()
+                .map_err(|reason| Error::ranks_disagree(reason.clone(), SIGNATURES_HINT))?;
+            list.get(i / k).cloned().ok_or_else(|| {
+                Error::ranks_disagree(
+                    format!("rank {rank} sent too few input signatures"),
+                    SIGNATURES_HINT,
+                )
+            })
+        })
+        .collect()
+}
+
+/// Whether every view's table equals rank 0's (`expected`); otherwise an
+/// error naming the first input that differs, every rank of the views that
+/// see it differently and rank 0's host (or why a view's table could not
+/// be rebuilt).
+fn compare_views(
+    groups: &[Vec<usize>],
+    expected: &Signatures,
+    signed: &[Decoded],
+    ranks: &[(String, String)],
+    inputs: &Inputs,
+) -> Result<()> {
+    let mut tables = Vec::with_capacity(groups.len());
+    for group in groups {
+        tables.push(view_table(group, signed, expected.len())?);
+    }
+    let Some(file) = (0..expected.len()).find(|&i| tables.iter().any(|t| t[i] != expected[i]))
+    else {
         return Ok(());
     };
-    let differing: Vec<String> = decoded
+    let differing: Vec<String> = groups
         .iter()
-        .enumerate()
-        .filter(|(_, (_, sigs))| sigs.get(file) != expected.get(file))
-        .map(|(rank, (host, _))| format!("rank {rank} on {host}"))
+        .zip(&tables)
+        .filter(|(_, table)| table[file] != expected[file])
+        .flat_map(|(group, _)| group.iter())
+        .map(|&rank| format!("rank {rank} on {}", ranks[rank].0))
         .collect();
     let path = inputs.paths().nth(file).unwrap_or(Path::new("?"));
     Err(Error::ranks_disagree(
         format!(
-            "input {} does not hold the same bytes on every rank: {} read(s) different contents (size or first/last 64 KiB) from rank 0 on {host0}",
+            "input {} does not hold the same bytes on every rank: {} read(s) different contents (size or first/last 64 KiB) from rank 0 on {}",
             path.display(),
-            differing.join(", ")
+            differing.join(", "),
+            ranks[0].0
         ),
         "every node must see the same, complete INPUT_DIR: recopy the node-local copies (or use a shared filesystem) and rerun; nothing was written",
     ))
+}
+
+/// The ranks of each view of INPUT_DIR, in the order of their lowest rank
+/// (rank 0's first), each in rank order; `ranks` is each rank's (host,
+/// view).
+fn view_groups(ranks: &[(String, String)]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (rank, (_, view)) in ranks.iter().enumerate() {
+        match groups.iter_mut().find(|g| ranks[g[0]].1 == *view) {
+            Some(group) => group.push(rank),
+            None => groups.push(vec![rank]),
+        }
+    }
+    groups
+}
+
+/// The inputs (of `count`) `rank` signs: every `k`-th from its place among
+/// the `k` ranks of its view.
+pub fn share_of(groups: &[Vec<usize>], rank: usize, count: usize) -> Vec<usize> {
+    let Some(group) = groups.iter().find(|g| g.contains(&rank)) else {
+        return Vec::new();
+    };
+    let place = group.iter().position(|&r| r == rank).unwrap_or(0);
+    (place..count).step_by(group.len().max(1)).collect()
+}
+
+/// Collective: where each rank located its DCP chunks, compared where two
+/// ranks located the same chunk (the plan fingerprint covers each chunk's
+/// archive as `.metadata` gives it; where its bytes are inside it, each
+/// rank finds for the chunks it reads, after the plan). Each rank sends
+/// rank 0 its located chunks ([`dcp::locate::encode_located`], about 12
+/// bytes a chunk); rank 0 merges the lists and fails, naming the file, the
+/// tensor and both ranks, if two ranks found one chunk at different places
+/// ([`dcp::locate::compare_located`]). The caller agrees on the outcome.
+pub fn same_locations_everywhere(comm: &dyn Communicator, plan: &Plan) -> Result<()> {
+    let mine = dcp::locate::encode_located(&plan.tensors);
+    let payload = [host_name().as_bytes(), &[0], &mine].concat();
+    drop(mine);
+    let Some(parts) = comm.gather(&payload)? else {
+        return Ok(());
+    };
+    drop(payload);
+    let mut hosts = Vec::with_capacity(parts.len());
+    let mut located = Vec::with_capacity(parts.len());
+    for part in parts {
+        let split = part.iter().position(|&b| b == 0).unwrap_or(part.len());
+        hosts.push(String::from_utf8_lossy(&part[..split]).into_owned());
+        located.push(part.get(split + 1..).unwrap_or_default().to_vec());
+    }
+    dcp::locate::compare_located(&located, &hosts, &plan.saved_names, &plan.shards)
 }
 
 /// Collective: every rank reads the lock token rank 0 wrote in OUTPUT_DIR

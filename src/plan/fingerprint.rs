@@ -9,32 +9,36 @@
 //! `.metadata`. Never inode, device or modification time: the same inputs
 //! copied elsewhere must still give byte-identical outputs.
 //!
-//! Computing it reads the ends of every input (and `.metadata` whole); the
-//! rest of the plan stays pure, taking the result as a string.
+//! Computing it takes the inputs' sizes and signatures as the ranks signed
+//! them (each input by one rank per view of INPUT_DIR, see
+//! [`crate::checkpoint::identity::Inputs::sign_share`]) and reads
+//! `.metadata` whole; the rest of the plan stays pure, taking the result as
+//! a string.
 
+#[cfg(test)]
 use crate::checkpoint::identity::content_signature;
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The `__metadata__` key under which the fingerprint is recorded.
 pub const FINGERPRINT_KEY: &str = "st_consolidate_input";
 
-/// The fingerprint of `files` (the inputs pieces live in, in plan order)
-/// under `input_dir`, with the DCP `metadata_file` if there is one:
-/// `sha256:` and 64 hex digits.
+/// One input as signed: its path, its size and its content signature
+/// ([`crate::checkpoint::identity::content_signature`]).
+pub type Signed<'a> = (&'a Path, u64, &'a str);
+
+/// The fingerprint of `files` (the inputs pieces live in, in plan order,
+/// with their sizes and content signatures) under `input_dir`, with the DCP
+/// `metadata_file` if there is one: `sha256:` and 64 hex digits.
 pub fn input_fingerprint(
     input_dir: &Path,
-    files: &[PathBuf],
+    files: &[Signed],
     metadata_file: Option<&Path>,
 ) -> Result<String> {
     let mut hash = Sha256::new();
-    for path in files {
-        let size = std::fs::metadata(path)
-            .map_err(|e| Error::io("inspect", path, e))?
-            .len();
-        let signature = content_signature(path)?;
+    for &(path, size, signature) in files {
         hash.update(relative_name(input_dir, path));
         hash.update([0]);
         hash.update(size.to_le_bytes());
@@ -89,6 +93,27 @@ pub fn header_metadata(fingerprint: Option<&str>) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
+
+    /// `input_fingerprint` of `files` signed here.
+    fn input_fingerprint(
+        input_dir: &Path,
+        files: &[PathBuf],
+        metadata_file: Option<&Path>,
+    ) -> Result<String> {
+        let mut signed = Vec::new();
+        for path in files {
+            let size = std::fs::metadata(path)
+                .map_err(|e| Error::io("inspect", path, e))?
+                .len();
+            signed.push((path.as_path(), size, content_signature(path)?));
+        }
+        let signed: Vec<Signed> = signed
+            .iter()
+            .map(|(p, n, s)| (*p, *n, s.as_str()))
+            .collect();
+        super::input_fingerprint(input_dir, &signed, metadata_file)
+    }
 
     fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
         let path = dir.join(name);

@@ -35,6 +35,11 @@ pub struct RankReport {
     /// Bytes of the chunk files it read to locate them.
     #[serde(default)]
     pub archive_bytes_read: u64,
+    /// Bytes of the inputs' ends it read for their content signatures
+    /// (its share of the inputs, signed before the plan and again before
+    /// publishing; see [`crate::comm::collectives::sign_inputs`]).
+    #[serde(default)]
+    pub identity_bytes_read: u64,
 }
 
 /// Everything `--report FILE.json` holds.
@@ -150,6 +155,10 @@ pub struct RankSummary {
     pub chunks_located: u64,
     /// Bytes of the chunk files it read to locate them.
     pub archive_bytes_read: u64,
+    /// Bytes of the inputs' ends it read for their content signatures: its
+    /// share of the inputs (those of its node, divided among the node's
+    /// ranks), before the plan and again before publishing.
+    pub identity_bytes_read: u64,
 }
 
 /// Verification, if any.
@@ -220,6 +229,7 @@ impl RunReport {
                     header_files_read: r.header_files_read,
                     chunks_located: r.chunks_located,
                     archive_bytes_read: r.archive_bytes_read,
+                    identity_bytes_read: r.identity_bytes_read,
                 })
                 .collect(),
             nodes: by_node(ranks),

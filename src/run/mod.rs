@@ -34,8 +34,8 @@ use crate::checkpoint::identity;
 use crate::checkpoint::select::check_has_tensors;
 use crate::comm::Communicator;
 use crate::comm::collectives::{
-    agree, collect_mismatches, gather_reports, host_names, read_checkpoint, same_inputs_everywhere,
-    same_output_dir, same_plan_everywhere, sum_over_ranks,
+    agree, collect_mismatches, gather_reports, host_names, read_checkpoint,
+    same_locations_everywhere, same_output_dir, same_plan_everywhere, sign_inputs, sum_over_ranks,
 };
 use crate::error::{Error, Result, counted, shown};
 use crate::exec::assets::{ExistingAssets, asset_names, plan_assets, ties_word_embeddings};
@@ -207,6 +207,14 @@ struct Job<'a> {
     started: Instant,
     /// What this rank's locating of DCP chunks has cost so far.
     located: Cell<Located>,
+    /// Bytes of the inputs' ends this rank read for their signatures.
+    identity_bytes: Cell<u64>,
+    /// Whether the input is a DCP checkpoint (whose chunks are located
+    /// after the plan, so the ranks compare where they found them).
+    dcp: Cell<bool>,
+    /// The tensors whose pieces this rank asked to locate (it copies or
+    /// verifies them); the others' pieces are dropped once it has located.
+    read_tensors: std::cell::RefCell<std::collections::BTreeSet<usize>>,
     /// Phases run so far (for messages and the test hook).
     phases: Cell<usize>,
     /// The test hook's phase to panic in on this rank ([`PANIC_HOOK_VAR`]).
@@ -303,10 +311,42 @@ impl Job<'_> {
             files: shards,
             pieces,
         };
+        self.read_tensors
+            .borrow_mut()
+            .extend(pieces.iter().map(|&(t, _)| t));
         let cost = self.agree(|| locate_pieces(tensors, &wanted))?;
         let mut total = self.located.get();
         total += cost;
         self.located.set(total);
+        Ok(())
+    }
+
+    /// Once this rank has located everything it reads: drops the pieces of
+    /// every tensor it neither copies nor verifies (each rank keeps about
+    /// 1/N of the pieces, not all of them), then compares with the other
+    /// ranks where it found its DCP chunks ([`same_locations_everywhere`]):
+    /// a chunk two ranks found at different places fails every rank, naming
+    /// the file.
+    fn located_all(&self, plan: &mut Plan) -> Result<()> {
+        let rank = self.rank();
+        let mut keep = std::mem::take(&mut *self.read_tensors.borrow_mut());
+        // What the copy and the replica check walk, whether or not a piece
+        // of it was wanted (a tensor of no bytes has none to read).
+        for item in plan.work_items(rank) {
+            keep.extend(plan.files[item.file].entries.iter().map(|e| e.tensor));
+        }
+        for f in plan.files_to_write(rank) {
+            keep.extend(plan.files[f].entries.iter().map(|e| e.tensor));
+        }
+        for (t, tensor) in plan.tensors.iter_mut().enumerate() {
+            if !keep.contains(&t) {
+                tensor.pieces = Vec::new();
+            }
+        }
+        *self.read_tensors.borrow_mut() = keep;
+        if self.dcp.get() {
+            agree(self.comm, same_locations_everywhere(self.comm, plan))?;
+        }
         Ok(())
     }
 
@@ -417,7 +457,8 @@ fn run_agreed(
              locates and checks, on each rank, the chunks that rank copies, before it copies",
         );
     }
-    let inputs = std::mem::take(&mut checkpoint.inputs);
+    job.dcp.set(format == InputFormat::Dcp);
+    let mut inputs = std::mem::take(&mut checkpoint.inputs);
     agree(comm, check_has_tensors(&config.input, &checkpoint))?;
     if format == InputFormat::HfShards && read_from_subfolder(&config.input, &checkpoint.files) {
         job.say(&format!(
@@ -442,11 +483,22 @@ fn run_agreed(
     if let Some(warning) = select.unmatched_warning(&checkpoint, &plan_options.strip_prefixes) {
         job.warn(&warning);
     }
-    plan_options.input_fingerprint =
-        Some(resume::input_fingerprint(&job, format, &checkpoint.files)?);
+    // Each input's ends are read once per view of INPUT_DIR (a node),
+    // divided among the ranks sharing it; rank 0's view's signatures make
+    // the fingerprint, and every view's are compared once the plans are.
+    let signed = sign_inputs(comm, &mut inputs, &config.input, &job.pool)?;
+    job.identity_bytes.set(signed.bytes_read);
+    plan_options.input_fingerprint = Some(resume::input_fingerprint(
+        &job,
+        format,
+        &checkpoint.files,
+        &inputs,
+        signed.table.as_deref(),
+    )?);
+    drop(signed.table);
     let plan = job.agree(|| plan::make(checkpoint, &plan_options, plan_ranks))?;
     agree(comm, same_plan_everywhere(comm, &plan))?;
-    agree(comm, same_inputs_everywhere(comm, &inputs, &job.pool))?;
+    agree(comm, signed.compared)?;
     let tied = config
         .hf_assets
         .as_deref()
@@ -575,6 +627,9 @@ fn start<'a>(
         threads,
         started: Instant::now(),
         located: Cell::new(Located::default()),
+        identity_bytes: Cell::new(0),
+        dcp: Cell::new(false),
+        read_tensors: Default::default(),
         phases: Cell::new(0),
         panic_at: panic_hook(comm.rank()),
     })
@@ -588,6 +643,7 @@ fn verify_existing(job: &Job, mut plan: Plan) -> Result<Summary> {
         job.agree(|| existing_targets(&plan, &config.output, rank, size))?;
     let pieces = pieces_to_verify(&plan, &targets);
     job.locate(&mut plan, &pieces)?;
+    job.located_all(&mut plan)?;
     job.report_located();
     let plan = &plan;
     let problems = job.agree(|| {
@@ -632,9 +688,11 @@ fn consolidate(
     if !config.resume {
         locate_to_write(job, &mut plan, verifying)?;
     }
-    // Rank 0 locks OUTPUT_DIR for the whole run before touching it; every
-    // rank then proves it sees that same folder.
-    let inputs = job.on_rank0(|| inputs.recorded())?;
+    // Every rank records the identity of each input (those it signed with
+    // their signatures), checked again before publishing. Rank 0 locks
+    // OUTPUT_DIR for the whole run before touching it; every rank then
+    // proves it sees that same folder.
+    let inputs = job.agree(|| inputs.recorded())?;
     let mapping = match &config.plan.mapping {
         MappingSource::Mapping(path) => Some(("--mapping", path.as_path())),
         MappingSource::HfIndex(path) => Some(("--hf-index", path.as_path())),
@@ -737,6 +795,17 @@ fn consolidate(
         ));
     }
 
+    // The inputs are still what each rank recorded (its share signed
+    // again): a file replaced or rewritten during the run stops it here.
+    let rechecked = job.agree(|| inputs.check_unchanged())?;
+    job.identity_bytes.set(job.identity_bytes.get() + rechecked);
+    if config.verbosity >= Verbosity::Verbose {
+        job.messages.detail(&format!(
+            "rank {rank} on {}: read {} of the inputs' ends for their signatures (its share, before the plan and again before publishing)",
+            crate::exec::lock::host_name(),
+            human_bytes(job.identity_bytes.get())
+        ));
+    }
     let mine = RankReport {
         rank,
         host: crate::exec::lock::host_name(),
@@ -747,6 +816,7 @@ fn consolidate(
         header_files_read: headers_read,
         chunks_located: job.located.get().chunks,
         archive_bytes_read: job.located.get().archive_bytes,
+        identity_bytes_read: job.identity_bytes.get(),
     };
     let pending: Vec<_> = created.into_values().collect();
     // Publishing: everything is written and synced under temporary names
@@ -756,9 +826,6 @@ fn consolidate(
     let staged = job.on_rank0(|| {
         let ranks = ranks.unwrap_or_default();
         check_written_once(plan, &ranks, out)?;
-        inputs
-            .as_ref()
-            .map_or(Ok(()), identity::Inputs::check_unchanged)?;
         let mut report = RunReport::new(plan, facts, config.command_line.clone(), &ranks, verify);
         if config.resume {
             report.kept = Some(
@@ -835,6 +902,7 @@ fn locate_to_write(job: &Job, plan: &mut Plan, verify: Option<&[String]>) -> Res
         pieces.extend(pieces_to_verify(plan, &mine));
     }
     job.locate(plan, &pieces)?;
+    job.located_all(plan)?;
     crate::checkpoint::dcp::hold_after_read();
     Ok(())
 }

@@ -5,6 +5,7 @@
 use super::Job;
 use crate::checkpoint::dcp::METADATA_FILE;
 use crate::checkpoint::format::InputFormat;
+use crate::checkpoint::identity::Inputs;
 use crate::comm::collectives::agree;
 use crate::error::{Error, Result};
 use crate::exec::needed::pieces_to_verify;
@@ -14,23 +15,40 @@ use crate::exec::resume::{
 use crate::exec::verify::compare;
 use crate::plan::Plan;
 use crate::plan::fingerprint;
-use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 
 /// The fingerprint of the inputs (`files`, and a DCP checkpoint's
-/// `.metadata`), computed on rank 0 and sent to every rank: every rank's
-/// headers then record the same one, and inputs that differ between nodes
-/// are named by the content check that follows the plan, not hidden in a
-/// plan mismatch.
+/// `.metadata`), computed on rank 0 from the sizes and signatures rank 0's
+/// view of INPUT_DIR took (`signed`, in the order of `inputs`; see
+/// [`crate::comm::collectives::sign_inputs`]) and sent to every rank:
+/// every rank's headers then record the same one, and inputs that differ
+/// between nodes are named by the content comparison that follows the
+/// plan, not hidden in a plan mismatch.
 pub(super) fn input_fingerprint(
     job: &Job,
     format: InputFormat,
     files: &[PathBuf],
+    inputs: &Inputs,
+    signed: Option<&[(u64, String)]>,
 ) -> Result<String> {
     let input = &job.config.input;
     let metadata = (format == InputFormat::Dcp).then(|| input.join(METADATA_FILE));
-    let mine =
-        job.on_rank0(|| fingerprint::input_fingerprint(input, files, metadata.as_deref()))?;
+    let mine = job.on_rank0(|| {
+        let signed = signed.ok_or_else(|| Error::internal("rank 0 has no input signatures"))?;
+        let by_path: HashMap<&Path, &(u64, String)> = inputs.paths().zip(signed).collect();
+        let files = files
+            .iter()
+            .map(|path| match by_path.get(path.as_path()) {
+                Some((size, signature)) => Ok((path.as_path(), *size, signature.as_str())),
+                None => Err(Error::internal(format!(
+                    "input {} was not signed",
+                    path.display()
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        fingerprint::input_fingerprint(input, &files, metadata.as_deref())
+    })?;
     let shared = job.comm.broadcast(0, mine.unwrap_or_default().as_bytes())?;
     String::from_utf8(shared).map_err(|_| {
         Error::ranks_disagree(

@@ -191,3 +191,209 @@ pub(super) fn naming_tensor(err: Error, tensor: &str) -> Error {
         other => other,
     }
 }
+
+/// Every chunk copy located in `tensors` (those this rank read in their
+/// archives), encoded for [`compare_located`]: for each, in order of
+/// (tensor, piece, copy), the tensor as a step from the previous one, the
+/// piece, the copy, the file, where its bytes are and the CRC-32 stored for
+/// them, as varints (about 12 bytes a chunk).
+pub fn encode_located(tensors: &[FullTensor]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut previous = 0u64;
+    for (t, tensor) in tensors.iter().enumerate() {
+        for (p, piece) in tensor.pieces.iter().enumerate() {
+            let copies = std::iter::once(&piece.location).chain(&piece.replicas);
+            for (c, location) in copies.enumerate() {
+                if !location.is_located() {
+                    continue;
+                }
+                let t = t as u64;
+                for value in [
+                    t - previous,
+                    p as u64,
+                    c as u64,
+                    location.shard as u64,
+                    location.offset,
+                    location.crc32.map_or(0, |crc| u64::from(crc) + 1),
+                ] {
+                    put_varint(&mut out, value);
+                }
+                previous = t;
+            }
+        }
+    }
+    out
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// One located chunk copy as [`encode_located`] wrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LocatedCopy {
+    /// (tensor, piece, copy).
+    key: (u64, u64, u64),
+    /// (file, offset, stored CRC-32 + 1, or 0 for none).
+    at: (u64, u64, u64),
+}
+
+/// Reads one rank's [`encode_located`] bytes in order.
+struct LocatedReader<'a> {
+    bytes: &'a [u8],
+    tensor: u64,
+}
+
+impl LocatedReader<'_> {
+    fn varint(&mut self) -> std::result::Result<u64, String> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = self
+                .bytes
+                .split_first()
+                .ok_or_else(|| "it ends inside a number".to_string())?;
+            self.bytes = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err("a number is longer than 64 bits".to_string())
+    }
+
+    fn next(&mut self) -> std::result::Result<Option<LocatedCopy>, String> {
+        if self.bytes.is_empty() {
+            return Ok(None);
+        }
+        let step = self.varint()?;
+        self.tensor = self
+            .tensor
+            .checked_add(step)
+            .ok_or_else(|| "a tensor number overflows".to_string())?;
+        let key = (self.tensor, self.varint()?, self.varint()?);
+        let at = (self.varint()?, self.varint()?, self.varint()?);
+        Ok(Some(LocatedCopy { key, at }))
+    }
+}
+
+/// Compares where the ranks located the chunks: `located[r]` is rank `r`'s
+/// [`encode_located`], `hosts[r]` its host. Every chunk copy that two ranks
+/// located must be at the same offset of the same file, with the same
+/// stored CRC-32, for both: otherwise they read different copies of that
+/// file (node-local copies of INPUT_DIR that differ inside, where the ends
+/// compared before the plan agree), and the error names the file, the
+/// tensor and both ranks. A chunk that one rank alone located is compared
+/// with nothing. Reads the ranks' lists side by side (a merge), holding one
+/// entry of each.
+pub fn compare_located(
+    located: &[Vec<u8>],
+    hosts: &[String],
+    names: &[String],
+    files: &[PathBuf],
+) -> Result<()> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let garbled = |rank: usize, what: String| {
+        Error::ranks_disagree(
+            format!("rank {rank} sent an unreadable list of the chunks it located: {what}"),
+            "all ranks must run the same st-consolidate-mpi binary",
+        )
+    };
+    let mut readers: Vec<LocatedReader> = located
+        .iter()
+        .map(|bytes| LocatedReader { bytes, tensor: 0 })
+        .collect();
+    let mut heads: Vec<Option<LocatedCopy>> = vec![None; readers.len()];
+    let mut heap = BinaryHeap::new();
+    for (rank, reader) in readers.iter_mut().enumerate() {
+        heads[rank] = reader.next().map_err(|e| garbled(rank, e))?;
+        if let Some(head) = heads[rank] {
+            heap.push(Reverse((head.key, rank)));
+        }
+    }
+    let mut first: Option<(LocatedCopy, usize)> = None;
+    while let Some(Reverse((key, rank))) = heap.pop() {
+        let Some(copy) = heads[rank] else { continue };
+        match first {
+            Some((seen, by)) if seen.key == key && seen.at != copy.at => {
+                return Err(located_differently(
+                    (seen, by),
+                    (copy, rank),
+                    hosts,
+                    names,
+                    files,
+                ));
+            }
+            Some((seen, _)) if seen.key == key => {}
+            _ => first = Some((copy, rank)),
+        }
+        let next = readers[rank].next().map_err(|e| garbled(rank, e))?;
+        if let Some(next) = next {
+            if next.key <= key {
+                return Err(garbled(rank, "its chunks are out of order".to_string()));
+            }
+            heap.push(Reverse((next.key, rank)));
+        }
+        heads[rank] = next;
+    }
+    Ok(())
+}
+
+/// The error for a chunk copy two ranks located differently.
+fn located_differently(
+    (a, rank_a): (LocatedCopy, usize),
+    (b, rank_b): (LocatedCopy, usize),
+    hosts: &[String],
+    names: &[String],
+    files: &[PathBuf],
+) -> Error {
+    let file = |shard: u64| {
+        usize::try_from(shard)
+            .ok()
+            .and_then(|s| files.get(s))
+            .map_or_else(
+                || format!("input file #{shard}"),
+                |p| p.display().to_string(),
+            )
+    };
+    let host = |rank: usize| hosts.get(rank).map_or("?", String::as_str);
+    let crc = |stored: u64| match stored {
+        0 => "none".to_string(),
+        crc => format!("{:08x}", crc - 1),
+    };
+    let (t, p, c) = a.key;
+    let name = usize::try_from(t)
+        .ok()
+        .and_then(|t| names.get(t))
+        .map_or("?", String::as_str);
+    let copy = match c {
+        0 => String::new(),
+        c => format!(", replica {c}"),
+    };
+    let at = |x: LocatedCopy, rank: usize| {
+        let place = match x.at.0 == a.at.0 {
+            true => String::new(),
+            false => format!(" of {}", file(x.at.0)),
+        };
+        format!(
+            "rank {rank} on {} finds them at byte {}{place} (stored CRC-32 {})",
+            host(rank),
+            x.at.1,
+            crc(x.at.2)
+        )
+    };
+    Error::ranks_disagree(
+        format!(
+            "input {} does not hold the same chunk archive on every rank: for tensor '{}' (chunk {p}{copy}), {}, {}",
+            file(a.at.0),
+            crate::error::shown(name),
+            at(a, rank_a),
+            at(b, rank_b)
+        ),
+        "the ranks read different copies of this file (node-local copies of INPUT_DIR that differ, or a file rewritten during the run): make every node's copy identical (or use a shared filesystem) and rerun; nothing was written",
+    )
+}

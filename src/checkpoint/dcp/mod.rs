@@ -17,7 +17,7 @@ pub mod pickle;
 pub mod torch_types;
 
 use crate::checkpoint::coverage::region;
-use crate::checkpoint::identity::{Inputs, open_input};
+use crate::checkpoint::identity::{Inputs, open_identified, open_input};
 use crate::checkpoint::select::Selection;
 use crate::checkpoint::{
     Checkpoint, FullTensor, Location, Piece, PieceHints, TensorSpec, tensor_from_pieces,
@@ -95,7 +95,7 @@ impl UnsupportedTensor {
 /// No chunk is located here: every piece points at its archive
 /// ([`Location::archive_len`]), and each rank locates the pieces it copies
 /// once the plan says which ([`locate::locate_pieces`]). The chunk files
-/// are opened (regular files only; identity and content signature taken)
+/// are opened (regular files only; identity taken, nothing read)
 /// unless `plan_only` (see [`crate::checkpoint::ReadOptions::plan_only`]).
 pub fn read_checkpoint(dir: &Path, select: &Selection, plan_only: bool) -> Result<Checkpoint> {
     let archives = match plan_only {
@@ -159,7 +159,7 @@ enum Archives {
     /// From `.metadata` alone: no chunk file is opened (`--dry-run`).
     Unopened,
     /// Every chunk file a kept tensor uses is opened once, refused unless
-    /// it is a regular file, and its identity and signature recorded; no
+    /// it is a regular file, and its identity recorded (no byte read); no
     /// chunk is located.
     Opened,
 }
@@ -220,6 +220,13 @@ fn read_dcp_unlocated(
         };
         let pieces = tensor_pieces(dir, &metadata, tensor, dtype, &mut files, archives)?;
         checkpoint.tensors.push(pieces);
+    }
+    // Unopened chunk files are inputs all the same: signed (one rank per
+    // view of INPUT_DIR) for the fingerprint and the comparison across ranks.
+    if archives == Archives::Unopened {
+        for path in &files.paths {
+            files.inputs.push_unopened(path.clone());
+        }
     }
     checkpoint.files = files.paths;
     checkpoint.inputs = files.inputs;
@@ -326,13 +333,15 @@ impl OpenFiles {
         self.paths.len() - 1
     }
 
-    /// The file's index, opened (and its identity and signature recorded)
-    /// the first time it is named; `tensor` is named if it cannot be.
+    /// The file's index, opened (and its identity recorded; nothing is read
+    /// from it: its signature is taken by the rank whose share it is) the
+    /// first time it is named; `tensor` is named if it cannot be.
     fn get(&mut self, dir: &Path, relative: &str, tensor: &str) -> Result<usize> {
         let index = self.index_of(dir, relative);
         if self.opened.insert(index) {
             let path = self.paths[index].clone();
-            let (_, seen) = open_input(&path).map_err(|err| locate::naming_tensor(err, tensor))?;
+            let (_, seen) =
+                open_identified(&path).map_err(|err| locate::naming_tensor(err, tensor))?;
             self.inputs.push_opened(path, seen);
         }
         Ok(index)

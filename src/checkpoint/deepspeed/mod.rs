@@ -30,7 +30,7 @@ mod torch_save;
 
 pub use folder::{LATEST_FILE, LOOKS, is_deepspeed_checkpoint};
 
-use crate::checkpoint::identity::{Inputs, open_input};
+use crate::checkpoint::identity::{Inputs, open_identified};
 use crate::checkpoint::select::Selection;
 use crate::checkpoint::{
     Checkpoint, FullTensor, Location, Piece, PieceHints, TensorSpec, tensor_from_pieces,
@@ -205,7 +205,7 @@ impl Opened {
     /// Opens an input (regular files only, identity taken first) and reads
     /// its zip directory and pickle.
     fn open(&mut self, path: &Path) -> Result<TorchSave> {
-        let (file, seen) = open_input(path)?;
+        let (file, seen) = open_identified(path)?;
         let len = file
             .metadata()
             .map_err(|e| Error::io("inspect", path, e))?
