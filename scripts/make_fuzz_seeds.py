@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Writes the memo-heavy seed corpus of the `pickle` fuzz target
-(fuzz/seeds/pickle/; scripts/fuzz.sh passes it to libFuzzer): small DCP `.metadata` pickles, made with PyTorch's
+"""Writes the seed corpus of the `pickle` fuzz target (fuzz/seeds/pickle/;
+scripts/fuzz.sh passes it to libFuzzer): DeepSpeed's own data.pkl pickles
+from tests/fixtures/deepspeed, and memo-heavy small DCP `.metadata` pickles, made with PyTorch's
 own metadata classes and Python's pickler, in which parts are shared
 through the pickle memo the way crafted files share them (issue 20): one
 tensor entry under many names, one chunk repeated in a list, one attribute
@@ -76,9 +77,30 @@ def seeds():
     yield "shared-attributes", metadata(entries, False)
 
 
+def deepspeed_seeds():
+    """The data.pkl of every kind of file the DeepSpeed fixtures hold (a
+    model-states and an optimizer-states file of each stage, BF16_Optimizer,
+    sub-groups), as DeepSpeed pickled them."""
+    import glob
+    import zipfile
+
+    root = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "deepspeed")
+    for case in ["z1-w2-bf16", "z2-w2-bf16", "z3-w2-bf16", "bf16opt-z1-w2", "z3-w2-bf16-subgroups-untied"]:
+        for path in sorted(glob.glob(os.path.join(root, case, "checkpoint", "global_step2", "*rank_0*.pt"))):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+                kind = "optim" if "optim_states" in path else "model"
+                yield f"ds-{case}-{kind}.pkl", archive.read(name)
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "fuzz/seeds/pickle"
     os.makedirs(out, exist_ok=True)
+    for name, data in deepspeed_seeds():
+        path = os.path.join(out, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        print(path, len(data))
     for name, value in seeds():
         for protocol in (2, 4):
             path = os.path.join(out, f"{name}-p{protocol}.pkl")

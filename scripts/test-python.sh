@@ -22,7 +22,9 @@ trap 'rm -rf "$wheels" "$log"' EXIT
 "$venv/bin/maturin" build --quiet --release -m python/Cargo.toml -o "$wheels"
 "$venv/bin/pip" install -q --force-reinstall --no-deps "$wheels"/st_consolidate-*.whl
 # Run from outside the checkout so that the installed wheel is imported.
-(cd "$wheels" && "$OLDPWD/$venv/bin/python" -m pytest -q -p no:cacheprovider "$OLDPWD/python/tests") 2>&1 | tee "$log" || true
+# test_deepspeed.py needs DeepSpeed: scripts/test-deepspeed.sh runs it in target/ds-venv.
+(cd "$wheels" && "$OLDPWD/$venv/bin/python" -m pytest -q -p no:cacheprovider \
+    --ignore "$OLDPWD/python/tests/test_deepspeed.py" "$OLDPWD/python/tests") 2>&1 | tee "$log" || true
 summary=$(tail -n 1 "$log")
 passed=$(grep -oE '[0-9]+ passed' <<<"$summary" | grep -oE '[0-9]+' || echo 0)
 # (grep finds nothing when nothing failed: under pipefail that must not end the script)

@@ -305,7 +305,8 @@ fn planner_data_gives_the_top_level_key_of_nested_state_dicts() {
 #[test]
 fn the_memo_heavy_fuzz_seeds_are_read_or_refused_as_expected() {
     // fuzz/seeds/pickle (scripts/make_fuzz_seeds.py): pickled by Python
-    // with parts shared through the memo; only the plain ones are DCP's.
+    // with parts shared through the memo; only the plain ones are DCP's;
+    // the ds- ones are DeepSpeed's.
     let seeds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/pickle");
     let mut seen = 0;
     for entry in std::fs::read_dir(seeds).unwrap() {
@@ -315,6 +316,13 @@ fn the_memo_heavy_fuzz_seeds_are_read_or_refused_as_expected() {
         assert_linear(&counters);
         let stem = name.trim_end_matches(".pkl");
         let kind = stem.rsplit_once("-p").map_or(stem, |(kind, _)| kind);
+        if name.starts_with("ds-") {
+            // DeepSpeed's pickles (src/checkpoint/deepspeed reads them): no
+            // .metadata, but read linearly all the same.
+            assert!(result.is_err(), "{name}");
+            seen += 1;
+            continue;
+        }
         let expected = match kind {
             "plain" | "real-w2" => None,
             // 32 tensors listing the same 32 chunks: more than the file holds.

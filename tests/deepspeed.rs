@@ -266,3 +266,30 @@ fn inputs_are_left_untouched_and_resume_keeps_what_it_wrote() {
     assert!(verified.status.success());
     assert_eq!(snapshot(&case.tag_dir), before);
 }
+
+#[test]
+fn hf_trainers_checkpoint_folder_gives_a_loadable_folder_in_one_command() {
+    // checkpoint-N holds the Trainer's own 16-bit model.safetensors, its
+    // state and RNG files beside `latest`: the DeepSpeed checkpoint is
+    // read, and --hf-assets on the same folder copies the model's files
+    // only.
+    let case = Case::load("hf-trainer-z3-w2-bf16");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("hf");
+    let dir = s(&case.save_dir);
+    consolidate_ok(2, &["-q", "--hf-assets", dir, dir, s(&out)]);
+    assert_eq!(
+        names(&out),
+        [
+            "config.json",
+            "model-00001-of-00001.safetensors",
+            "model.safetensors.index.json"
+        ]
+    );
+    check(
+        &case,
+        &out,
+        &case.expected("zero_to_fp32", "live_masters", false),
+        "checkpoint-2",
+    );
+}

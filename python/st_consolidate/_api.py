@@ -52,9 +52,17 @@ def _cast_name(cast_dtype):
     return cast_dtype
 
 
+# A process_group meaning "this process alone", whatever the job: for the
+# DeepSpeed drop-ins, whose originals are single-process functions that a
+# training script calls on one rank.
+ONE_PROCESS = object()
+
+
 def _communicator(process_group):
     """The job's communicator: over ``process_group`` (or the default
     group) when torch.distributed is initialized, else None (one process)."""
+    if process_group is ONE_PROCESS:
+        return None
     dist = _dist.distributed_or_none()
     if dist is None:
         return None

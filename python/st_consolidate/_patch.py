@@ -4,7 +4,7 @@ looked up, undone exactly."""
 import importlib
 import sys
 
-from . import _api
+from . import _api, _deepspeed
 
 # (module, attribute) that hold the functions, by which drop-in replaces
 # them. Modules that are not installed (or fail to import) are skipped.
@@ -24,6 +24,7 @@ _KNOWN = [
         "consolidate_safetensors_files_on_every_rank",
     ),
     ("nemo_automodel.components.checkpoint._backports.hf_storage", "consolidate_safetensors_files"),
+    *((_deepspeed.MODULE, name) for name in _deepspeed.NAMES),
     (
         "nemo_automodel.components.checkpoint.checkpointing",
         "consolidate_safetensors_files_on_every_rank",
@@ -33,6 +34,7 @@ _KNOWN = [
 _DROPINS = {
     "consolidate_safetensors_files": _api.consolidate_safetensors_files,
     "consolidate_safetensors_files_on_every_rank": _api.consolidate_safetensors_files_on_every_rank,
+    **{name: getattr(_deepspeed, name) for name in _deepspeed.NAMES},
 }
 
 
@@ -54,6 +56,9 @@ class Patch:
             original = getattr(module, attr, None) if module is not None else None
             if callable(original) and original not in _DROPINS.values():
                 originals[id(original)] = (original, _DROPINS[attr])
+                if module_name == _deepspeed.MODULE:
+                    # A call with safe_serialization=False falls through to it.
+                    _deepspeed.originals.setdefault(attr, original)
         # Every imported module that bound an original by any name
         # (torchtitan's checkpointer, a script's own import), by identity.
         for module in list(sys.modules.values()):
@@ -89,7 +94,10 @@ class Patch:
 
 def patch():
     """Replaces PyTorch's and NeMo Automodel's
-    ``consolidate_safetensors_files[_on_every_rank]`` with the drop-ins in
-    their modules and in every imported module that bound them. Returns a
+    ``consolidate_safetensors_files[_on_every_rank]``, and DeepSpeed's
+    ``convert_zero_checkpoint_to_fp32_state_dict`` and
+    ``convert_zero_checkpoint_to_state_dict`` (which fall through to
+    DeepSpeed's own when ``safe_serialization`` is false), with the drop-ins
+    in their modules and in every imported module that bound them. Returns a
     :class:`Patch`; use it as a context manager, or call ``undo()``."""
     return Patch()

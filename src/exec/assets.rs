@@ -143,10 +143,22 @@ const CONSOLIDATION_INPUTS: [&str; 2] = [
     "fqn_to_dtype_mapping.json",
 ];
 
+/// Training state that HF Trainer and DeepSpeed keep beside the model's
+/// files in a checkpoint folder (`checkpoint-N/`): not part of the model.
+/// (Their `.pt`, `.pth` and `.bin` files are weights' endings, left out
+/// already.)
+const TRAINING_STATE: [&str; 4] = [
+    "latest",
+    "trainer_state.json",
+    "zero_to_fp32.py",
+    "zero_to_torch.py",
+];
+
 /// The files of `dir` to copy, sorted, as paths relative to `dir` (`/`
 /// between components): its regular files and links to them, and those of
 /// its subfolders (sentence-transformers' `1_Pooling/`), whole. Hidden
-/// entries, weights, NeMo's two mapping files and the folders in `skip`
+/// entries, weights, NeMo's two mapping files, a training checkpoint's
+/// own state ([`TRAINING_STATE`]) and the folders in `skip`
 /// (INPUT_DIR and OUTPUT_DIR when they sit inside `dir`) are left out. A
 /// dangling link, as a Hugging Face cache snapshot has after a partial
 /// download, a link to a folder, or an entry that is neither a file nor a
@@ -155,7 +167,9 @@ pub fn asset_names(dir: &Path, skip: &[PathBuf]) -> Result<Vec<String>> {
     let skip: Vec<PathBuf> = skip.iter().filter_map(|p| p.canonicalize().ok()).collect();
     let mut names = Vec::new();
     collect_assets(dir, "", &skip, &mut names)?;
-    names.retain(|name| !CONSOLIDATION_INPUTS.contains(&name.as_str()));
+    names.retain(|name| {
+        !CONSOLIDATION_INPUTS.contains(&name.as_str()) && !TRAINING_STATE.contains(&name.as_str())
+    });
     names.sort();
     Ok(names)
 }

@@ -163,6 +163,18 @@ impl TorchSave {
         })
     }
 
+    /// A `data.pkl` alone, as a file with no storage entries would hold it:
+    /// for the fuzz target, which interprets any bytes.
+    pub fn from_pickle(path: &Path, data: &[u8]) -> Result<TorchSave> {
+        let pickle = pickle::parse(data, &Limits::METADATA)
+            .map_err(|e| bad_file(path, e.to_string(), CORRUPT))?;
+        Ok(TorchSave {
+            path: path.to_owned(),
+            pickle,
+            storages: HashMap::new(),
+        })
+    }
+
     /// The tensor `value` rebuilds (`_rebuild_tensor_v2`/`_v3`, possibly
     /// wrapped in `_rebuild_from_type_v2` as ZeRO-3's flat groups are), with
     /// its place in the file; `what` names it in errors. The tensor must be
