@@ -15,7 +15,11 @@
 #      masters (cast to bf16 for --dtype bf16), logits torch.equal to those of
 #      the same model given the masters;
 #   4. a negative control: one master changed by one ulp in a consolidated
-#      file must make the check fail, naming the tensor.
+#      file must make the check fail, naming the tensor;
+#   5. python/tests/test_deepspeed.py with pytest in target/ds-venv: the
+#      Python package's drop-ins for DeepSpeed's convert functions, through
+#      patch(), against the fixtures' DeepSpeed-written references (the
+#      wheel built and installed into target/torch-venv, which ds-venv sees).
 # Prints "deepspeed: N passed, M failed"; exits non-zero on any failure.
 # Needs target/torch-venv (made here as scripts/test-transformers.sh makes
 # it if absent) and makes target/ds-venv on top of it
@@ -112,6 +116,25 @@ else
     echo "FAILED: negative control (the check did not refuse $ulp_tensor one ulp off)"
     failed=$((failed + 1))
 fi
+
+# The drop-ins for DeepSpeed's functions (the wheel as scripts/test-python.sh
+# builds it; a no-op build when nothing changed).
+"$venv/bin/python" -c "import maturin, pytest" 2>/dev/null ||
+    "$venv/bin/pip" install -q "maturin>=1.9,<2" pytest
+wheels="$work/wheels"
+"$venv/bin/maturin" build --quiet --release -m python/Cargo.toml -o "$wheels"
+"$venv/bin/pip" install -q --force-reinstall --no-deps "$wheels"/st_consolidate-*.whl
+(cd "$wheels" && DS_ACCELERATOR=cpu "$OLDPWD/target/ds-venv/bin/python" -m pytest -q -p no:cacheprovider \
+    "$OLDPWD/python/tests/test_deepspeed.py") >"$work/pytest.log" 2>&1 || true
+summary=$(tail -n 1 "$work/pytest.log")
+py_passed=$({ grep -oE '[0-9]+ passed' <<<"$summary" || true; } | grep -oE '[0-9]+' || echo 0)
+py_failed=$({ grep -oE '[0-9]+ (failed|errors?)' <<<"$summary" || true; } | awk '{ n += $1 } END { print n + 0 }')
+if [ "${py_failed:-0}" -ne 0 ] || [ "${py_passed:-0}" -eq 0 ]; then
+    cat "$work/pytest.log"
+    failed=$((failed + ${py_failed:-0} + 1 - (${py_passed:-0} > 0 ? 1 : 0)))
+fi
+passed=$((passed + ${py_passed:-0}))
+echo "test_deepspeed.py: $summary"
 
 echo "deepspeed: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -49,6 +49,9 @@ scripts/test-nemo.sh | tee -a "$log"
 echo "== the Python package (drop-ins vs PyTorch's and NeMo's functions, patch(), torchrun with gloo)"
 scripts/test-python.sh | tee -a "$log"
 
+echo "== DeepSpeed ZeRO-3 round trip (tiny Llama trained by DeepSpeed 0.19.8 on CPU, from_pretrained, logits vs live fp32 masters) and the DeepSpeed drop-ins"
+scripts/test-deepspeed.sh | tee -a "$log"
+
 echo "== DCP outputs equal PyTorch's own reader (torch FileSystemReader, safetensors loads them)"
 dcp_out=$(mktemp -d)
 trap 'rm -rf "$log" "$log.demo" "$zoo" "$setup_log" "$dcp_out"' EXIT
@@ -75,5 +78,5 @@ echo "== fuzz the header parser and the pickle interpreter (cargo fuzz, 20 s eac
 scripts/fuzz.sh 20
 
 # One closing line for the whole run, summed over every test binary.
-awk '/^test result:/ { p += $4; f += $6 } /^(launchers|nodes|transformers|setup|dcp-reference|nemo|python):/ { p += $2; f += $4 }
+awk '/^test result:/ { p += $4; f += $6 } /^(launchers|nodes|transformers|setup|dcp-reference|nemo|python|deepspeed):/ { p += $2; f += $4 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
