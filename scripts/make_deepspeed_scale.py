@@ -16,7 +16,8 @@ Python standard library only. The torch.save zip archives are written here:
   - entries as torch's writer lays them out: STORED, flag 0x0808 with a data
     descriptor, local 'FB' extra padding so every entry's data starts at a
     multiple of 64, then the central directory, a zip64 end record and
-    locator and the end record; data.pkl and the small entries carry their
+    locator and the end record (zip64 extras for entries or offsets past
+    4 GiB); data.pkl and the small entries carry their
     CRC-32; the storages' bytes are holes (the file is seeked past them), and
     their CRC is 0 above 16 MB (the reader never checks storage CRCs; small
     layouts get the zeros' true CRC, so zipfile and torch.load read them).
@@ -184,8 +185,12 @@ def write_pt(path, obj):
         for name, data, size in entries:
             full = f"{archive}/{name}".encode()
             offset = f.tell()
-            pad = (-(offset + 30 + len(full) + 4)) % 64
-            extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
+            big = size >= 0xFFFFFFFF
+            # zip64 (as miniz writes it for large entries): sizes in a zip64
+            # extra of the local header and an 8-byte data descriptor
+            z64local = struct.pack("<HHQQ", 1, 16, 0, 0) if big else b""
+            pad = (-(offset + 30 + len(full) + len(z64local) + 4)) % 64
+            extra = z64local + b"FB" + struct.pack("<H", pad) + b"Z" * pad
             f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 0, 0x0808, 0, 0, 0, 0, 0, 0, len(full), len(extra)))
             f.write(full + extra)
             if data is None:
@@ -196,10 +201,20 @@ def write_pt(path, obj):
             else:
                 f.write(data)
                 crc = zlib.crc32(data)
-            assert offset < 2 ** 32 and size < 2 ** 32, "this generator writes no zip64 entry extras"
-            f.write(struct.pack("<IIII", 0x08074B50, crc, size, size))
-            central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 0, 0x0808, 0, 0, 0, crc, size, size,
-                                       len(full), 0, 0, 0, 0, 0, offset) + full)
+            if big:
+                f.write(struct.pack("<IIQQ", 0x08074B50, crc, size, size))
+            else:
+                f.write(struct.pack("<IIII", 0x08074B50, crc, size, size))
+            z64 = []
+            if big:
+                z64 += [size, size]
+            if offset >= 0xFFFFFFFF:
+                z64.append(offset)
+            cextra = struct.pack("<HH", 1, 8 * len(z64)) + struct.pack(f"<{len(z64)}Q", *z64) if z64 else b""
+            s32 = 0xFFFFFFFF if big else size
+            o32 = 0xFFFFFFFF if offset >= 0xFFFFFFFF else offset
+            central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 0, 0x0808, 0, 0, 0, crc, s32, s32,
+                                       len(full), len(cextra), 0, 0, 0, 0, o32) + full + cextra)
         cd_offset = f.tell()
         cd = b"".join(central)
         f.write(cd)
@@ -207,7 +222,7 @@ def write_pt(path, obj):
         n = len(entries)
         f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x031E, 0x2D, 0, 0, n, n, len(cd), cd_offset))
         f.write(struct.pack("<IIQI", 0x07064B50, 0, z64, 1))
-        f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, len(cd), cd_offset, 0))
+        f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, len(cd), min(cd_offset, 0xFFFFFFFF), 0))
     return len(buf.getvalue())
 
 
