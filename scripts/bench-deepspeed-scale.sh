@@ -12,7 +12,8 @@
 #
 #   scripts/bench-deepspeed-scale.sh [REPS] [RANKS]   (defaults: 3, 256)
 #
-# The layout is made once under DSS_DIR (default target/ds-scale) and reused;
+# The layout is made once under DSS_DIR (default target/ds-scale) and reused
+# (results in DSS_DIR/run-wRANKS/results.md);
 # it needs a filesystem with holes (about 80 MB on disk for 847 GB apparent
 # at 256 ranks; the script checks du against the apparent size).
 # Environment: BENCH_BIN (default target/release/st-consolidate-mpi).
@@ -25,6 +26,8 @@ bin=${BENCH_BIN:-$PWD/target/release/st-consolidate-mpi}
 source scripts/env.sh
 [ -x /usr/bin/time ] || { echo "bench-deepspeed-scale: /usr/bin/time not found: apt-get install -y time" >&2; exit 1; }
 ckpt=$work/llama70b-w$ranks
+run=$work/run-w$ranks
+mkdir -p "$run"
 if [ ! -f "$ckpt/latest" ]; then
     rm -rf "$ckpt"
     python3 scripts/make_deepspeed_scale.py "$ckpt" --ranks "$ranks" >&2
@@ -52,8 +55,8 @@ timed() {
     t1=$(date +%s%N)
     echo "$(( (t1 - t0) / 1000 ))e-6" >> "$out"
 }
-out=$work/out-unused
-for c in dry1 dry2 dry2s; do : > "$work/t.$c"; rm -f "$work"/rss."$c".*; done
+out=$run/out-unused
+for c in dry1 dry2 dry2s; do : > "$run/t.$c"; rm -f "$run"/rss."$c".*; done
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "bench-deepspeed-scale: load average at start $load_start" >&2
 # peak RSS per rank: /usr/bin/time inside mpirun, one file per rank
@@ -62,22 +65,22 @@ for rep in $(seq "$reps"); do
     for i in 0 1 2; do
         k=$(( (i + rep - 1) % 3 + 1 ))
         case ${!k} in
-            dry1)  timed "$work/t.dry1" sh -c 'exec /usr/bin/time -f %M -a -o "$0" "$@"' "$work/rss.dry1.0" \
-                       "$bin" --dry-run --ranks "$ranks" "$ckpt" "$out" > "$work/dry1.txt" ;;
-            dry2)  timed "$work/t.dry2" mpirun -n 2 sh -c \
-                       'exec /usr/bin/time -f %M -a -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' "$work/rss.dry2" \
-                       "$bin" --dry-run "$ckpt" "$out" > "$work/dry2.txt" ;;
-            dry2s) timed "$work/t.dry2s" mpirun -n 2 sh -c \
-                       'exec /usr/bin/time -f %M -a -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' "$work/rss.dry2s" \
-                       "$bin" --dry-run --headers shared "$ckpt" "$out" > "$work/dry2s.txt" ;;
+            dry1)  timed "$run/t.dry1" sh -c 'exec /usr/bin/time -f %M -a -o "$0" "$@"' "$run/rss.dry1.0" \
+                       "$bin" --dry-run --ranks "$ranks" "$ckpt" "$out" > "$run/dry1.txt" ;;
+            dry2)  timed "$run/t.dry2" mpirun -n 2 sh -c \
+                       'exec /usr/bin/time -f %M -a -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' "$run/rss.dry2" \
+                       "$bin" --dry-run "$ckpt" "$out" > "$run/dry2.txt" ;;
+            dry2s) timed "$run/t.dry2s" mpirun -n 2 sh -c \
+                       'exec /usr/bin/time -f %M -a -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' "$run/rss.dry2s" \
+                       "$bin" --dry-run --headers shared "$ckpt" "$out" > "$run/dry2s.txt" ;;
         esac
     done
 done
 [ ! -e "$out" ] || { echo "bench-deepspeed-scale: --dry-run wrote $out" >&2; exit 1; }
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "bench-deepspeed-scale: load average at end $load_end" >&2
-python3 - "$work" "$ranks" "$reps" "$load_start" "$load_end" "$pkl_bytes" "$disk_kb" "$apparent_kb" "$(nproc)" \
-    > "$work/results.md" <<'PY'
+python3 - "$run" "$ranks" "$reps" "$load_start" "$load_end" "$pkl_bytes" "$disk_kb" "$apparent_kb" "$(nproc)" \
+    > "$run/results.md" <<'PY'
 import glob, statistics, sys
 work, ranks, reps, l0, l1, pkl, disk, apparent, cores = sys.argv[1:]
 med = lambda c: statistics.median(float(x) for x in open(f"{work}/t.{c}"))
@@ -98,4 +101,4 @@ names = {"dry1": f"`--dry-run --ranks {ranks}` (1 process)", "dry2": "`mpirun -n
 for c in ("dry1", "dry2", "dry2s"):
     print(f"| {names[c]} | {med(c):.2f} | {' / '.join(f'{x:.0f}' for x in peaks(c))} |")
 PY
-cat "$work/results.md"
+cat "$run/results.md"
