@@ -447,6 +447,28 @@ fn push_range(
     }
 }
 
+/// Appends rank `rank`'s share of a ZeRO-3 parameter of `shape`: elements
+/// `[rank·c, (rank+1)·c)` (c = `ceil(n/W)`) cut at the parameter's end, the
+/// share's first element at byte `first_byte` of file `file`. Trailing
+/// ranks may hold padding only.
+fn push_zero3_share(
+    pieces: &mut Vec<Piece>,
+    shape: &[u64],
+    rank: usize,
+    file: usize,
+    first_byte: u64,
+    element: u64,
+    world: u64,
+) {
+    let n = numel(shape);
+    let share = n.div_ceil(world);
+    let start = rank as u64 * share;
+    let end = (start + share).min(n);
+    if start < end {
+        push_range(pieces, shape, start, end, file, first_byte, element);
+    }
+}
+
 fn numel(shape: &[u64]) -> u64 {
     shape.iter().product()
 }
@@ -507,19 +529,15 @@ fn trainable_tensors(
                                 part.numel()
                             )));
                         }
-                        let start = r as u64 * share;
-                        let end = (start + share).min(n);
-                        if start < end {
-                            push_range(
-                                &mut pieces,
-                                shape,
-                                start,
-                                end,
-                                r,
-                                part.element_offset(at),
-                                size,
-                            );
-                        }
+                        push_zero3_share(
+                            &mut pieces,
+                            shape,
+                            r,
+                            r,
+                            part.element_offset(at),
+                            size,
+                            world,
+                        );
                     }
                     at += share;
                     out.push((name.clone(), dtype, shape.clone(), pieces));
@@ -691,19 +709,16 @@ fn frozen_tensors(
                         ));
                     }
                     dtype = Some(part.dtype);
-                    let start = r as u64 * share;
-                    let end = (start + share).min(n);
-                    if start < end {
-                        push_range(
-                            &mut pieces,
-                            shape,
-                            start,
-                            end,
-                            model_base + r,
-                            part.offset,
-                            part.dtype.size(),
-                        );
-                    }
+                    let size = part.dtype.size();
+                    push_zero3_share(
+                        &mut pieces,
+                        shape,
+                        r,
+                        model_base + r,
+                        part.offset,
+                        size,
+                        world,
+                    );
                 }
                 out.push((
                     name.clone(),
