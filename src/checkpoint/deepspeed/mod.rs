@@ -94,12 +94,20 @@ pub fn read_checkpoint(dir: &Path, read: &DeepSpeedRead, select: &Selection) -> 
     };
     let optim_files = opened.take_files();
     let optim_bytes = std::mem::take(&mut opened.bytes);
-    let mut models = Vec::with_capacity(model_paths.len());
+    let mut models: Vec<(ModelStates, PathBuf)> = Vec::with_capacity(model_paths.len());
     for path in &model_paths {
         let save = opened.open(path)?;
-        models.push((states::model_states(&save)?, save.path));
+        let mut model = states::model_states(&save)?;
+        check_model_file(&model, &save.path, models.first(), &listed)?;
+        if !models.is_empty() {
+            // ZeRO-3's other ranks matter for their frozen fragments only:
+            // their module and shapes (the first rank's, checked equal)
+            // would make memory grow with the number of ranks.
+            model.module = Vec::new();
+            model.param_shapes = Vec::new();
+        }
+        models.push((model, save.path));
     }
-    check_model_files(&models, &listed)?;
     // Location::shard indexes files: the optimizer files by rank, then the
     // model-states files by rank.
     let model_base = optim_files.len();
@@ -378,48 +386,51 @@ fn check_zero3_model_files(listed: &folder::TagFiles, world: u64) -> Result<Vec<
         .collect())
 }
 
-/// Refuses model-states files of layouts this reader cannot merge, and
-/// ZeRO-3 files of different saves.
-fn check_model_files(models: &[(ModelStates, PathBuf)], listed: &folder::TagFiles) -> Result<()> {
-    let (first, first_path) = &models[0];
-    for (model, path) in models {
-        let name = file_name(path);
-        if model.module_is_none {
-            return Err(bad_dir(
-                &listed.dir,
-                format!(
-                    "{name} has no module: a pipeline-parallel checkpoint keeps its layers in files of their own"
-                ),
-                "pipeline-parallel checkpoints are not supported; convert it with deepspeed.checkpoint.ds_to_universal",
-            ));
-        }
-        if let Some(key) = model.expert_keys.first() {
-            return Err(bad_dir(
-                &listed.dir,
-                format!("{name} records AutoEP expert layers ({key})"),
-                "expert-parallel checkpoints are not supported; convert it with deepspeed.checkpoint.ds_to_universal",
-            ));
-        }
-        if model.mp_world_size.is_some_and(|mp| mp > 1) {
-            return Err(bad_dir(
-                &listed.dir,
-                format!(
-                    "{name} was saved with mp_world_size {}: a tensor-parallel checkpoint, of which only model-parallel rank 0's files are here",
-                    model.mp_world_size.unwrap_or_default()
-                ),
-                "merging tensor-parallel slices needs each tensor's split dimension, which a ZeRO checkpoint does not record; convert it with deepspeed.checkpoint.ds_to_universal",
-            ));
-        }
-        if model.global_steps != first.global_steps || model.param_shapes != first.param_shapes {
-            return Err(bad_dir(
-                &listed.dir,
-                format!(
-                    "{name} and {} come from different saves (their step or parameter shapes differ)",
-                    file_name(first_path)
-                ),
-                "a tag folder must hold the files of one save; copy the tag folder again",
-            ));
-        }
+/// Refuses a model-states file of a layout this reader cannot merge, or
+/// (ZeRO-3) of another save than the first rank's file `first`.
+fn check_model_file(
+    model: &ModelStates,
+    path: &Path,
+    first: Option<&(ModelStates, PathBuf)>,
+    listed: &folder::TagFiles,
+) -> Result<()> {
+    let name = file_name(path);
+    if model.module_is_none {
+        return Err(bad_dir(
+            &listed.dir,
+            format!(
+                "{name} has no module: a pipeline-parallel checkpoint keeps its layers in files of their own"
+            ),
+            "pipeline-parallel checkpoints are not supported; convert it with deepspeed.checkpoint.ds_to_universal",
+        ));
+    }
+    if let Some(key) = model.expert_keys.first() {
+        return Err(bad_dir(
+            &listed.dir,
+            format!("{name} records AutoEP expert layers ({key})"),
+            "expert-parallel checkpoints are not supported; convert it with deepspeed.checkpoint.ds_to_universal",
+        ));
+    }
+    if let Some(mp) = model.mp_world_size.filter(|mp| *mp > 1) {
+        return Err(bad_dir(
+            &listed.dir,
+            format!(
+                "{name} was saved with mp_world_size {mp}: a tensor-parallel checkpoint, of which only model-parallel rank 0's files are here"
+            ),
+            "merging tensor-parallel slices needs each tensor's split dimension, which a ZeRO checkpoint does not record; convert it with deepspeed.checkpoint.ds_to_universal",
+        ));
+    }
+    if let Some((first, first_path)) = first
+        && (model.global_steps != first.global_steps || model.param_shapes != first.param_shapes)
+    {
+        return Err(bad_dir(
+            &listed.dir,
+            format!(
+                "{name} and {} come from different saves (their step or parameter shapes differ)",
+                file_name(first_path)
+            ),
+            "a tag folder must hold the files of one save; copy the tag folder again",
+        ));
     }
     Ok(())
 }

@@ -68,7 +68,7 @@ impl TorchSave {
     /// its `data.pkl`.
     pub fn open(path: &Path, file: &File, len: u64) -> Result<TorchSave> {
         let bad = |reason: String| bad_file(path, reason, CORRUPT);
-        let mut zip = ZipArchive::new(file)
+        let mut zip = ZipArchive::new(BlockReader::new(file, len))
             .map_err(|e| bad(format!("not a torch.save zip archive ({e})")))?;
         if zip.has_duplicate_names() {
             return Err(bad(
@@ -321,7 +321,7 @@ fn is_row_major(shape: &[u64], stride: &[u64]) -> bool {
 }
 
 fn read_entry(
-    zip: &mut ZipArchive<&File>,
+    zip: &mut ZipArchive<BlockReader>,
     index: usize,
     max: u64,
 ) -> std::result::Result<Vec<u8>, String> {
@@ -335,6 +335,83 @@ fn read_entry(
         return Err(format!("zip entry {index} is larger than {max} bytes"));
     }
     Ok(bytes)
+}
+
+/// A file read through one cached block: the zip reader parses the
+/// central directory and each entry's local header with many small reads
+/// and seeks (a ZeRO-3 model-states file has an entry per parameter), and
+/// this turns them into one positioned read per block touched. Seeks only
+/// move the position.
+struct BlockReader<'f> {
+    file: &'f File,
+    len: u64,
+    pos: u64,
+    block_start: u64,
+    block: Vec<u8>,
+}
+
+/// Bytes read at once.
+const BLOCK: u64 = 64 * 1024;
+
+impl<'f> BlockReader<'f> {
+    fn new(file: &'f File, len: u64) -> BlockReader<'f> {
+        BlockReader {
+            file,
+            len,
+            pos: 0,
+            block_start: 0,
+            block: Vec::new(),
+        }
+    }
+}
+
+impl Read for BlockReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let cached = self.block_start..self.block_start + self.block.len() as u64;
+        if !cached.contains(&self.pos) {
+            if self.pos >= self.len {
+                return Ok(0);
+            }
+            // Reads larger than a block (data.pkl) go straight through.
+            if buf.len() as u64 >= BLOCK {
+                let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.pos)?;
+                self.pos += n as u64;
+                return Ok(n);
+            }
+            let start = self.pos - self.pos % 4096;
+            let want = BLOCK.min(self.len - start) as usize;
+            self.block.resize(want, 0);
+            let n = std::os::unix::fs::FileExt::read_at(self.file, &mut self.block, start)?;
+            self.block.truncate(n);
+            self.block_start = start;
+            if n == 0 || self.pos >= start + n as u64 {
+                return Ok(0);
+            }
+        }
+        let from = &self.block[(self.pos - self.block_start) as usize..];
+        let n = from.len().min(buf.len());
+        buf[..n].copy_from_slice(&from[..n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for BlockReader<'_> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let target = match to {
+            std::io::SeekFrom::Start(n) => Some(n),
+            std::io::SeekFrom::End(d) => self.len.checked_add_signed(d),
+            std::io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        let target = target.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before the start of the file",
+            )
+        })?;
+        self.pos = target;
+        Ok(target)
+    }
 }
 
 /// An error about the contents of a checkpoint file.
