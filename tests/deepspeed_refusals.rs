@@ -227,3 +227,24 @@ fn tags_are_chosen_with_latest_or_tag_and_a_wrong_one_lists_those_present() {
     // The tag folder itself needs no tag.
     consolidate_ok(1, &["-q", s(&tag), s(&tmp.path().join("out2"))]);
 }
+
+#[test]
+fn autoeps_partition_native_expert_state_is_refused() {
+    // AutoEP's ZeRO-3 optimizer state carries ds_zero_partition_groups;
+    // here an existing key of rank 1's file is renamed to it.
+    let (tmp, save_dir, tag) = copy_case("z3-w2-bf16");
+    let path = tag.join("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt");
+    edit_pickle(&path, |pkl| {
+        replace(
+            pkl,
+            b"X\x08\x00\x00\x00overflow",
+            b"X\x18\x00\x00\x00ds_zero_partition_groups",
+        )
+    });
+    refused(
+        2,
+        &save_dir,
+        &tmp.path().join("out"),
+        &["AutoEP", "bf16_zero_pp_rank_1", "ds_to_universal"],
+    );
+}
