@@ -91,6 +91,19 @@ def deepspeed_seeds():
                 name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
                 kind = "optim" if "optim_states" in path else "model"
                 yield f"ds-{case}-{kind}.pkl", archive.read(name)
+    # A training script's client state, as DeepSpeed pickles it into the
+    # model-states file: numpy numbers, an RNG state, argparse arguments.
+    import argparse
+
+    import numpy as np
+
+    state = {
+        "iteration": np.int64(7),
+        "loss": np.float32(1.5),
+        "rng": np.random.RandomState(0).get_state(),
+        "args": argparse.Namespace(lr=0.1),
+    }
+    yield "ds-client-state.pkl", pickle.dumps(state, protocol=2)
 
 
 def main():

@@ -846,4 +846,17 @@ mod tests {
             let _ = interpret_pickle(&optim[..cut]);
         }
     }
+
+    #[test]
+    fn a_training_scripts_client_state_is_recorded_not_refused() {
+        // numpy numbers, an RNG state and argparse arguments, as a training
+        // script's client_state puts them beside the weights: parsed as
+        // inert records (nothing is called), so only the missing module
+        // is reported.
+        let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/pickle");
+        let state = std::fs::read(seeds.join("ds-client-state.pkl")).unwrap();
+        let save = TorchSave::from_pickle(Path::new("c"), &state).unwrap();
+        let err = states::model_states(&save).unwrap_err().to_string();
+        assert!(err.contains("has no 'module' entry"), "{err}");
+    }
 }

@@ -49,8 +49,14 @@ const FIXED_GLOBALS: &[(&str, &[&str])] = &[
         &["LossScaler", "DynamicLossScaler"],
     ),
     ("deepspeed.utils.tensor_fragment", &["fragment_address"]),
-    // Megatron-DeepSpeed stores its arguments in the client state.
+    // What training scripts put in DeepSpeed's client state beside the
+    // weights: Megatron-DeepSpeed's arguments, numpy numbers and RNG
+    // states (numpy 2 moved `numpy.core` to `numpy._core`).
     ("argparse", &["Namespace"]),
+    ("numpy", &["dtype", "ndarray"]),
+    ("numpy.core.multiarray", &["scalar", "_reconstruct"]),
+    ("numpy._core.multiarray", &["scalar", "_reconstruct"]),
+    ("_codecs", &["encode"]),
     ("collections", &["OrderedDict"]),
     // StorageMeta.checkpoint_id may be a path; Python 3.13 moved the classes
     // to pathlib._local.
