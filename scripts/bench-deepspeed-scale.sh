@@ -24,6 +24,7 @@ ranks=${2:-256}
 work=${DSS_DIR:-$PWD/target/ds-scale}
 bin=${BENCH_BIN:-$PWD/target/release/st-consolidate-mpi}
 source scripts/env.sh
+source scripts/bench-lib.sh
 [ -x /usr/bin/time ] || { echo "bench-deepspeed-scale: /usr/bin/time not found: apt-get install -y time" >&2; exit 1; }
 ckpt=$work/llama70b-w$ranks
 run=$work/run-w$ranks
@@ -47,14 +48,6 @@ print(tot)
 PY
 )
 
-timed() {
-    local out=$1; shift
-    local t0 t1
-    t0=$(date +%s%N)
-    "$@"
-    t1=$(date +%s%N)
-    echo "$(( (t1 - t0) / 1000 ))e-6" >> "$out"
-}
 out=$run/out-unused
 for c in dry1 dry2 dry2s; do : > "$run/t.$c"; rm -f "$run"/rss."$c".*; done
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)

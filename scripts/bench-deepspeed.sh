@@ -37,6 +37,7 @@ work=${DSB_DIR:-$PWD/target/ds-bench}
 bin=${BENCH_BIN:-$PWD/target/release/st-consolidate-mpi}
 sizes=${DSB_SIZES:-"1x 4x"}
 source scripts/env.sh
+source scripts/bench-lib.sh
 mkdir -p "$work"
 
 if [ ! -x /usr/bin/time ]; then
@@ -54,15 +55,6 @@ drop=0
 if sync && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then drop=1; fi
 uncache() { sync; [ "$drop" = 0 ] || echo 3 > /proc/sys/vm/drop_caches; }
 
-# Appends the wall time of a command, in seconds, to file $1.
-timed() {
-    local out=$1; shift
-    local t0 t1
-    t0=$(date +%s%N)
-    "$@"
-    t1=$(date +%s%N)
-    echo "$(( (t1 - t0) / 1000 ))e-6" >> "$out"
-}
 
 results=$work/results.md
 : > "$results"

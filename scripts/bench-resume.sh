@@ -19,6 +19,7 @@ gb=${1:-4}
 runs=${2:-3}
 scripts/setup.sh
 source scripts/env.sh
+source scripts/bench-lib.sh
 cargo build --release --quiet --bins
 bin=$PWD/target/release/st-consolidate-mpi
 make=$PWD/target/release/st-make-shards
@@ -32,12 +33,6 @@ ckpt=$work/ckpt
     --hidden "$hidden" --vocab "$vocab" --dtype bf16 --seed 1 2>/dev/null
 bytes=$(cat "$ckpt"/shard-*.safetensors | wc -c)
 out=$work/out
-timed() {
-    local file=$1; shift
-    local t0 t1
-    t0=$(date +%s%N); "$@"; t1=$(date +%s%N)
-    echo "$(( (t1 - t0) / 1000 ))e-6" >> "$file"
-}
 : > "$work/t.base"; : > "$work/t.fresh"; : > "$work/t.half"; : > "$work/t.all"
 for run in $(seq "$runs"); do
     rm -rf "$out"; mkdir -p "$out"; sync

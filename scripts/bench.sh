@@ -35,6 +35,7 @@ gb=${1:-1}
 runs=${2:-5}
 scripts/setup.sh --all
 source scripts/env.sh
+source scripts/bench-lib.sh
 cargo build --release --quiet --workspace --bins --examples
 bin=${BENCH_BIN:-$PWD/target/release/st-consolidate-mpi}
 make=$PWD/target/release/st-make-shards
@@ -47,15 +48,6 @@ read -r hidden vocab layers < <(python3 -c "
 h, v = (2048, 32000) if $gb >= 0.5 else (256, 4000)
 print(h, v, max(1, round(($gb * 1e9 / 2 - 2 * v * h) / (10 * h * h))))")
 
-# Appends the wall time of a command, in seconds, to file $1.
-timed() {
-    local out=$1; shift
-    local t0 t1
-    t0=$(date +%s%N)
-    "$@"
-    t1=$(date +%s%N)
-    echo "$(( (t1 - t0) / 1000 ))e-6" >> "$out"
-}
 
 results=$work/results.md
 : > "$results"
