@@ -32,11 +32,10 @@ pub use folder::{LATEST_FILE, LOOKS, is_deepspeed_checkpoint};
 
 use crate::checkpoint::identity::{Inputs, open_identified};
 use crate::checkpoint::select::Selection;
-use crate::checkpoint::{
-    Checkpoint, FullTensor, Location, Piece, PieceHints, TensorSpec, tensor_from_pieces,
-};
+use crate::checkpoint::{Checkpoint, Location, Piece, PieceHints, TensorSpec, tensor_from_pieces};
 use crate::error::{Error, Result};
 use crate::safetensors::dtype::Dtype;
+use crate::safetensors::header::byte_len;
 use states::{ModelStates, OptimStates, Stage};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -111,17 +110,12 @@ pub fn read_checkpoint(dir: &Path, read: &DeepSpeedRead, select: &Selection) -> 
     // Location::shard indexes files: the optimizer files by rank, then the
     // model-states files by rank.
     let model_base = optim_files.len();
-    let mut builder = Builder {
-        files: optim_files.iter().chain(&model_paths).cloned().collect(),
-        tensors: Vec::new(),
-        notes: Vec::new(),
-    };
+    let files: Vec<PathBuf> = optim_files.iter().chain(&model_paths).cloned().collect();
+    let mut notes = Vec::new();
     let primary = &models[0].0;
     let trainable = trainable_tensors(stage, world, primary, &optim, &listed)?;
-    builder
-        .notes
-        .push(not_exported(&optim, &trainable, optim_bytes));
-    let frozen = frozen_tensors(stage, world, &models, model_base, &mut builder.notes)?;
+    notes.push(not_exported(&optim, &trainable, optim_bytes));
+    let frozen = frozen_tensors(stage, world, &models, model_base, &mut notes)?;
     // --exclude-frozen-parameters: left out like --exclude, so that the dry
     // run still lists them.
     let left_out: HashSet<String> = match read.exclude_frozen {
@@ -129,14 +123,14 @@ pub fn read_checkpoint(dir: &Path, read: &DeepSpeedRead, select: &Selection) -> 
         false => HashSet::new(),
     };
     let buffers = buffer_tensors(primary, model_base);
-    let mut named: Vec<(String, Dtype, Vec<u64>, Vec<Piece>)> = Vec::new();
+    let mut named: Vec<Named> = Vec::new();
     named.extend(buffers);
     named.extend(frozen);
     named.extend(trainable);
-    let aliases = tied_aliases(primary, &named, read.keep_tied, &mut builder.notes);
+    let aliases = tied_aliases(primary, &named, read.keep_tied, &mut notes);
     named.extend(aliases);
     if stage == Stage::Bf16Optimizer {
-        builder.notes.push(
+        notes.push(
             "note: read as a BF16_Optimizer checkpoint (bf16 with fp32 gradient accumulation), \
              which zero_to_fp32 refuses; the fp32 masters are taken with ZeRO-1's arithmetic"
                 .to_owned(),
@@ -144,6 +138,7 @@ pub fn read_checkpoint(dir: &Path, read: &DeepSpeedRead, select: &Selection) -> 
     }
     let mut seen = HashSet::new();
     let mut excluded = Vec::new();
+    let mut tensors = Vec::new();
     for (name, dtype, shape, pieces) in named {
         if !seen.insert(name.clone()) {
             return Err(bad_dir(
@@ -153,8 +148,8 @@ pub fn read_checkpoint(dir: &Path, read: &DeepSpeedRead, select: &Selection) -> 
             ));
         }
         if left_out.contains(&name) || !select.keeps(&name) {
-            let bytes = shape.iter().product::<u64>() * dtype.size();
-            excluded.push((name, bytes));
+            // Shapes from the pickles fit (states::View::shape).
+            excluded.push((name, byte_len(&shape, dtype).unwrap_or(0)));
             continue;
         }
         let spec = TensorSpec {
@@ -163,17 +158,15 @@ pub fn read_checkpoint(dir: &Path, read: &DeepSpeedRead, select: &Selection) -> 
             shape: Some(&shape),
             hints: &DEEPSPEED_HINTS,
         };
-        builder
-            .tensors
-            .push(tensor_from_pieces(&spec, pieces, &builder.files)?);
+        tensors.push(tensor_from_pieces(&spec, pieces, &files)?);
     }
-    builder.tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Checkpoint {
-        files: builder.files,
-        tensors: builder.tensors,
+        files,
+        tensors,
         excluded,
         inputs: opened.inputs,
-        notes: builder.notes,
+        notes,
         ..Checkpoint::default()
     })
 }
@@ -240,12 +233,6 @@ impl Opened {
     fn take_files(&mut self) -> Vec<PathBuf> {
         std::mem::take(&mut self.paths)
     }
-}
-
-struct Builder {
-    files: Vec<PathBuf>,
-    tensors: Vec<FullTensor>,
-    notes: Vec<String>,
 }
 
 fn bad_dir(dir: &Path, reason: String, hint: &str) -> Error {
@@ -575,7 +562,7 @@ fn trainable_tensors(
                 let mut at = 0u64;
                 for (i, (name, shape)) in params.iter().enumerate() {
                     let n = numel(shape);
-                    if at + n > total {
+                    if at.saturating_add(n) > total {
                         return Err(mismatch(format!(
                             "'{name}' needs elements [{at}, {}) of the group, whose partitions hold {total}",
                             at + n
@@ -591,7 +578,10 @@ fn trainable_tensors(
                         }
                     }
                     out.push((name.clone(), dtype, shape.clone(), pieces));
-                    at += n + paddings.and_then(|p| p.get(i)).copied().unwrap_or(0);
+                    // Saturating: a padding beyond the group (a corrupt
+                    // pickle) then fails the check below or the next one.
+                    let padding = paddings.and_then(|p| p.get(i)).copied().unwrap_or(0);
+                    at = at.saturating_add(n).saturating_add(padding);
                 }
                 // zero_to_fp32's own check: both ends align to 2·W elements.
                 let align = |x: u64| x.div_ceil(2 * world);
@@ -845,6 +835,28 @@ mod tests {
         for cut in (0..optim.len()).step_by(37) {
             let _ = interpret_pickle(&optim[..cut]);
         }
+    }
+
+    #[test]
+    fn a_shape_whose_size_overflows_is_refused_where_it_is_read() {
+        // {'module': OrderedDict(), 'param_shapes': [OrderedDict(w=
+        // torch.Size([2**40, 2**40]))]}, pickled by Python: 2^80 elements.
+        let hex = "80027d71002858060000006d6f64756c65710163636f6c6c656374696f6e730a4f726465726564\
+                   446963740a710229527103580c000000706172616d5f73686170657371045d710568022952710658\
+                   0100000077710763746f7263680a53697a650a71088a060000000000018a06000000000001867109\
+                   85710a52710b7361752e";
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let save = TorchSave::from_pickle(Path::new("m"), &bytes).unwrap();
+        let err = states::model_states(&save).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "param_shapes[0]['w'] is [1099511627776, 1099511627776], a size that overflows"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@
 use super::torch_save::{TensorRef, TorchSave};
 use crate::checkpoint::dcp::pickle::Value;
 use crate::error::Result;
+use crate::safetensors::dtype::Dtype;
+use crate::safetensors::header::byte_len;
 
 /// A model-states file (`mp_rank_00_model_states.pt`, or ZeRO-3's
 /// `zero_pp_rank_D_mp_rank_00_model_states.pt`).
@@ -145,7 +147,18 @@ impl<'a> View<'a> {
                 pickle.describe(value)
             )));
         };
-        items.iter().map(|dim| self.uint(*dim, what)).collect()
+        let shape: Vec<u64> = items
+            .iter()
+            .map(|dim| self.uint(*dim, what))
+            .collect::<Result<_>>()?;
+        // Every count the reader derives from a shape (elements, bytes of
+        // any dtype) then fits in 64 bits.
+        if byte_len(&shape, Dtype::F64).is_none() {
+            return Err(self
+                .save
+                .bad(format!("{what} is {shape:?}, a size that overflows")));
+        }
+        Ok(shape)
     }
 
     /// A dict of names to shapes.
